@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+import tfxfer
+from tfxfer.backbones import create_backbone, layer_stages
+
+
+def test_registry_has_the_required_families():
+    names = tfxfer.list_backbones()
+    for name in ("resnet50", "resnet101", "resnet152", "resnet50v2", "mobilenetv2", "efficientnetb0"):
+        assert name in names
+    assert tfxfer.list_backbones("resnet5*") == ["resnet50", "resnet50v2"]
+
+
+def test_unknown_backbone_names_close_matches():
+    with pytest.raises(tfxfer.TfxferError, match="did you mean 'resnet50'"):
+        tfxfer.get_backbone("resnet5O")
+
+
+def test_resnet50_stages_follow_keras_layer_names():
+    spec = tfxfer.get_backbone("resnet50")
+    stages = layer_stages(create_backbone("resnet50", weights=None, image_size=32), spec)
+    assert stages["conv1_conv"] == "stem"
+    assert stages["pool1_pool"] == "stem"
+    assert stages["conv2_block1_1_conv"] == "conv2"
+    assert stages["conv4_block6_out"] == "conv4"
+    assert stages["conv5_block3_3_bn"] == "conv5"
+    assert list(dict.fromkeys(stages.values())) == list(spec.stages)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "efficientnetb0", "resnet50v2"])
+def test_every_stage_of_other_families_has_layers(name):
+    spec = tfxfer.get_backbone(name)
+    stages = layer_stages(create_backbone(name, weights=None, image_size=32), spec)
+    assert list(dict.fromkeys(stages.values())) == list(spec.stages)
+
+
+def test_imagenet_download_offline_names_the_way_out(monkeypatch):
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -2] Name or service not known")
+
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
+    monkeypatch.setattr("keras.src.applications.resnet.file_utils.get_file", offline)
+    with pytest.raises(tfxfer.TfxferError) as info:
+        create_backbone("resnet50", weights="imagenet", image_size=32)
+    message = str(info.value)
+    assert "--weights PATH" in message and ".keras" in message and "\n" not in message
+
+
+def test_local_weights_file_round_trips(tmp_path):
+    source = create_backbone("resnet50", weights=None, image_size=32)
+    path = str(tmp_path / "resnet50_notop.weights.h5")
+    source.save_weights(path)
+    loaded = create_backbone("resnet50", weights=path, image_size=32)
+    for a, b in zip(source.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_weights_file_of_another_architecture_fails_clearly(tmp_path):
+    path = str(tmp_path / "mobilenet.weights.h5")
+    create_backbone("mobilenetv2", weights=None, image_size=32).save_weights(path)
+    with pytest.raises(tfxfer.TfxferError, match="does not fit backbone resnet50"):
+        create_backbone("resnet50", weights=path, image_size=32)
+
+
+def test_missing_weights_file_fails_clearly():
+    with pytest.raises(tfxfer.TfxferError, match="does not exist"):
+        create_backbone("resnet50", weights="/no/such/file.h5", image_size=32)

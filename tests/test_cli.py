@@ -1,0 +1,141 @@
+import csv
+import glob
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tfxfer.cli import main
+from tests.conftest import write_class_folder
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for split, n, seed in (("train", 16, 0), ("test", 4, 1)):
+        write_class_folder(str(tmp_path / "data" / split), classes=("cat", "dog", "owl"), per_class=n, seed=seed)
+    (tmp_path / "data" / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return str(tmp_path / "data")
+
+
+def _finetune(tmp_path, folder, *extra):
+    args = ["finetune", "--data-dir", folder, "--backbone", "tiny", "--weights", "none", "--image-size", "32",
+            "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--output-dir", str(tmp_path / "runs"), *extra]
+    keras.backend.clear_session()
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def _history(run_dir):
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_finetune_writes_a_complete_run(tmp_path, folder):
+    result = _finetune(tmp_path, folder, "--l2sp", "0.01", "--freeze", "stages:2")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "data-tiny-stages2-l2sp"
+    assert "trainable and" in result.output and "frozen parameters" in result.output
+    assert "test accuracy" in result.output and "skipped 1 unreadable files" in result.output
+    for name in ("config.yaml", "history.csv", "best.weights.h5", "model.keras", "metrics.json", "export/1/saved_model.pb"):
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["skipped_files"]["count"] == 1
+    assert np.array(metrics["test"]["confusion_matrix"]).sum() == 12
+    assert set(metrics["test"]["per_class"]) == {"cat", "dog", "owl"}
+    rows = _history(run)
+    assert len(rows) == 2 and "l2sp" in rows[0] and "val_l2sp" not in rows[0]
+
+
+def test_checkpoint_holds_weights_and_optimizer_state_but_no_anchors(tmp_path, folder):
+    assert _finetune(tmp_path, folder, "--l2sp", "1.0", "--run-name", "r").exit_code == 0
+    model = keras.models.load_model(str(tmp_path / "runs" / "r" / "model.keras"))
+    weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
+    trainable_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.trainable_weights)
+    checkpoint = sum(os.path.getsize(f) for f in glob.glob(str(tmp_path / "runs" / "r" / "checkpoint" / "last*")))
+    # weights + SGD momentum (one slot per trainable weight); anchors would add another weight_bytes.
+    assert weight_bytes < checkpoint < weight_bytes + trainable_bytes + 0.5 * weight_bytes
+
+
+def test_same_seed_gives_identical_history(tmp_path, folder):
+    assert _finetune(tmp_path, folder, "--seed", "3", "--augment", "flip_crop", "--run-name", "a").exit_code == 0
+    assert _finetune(tmp_path, folder, "--seed", "3", "--augment", "flip_crop", "--run-name", "b").exit_code == 0
+    a, b = _history(tmp_path / "runs" / "a"), _history(tmp_path / "runs" / "b")
+    assert a == b and float(a[0]["loss"]) > 0
+
+
+def test_existing_run_is_not_overwritten(tmp_path, folder):
+    assert _finetune(tmp_path, folder, "--run-name", "x").exit_code == 0
+    again = _finetune(tmp_path, folder, "--run-name", "x")
+    assert again.exit_code == 1 and "already exists" in again.output and "--resume" in again.output
+    assert _finetune(tmp_path, folder, "--run-name", "x", "--overwrite").exit_code == 0
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes(tmp_path, folder, monkeypatch):
+    import tfxfer.training
+
+    original = tfxfer.training.finetune
+    monkeypatch.setattr(tfxfer.training, "finetune", lambda *a, **k: original(*a, callbacks=[_Interrupt()], **k))
+    stopped = _finetune(tmp_path, folder, "--run-name", "crash", "--epochs", "3")
+    assert stopped.exit_code == 1 and "tfxfer finetune --resume --run-name crash" in stopped.output
+    monkeypatch.setattr(tfxfer.training, "finetune", original)
+
+    resumed = _finetune(tmp_path, folder, "--run-name", "crash", "--resume", "--epochs", "3")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming crash after epoch 1" in resumed.output
+    assert [row["epoch"] for row in _history(tmp_path / "runs" / "crash")] == ["0", "1", "2"]
+
+
+def test_predict_and_evaluate_use_the_export(tmp_path, folder):
+    assert _finetune(tmp_path, folder, "--run-name", "p").exit_code == 0
+    run = str(tmp_path / "runs" / "p")
+    image = sorted(glob.glob(os.path.join(folder, "test", "owl", "*.png")))[0]
+    predicted = CliRunner().invoke(main, ["predict", "--model", run, image])
+    assert predicted.exit_code == 0, predicted.output
+    lines = predicted.output.strip().splitlines()
+    assert lines[0] == image and len(lines) == 4  # three classes
+    assert abs(sum(float(line.split()[0]) for line in lines[1:]) - 1) < 1e-3
+
+    evaluated = CliRunner().invoke(main, ["evaluate", "--model", run, "--data-dir", folder])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "precision" in evaluated.output and "confusion matrix" in evaluated.output and "macro avg" in evaluated.output
+    metrics = json.loads(open(os.path.join(run, "metrics.json")).read())
+    evaluation = metrics["evaluations"]["data:test"]
+    assert evaluation["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert np.array(evaluation["confusion_matrix"]).shape == (3, 3)
+
+
+def test_config_file_and_unknown_keys(tmp_path, folder):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data_dir: {folder}\nbackbone: tiny\nweights: none\nimage_size: 32\nepochs: 1\nlearning_rate: 0.1\n")
+    result = CliRunner().invoke(main, ["finetune", "--config", str(config)])
+    assert result.exit_code == 1 and "Unknown config key 'learning_rate'" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["finetune", "--dataset", "digits", "--backbone", "resnet5"], "did you mean 'resnet50'"),
+        (["finetune", "--dataset", "digits", "--optimizer", "adamm"], "did you mean 'adam'"),
+        (["finetune", "--dataset", "cifar10", "--tfds-data-dir", "/nonexistent/tfds"], "--tfds-data-dir"),
+        (["predict", "x.jpg"], "exactly one of --model"),
+        (["evaluate", "--model", "/no/run", "--dataset", "digits"], "No SavedModel"),
+    ],
+)
+def test_user_errors_are_one_sentence(tmp_path, args, message):
+    result = CliRunner().invoke(main, args + (["--output-dir", str(tmp_path)] if args[0] == "finetune" else []))
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_backbones_lists_sizes_parameters_and_stages():
+    result = CliRunner().invoke(main, ["backbones", "resnet50"])
+    assert result.exit_code == 0
+    assert "resnet50" in result.output and "224" in result.output and "23,587,712" in result.output
+    assert "stem conv2 conv3 conv4 conv5" in result.output

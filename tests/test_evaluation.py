@@ -1,0 +1,27 @@
+import numpy as np
+from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
+
+from tfxfer.evaluation import classification_report, format_report
+
+
+def test_report_matches_scikit_learn():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 200)
+    labels[:3] = 3
+    probabilities = rng.dirichlet(np.ones(4), 200)
+    probabilities[:, 2] *= 0.01  # class 2 is never predicted: precision 0 by convention
+    probabilities /= probabilities.sum(1, keepdims=True)
+    report = classification_report(labels, probabilities, ["a", "b", "c", "d"])
+
+    predicted = probabilities.argmax(1)
+    p, r, f, s = precision_recall_fscore_support(labels, predicted, labels=range(4), zero_division=0)
+    assert np.allclose([report["per_class"][n]["precision"] for n in "abcd"], p)
+    assert np.allclose([report["per_class"][n]["recall"] for n in "abcd"], r)
+    assert np.allclose([report["per_class"][n]["f1"] for n in "abcd"], f)
+    assert [report["per_class"][n]["support"] for n in "abcd"] == list(s)
+    assert np.isclose(report["macro"]["f1"], f.mean())
+    assert report["confusion_matrix"] == confusion_matrix(labels, predicted, labels=range(4)).tolist()
+    assert np.isclose(report["loss"], log_loss(labels, probabilities, labels=range(4)))
+    assert np.isclose(report["accuracy"], (predicted == labels).mean())
+    text = format_report(report)
+    assert "macro avg" in text and "confusion matrix" in text

@@ -1,0 +1,75 @@
+import keras
+import numpy as np
+import pytest
+
+import tfxfer
+from tfxfer.config import default_run_name, load_config
+from tfxfer.optim import make_optimizers, make_schedule
+from tests.conftest import random_images
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    schedule = make_schedule(0.1, "cosine", total_steps=100, warmup_steps=10)
+    assert float(schedule(0)) == pytest.approx(0.0)
+    assert float(schedule(10)) == pytest.approx(0.1)
+    assert float(schedule(55)) == pytest.approx(0.05, rel=1e-3)
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _backbone_movement(tiny_model_factory, mult):
+    keras.utils.set_random_seed(0)
+    model = tiny_model_factory(freeze="full")
+    config = load_config(optimizer="adam", lr=0.01, backbone_lr_mult=mult)
+    head, backbone = make_optimizers(config, model, steps_per_epoch=4)
+    model.compile(optimizer=head, backbone_optimizer=backbone, loss="sparse_categorical_crossentropy")
+    start = [w.numpy().copy() for w in model.backbone.trainable_weights]
+    head_start = model.head.kernel.numpy().copy()
+    model.fit(random_images(32), np.arange(32) % 3, batch_size=8, epochs=1, verbose=0)
+    moved = sum(np.abs(w.numpy() - s).sum() for w, s in zip(model.backbone.trainable_weights, start))
+    return moved, np.abs(model.head.kernel.numpy() - head_start).sum(), backbone
+
+
+def test_backbone_lr_mult_uses_its_own_optimizer_and_survives_adam(tiny_model_factory):
+    full, head_full, none = _backbone_movement(tiny_model_factory, 1.0)
+    slow, head_slow, separate = _backbone_movement(tiny_model_factory, 0.01)
+    assert none is None and separate is not None
+    # Scaled gradients would leave Adam's steps unchanged; a scaled lr shrinks them.
+    assert slow < full / 20
+    assert head_slow > head_full / 3
+
+
+@pytest.mark.parametrize("mult", [1.0, 0.5])
+def test_no_weight_decay_on_the_backbone_while_l2sp_is_on(tiny_model_factory, mult):
+    model = tiny_model_factory(freeze="full", l2sp=0.1)
+    config = load_config(optimizer="adamw", lr=0.1, weight_decay=0.5, l2sp=0.1, backbone_lr_mult=mult)
+    head, backbone = make_optimizers(config, model, steps_per_epoch=1)
+    model.compile(optimizer=head, backbone_optimizer=backbone, loss="sparse_categorical_crossentropy")
+    # Zero gradients: AdamW moves a weight only through its weight decay.
+    pairs = [(np.zeros(w.shape, "float32"), w) for w in model.trainable_weights]
+    before = {w.path: w.numpy().copy() for w in model.trainable_weights}
+    backbone_ids = {id(w) for w in model.backbone.trainable_weights}
+    if backbone is None:
+        head.apply_gradients(pairs)
+    else:
+        head.apply_gradients([p for p in pairs if id(p[1]) not in backbone_ids])
+        backbone.apply_gradients([p for p in pairs if id(p[1]) in backbone_ids])
+    for w in model.trainable_weights:
+        changed = not np.array_equal(before[w.path], w.numpy())
+        assert changed == (id(w) not in backbone_ids and w.path == "head/kernel"), w.path
+
+
+def test_config_layers_defaults_file_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: digits\nlr: 0.1\nfreeze: stages:2\ntrain-bn: true\n")
+    config = load_config(str(path), lr=0.5, epochs=None)
+    assert (config.lr, config.freeze, config.train_bn, config.epochs) == (0.5, "stages:2", True, 5)
+    assert default_run_name(config) == "digits-resnet50-stages2"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [({"lerning_rate": 1}, "Unknown config key 'lerning_rate'"), ({"epochs": "many"}, "must be a whole number"), ({"train_bn": "yes"}, "true or false"), ({"lr": -1.0}, "must be > 0")],
+)
+def test_bad_config_values_fail_clearly(values, message):
+    with pytest.raises(tfxfer.TfxferError, match=message):
+        load_config(**values)

@@ -1,0 +1,71 @@
+"""SavedModel export in the TF Serving layout, with preprocessing inside.
+
+The exported model needs only TensorFlow to serve. Signatures:
+
+    serving_default(images: uint8 [N, H, W, 3])  -> probabilities, class_id, class_name
+    serve_bytes(image_bytes: string [N])         -> the same, from encoded JPEG/PNG
+
+Both resize to the model's input size with `tfxfer.images.resize_uint8`, the
+function the training pipeline uses.
+"""
+
+import json
+import os
+
+import tensorflow as tf
+
+from tfxfer.images import decode_image, resize_uint8
+
+__all__ = ["export_saved_model", "next_version_dir"]
+
+
+def export_saved_model(model, path, class_names=None):
+    """Write `model` as a SavedModel at `path` and return `path`.
+
+    Args:
+        model: a `TransferModel`.
+        path: the version folder, e.g. `saved_models/run/export/1`.
+        class_names: names for `class_name`; default the model's, else indices.
+    """
+    size = int(model.image_size)
+    names = list(class_names or getattr(model, "class_names", None) or [])
+    names = names or [str(i) for i in range(model.num_classes)]
+
+    def predict(images):
+        probabilities = model(resize_uint8(images, size), training=False)
+        class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+        return {
+            "probabilities": probabilities,
+            "class_id": class_id,
+            "class_name": tf.gather(tf.constant(names), class_id),
+        }
+
+    def from_bytes(image_bytes):
+        images = tf.map_fn(
+            lambda b: resize_uint8(decode_image(b), size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8),
+        )
+        return predict(images)
+
+    images_spec = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
+    bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
+    module = tf.Module()
+    # Track the underlying tf.Variables only: keras.export.ExportArchive wrote
+    # every variable twice (measured with Keras 3.15: 2.0x the weights' size).
+    module.weights = [w.value for w in model.weights]
+    module.serving_default = tf.function(predict, input_signature=[images_spec])
+    module.serve_bytes = tf.function(from_bytes, input_signature=[bytes_spec])
+    signatures = {"serving_default": module.serving_default, "serve_bytes": module.serve_bytes}
+    tf.saved_model.save(module, path, signatures=signatures)
+    # Serving ignores this file; `tfxfer evaluate` and `predict` read it.
+    metadata = {"image_size": size, "class_names": names, "backbone": getattr(model, "backbone_name", None)}
+    with open(os.path.join(path, "tfxfer.json"), "w") as f:
+        json.dump(metadata, f, indent=2)
+    return path
+
+
+def next_version_dir(export_root):
+    """`export_root/<n+1>`, where n is the highest numbered version already there."""
+    versions = [int(d) for d in os.listdir(export_root) if d.isdigit()] if os.path.isdir(export_root) else []
+    return os.path.join(export_root, str(max(versions, default=0) + 1))

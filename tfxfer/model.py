@@ -1,0 +1,196 @@
+"""The transfer model: raw uint8 pixels -> preprocessing -> backbone -> new head.
+
+`TransferModel` is a plain Keras model: `compile()` and `fit()` work as usual.
+Its training step adds two things to Keras's own:
+
+* the L2-SP penalty (`tfxfer.penalties.L2SP`), added to the data loss in
+  training only and logged as its own metric `l2sp` (and `head_l2`);
+* an optional second optimizer for the backbone (`compile(backbone_optimizer=)`),
+  so the backbone can have its own learning rate without scaling gradients,
+  which Adam would undo.
+"""
+
+import keras
+import tensorflow as tf
+from keras.src.losses.loss import scale_loss_for_distribution, unscale_loss_for_distribution
+
+from tfxfer.backbones import create_backbone, get_backbone
+from tfxfer.freezing import apply_freeze, parse_freeze
+from tfxfer.penalties import L2SP
+
+__all__ = ["Preprocess", "TransferModel", "build_model"]
+
+
+@keras.saving.register_keras_serializable(package="tfxfer")
+class Preprocess(keras.layers.Layer):
+    """Casts raw 0-255 pixels to float32 and applies the backbone's preprocessing."""
+
+    def __init__(self, backbone, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self._preprocess = get_backbone(backbone).preprocess
+
+    def call(self, images):
+        return self._preprocess(tf.cast(images, tf.float32))
+
+    def get_config(self):
+        return {**super().get_config(), "backbone": self.backbone}
+
+
+@keras.saving.register_keras_serializable(package="tfxfer")
+class TransferModel(keras.Model):
+    """A backbone from the registry with a new classification head.
+
+    Args:
+        backbone: registered backbone name.
+        num_classes: size of the new head.
+        weights: `"imagenet"`, `"none"`/`None`, or a weights file path.
+        image_size: square input size; defaults to the backbone's.
+        freeze: freeze policy, see `tfxfer.freezing`.
+        train_bn: let BatchNorm layers of the training part update.
+        bn_momentum: momentum of the backbone's BatchNorm moving averages; `None`
+            keeps the backbone's (0.99 in keras.applications). 0.9 (PyTorch's
+            default) lets statistics of a randomly initialized network catch up
+            within a few hundred steps.
+        dropout: dropout rate before the head.
+        l2sp: alpha of the L2-SP pull toward the starting weights; 0 turns it off.
+        l2sp_scope: `"kernels"` or `"all"`.
+        head_l2: beta of the plain L2 penalty on the head's kernel.
+        class_names: optional list of class names, kept in the config.
+    """
+
+    def __init__(
+        self,
+        backbone="resnet50",
+        num_classes=1000,
+        weights="imagenet",
+        image_size=None,
+        freeze="full",
+        train_bn=False,
+        bn_momentum=None,
+        dropout=0.0,
+        l2sp=0.0,
+        l2sp_scope="kernels",
+        head_l2=0.0,
+        class_names=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        spec = get_backbone(backbone)
+        self.backbone_name = backbone
+        self.num_classes = int(num_classes)
+        self.weights_source = "none" if weights is None else str(weights)
+        self.image_size = int(image_size or spec.default_size)
+        self.freeze = str(parse_freeze(freeze))
+        self.train_bn = bool(train_bn)
+        self.bn_momentum = None if bn_momentum is None else float(bn_momentum)
+        self.dropout_rate = float(dropout)
+        self.class_names = list(class_names) if class_names is not None else None
+
+        self.preprocess = Preprocess(backbone, name="preprocess")
+        self.backbone = create_backbone(backbone, weights, self.image_size)
+        self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
+        self.drop = keras.layers.Dropout(self.dropout_rate, name="dropout")
+        # float32 head: softmax of bfloat16 logits loses the small probabilities.
+        self.head = keras.layers.Dense(
+            self.num_classes, activation="softmax", dtype="float32", name="head"
+        )
+        self.head.build((None, self.backbone.output.shape[-1]))
+        if self.bn_momentum is not None:
+            for layer in self.backbone.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = self.bn_momentum
+        self.trained_layers = apply_freeze(self.backbone, spec, self.freeze, self.train_bn)
+        self.penalty = L2SP(self.backbone, l2sp, l2sp_scope, self.head.weights, head_l2)
+        self.l2sp_tracker = keras.metrics.Mean(name="l2sp")
+        self.head_l2_tracker = keras.metrics.Mean(name="head_l2")
+        self.backbone_optimizer = None
+        self.built = True
+
+    def call(self, images, training=False):
+        x = self.preprocess(images)
+        x = self.backbone(x, training=training)
+        x = self.pool(x)
+        x = self.drop(x, training=training)
+        return self.head(x)
+
+    def compile(self, optimizer="rmsprop", backbone_optimizer=None, **kwargs):
+        """Keras's `compile`, plus an optional optimizer for the backbone's weights."""
+        super().compile(optimizer=optimizer, **kwargs)
+        self.backbone_optimizer = backbone_optimizer
+        if backbone_optimizer is not None:
+            # Build each optimizer on its own group only: no slots for the other.
+            self.optimizer.build(self._head_group())
+            backbone_optimizer.build(self.backbone.trainable_weights)
+
+    def _head_group(self):
+        backbone_ids = {id(w) for w in self.backbone.trainable_weights}
+        return [w for w in self.trainable_weights if id(w) not in backbone_ids]
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            l2sp = self.penalty.starting_point()
+            head_l2 = self.penalty.head()
+            # Per-replica losses are scaled by 1/replicas; the penalty must be too,
+            # or the summed gradients would count it once per replica.
+            total = tf.cast(loss, tf.float32) + scale_loss_for_distribution(l2sp + head_l2)
+            scaled = self.optimizer.scale_loss(total)
+        batch_size = tf.shape(x)[0]
+        self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=batch_size)
+        self.l2sp_tracker.update_state(l2sp)
+        self.head_l2_tracker.update_state(head_l2)
+
+        weights = self.trainable_weights
+        gradients = tape.gradient(scaled, weights)
+        if self.backbone_optimizer is None:
+            self.optimizer.apply_gradients(zip(gradients, weights))
+        else:
+            backbone_ids = {id(w) for w in self.backbone.trainable_weights}
+            pairs = list(zip(gradients, weights))
+            self.optimizer.apply_gradients([p for p in pairs if id(p[1]) not in backbone_ids])
+            self.backbone_optimizer.apply_gradients([p for p in pairs if id(p[1]) in backbone_ids])
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self._drop_unused_penalty_logs(logs)
+
+    def test_step(self, data):
+        # The penalty is a training term: evaluation reports the data loss only.
+        logs = super().test_step(data)
+        return {k: v for k, v in logs.items() if k not in ("l2sp", "head_l2")}
+
+    def _drop_unused_penalty_logs(self, logs):
+        if not self.penalty.beta:
+            logs.pop("head_l2", None)
+        return logs
+
+    def get_config(self):
+        return {
+            "backbone": self.backbone_name,
+            "num_classes": self.num_classes,
+            "weights": self.weights_source,
+            "image_size": self.image_size,
+            "freeze": self.freeze,
+            "train_bn": self.train_bn,
+            "bn_momentum": self.bn_momentum,
+            "dropout": self.dropout_rate,
+            "l2sp": self.penalty.alpha,
+            "l2sp_scope": self.penalty.scope,
+            "head_l2": self.penalty.beta,
+            "class_names": self.class_names,
+            "name": self.name,
+        }
+
+
+def build_model(backbone="resnet50", num_classes=1000, weights="imagenet", **kwargs):
+    """Build a `TransferModel`; other arguments left at `None` keep their defaults.
+
+    `weights=None` means random initialization, as in `keras.applications`.
+
+    Example:
+        model = tfxfer.build_model("resnet50", num_classes=10, freeze="stages:2", l2sp=0.01)
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return TransferModel(backbone=backbone, num_classes=num_classes, weights=weights, **kwargs)

@@ -1,0 +1,86 @@
+"""Starting-point regularization for fine-tuning.
+
+L2-SP (Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning
+with Convolutional Networks", ICML 2018) replaces weight decay toward zero on the
+transferred layers by a pull toward their pretrained values:
+
+    Omega(w) = alpha * sum_i ||w_i - w0_i||^2  +  beta * ||w_head||^2
+
+where w0 are the backbone's values when fine-tuning starts and w_head the new
+head's kernels. As in the paper's reference code, only kernels are pulled by
+default; BatchNorm parameters and biases are left free (`scope="all"` pulls
+every trainable backbone weight).
+"""
+
+import tensorflow as tf
+
+__all__ = ["L2SP", "is_kernel"]
+
+SCOPES = ("kernels", "all")
+
+
+def is_kernel(variable):
+    """True for convolution and dense kernels: not biases, not BN parameters."""
+    return variable.name in ("kernel", "depthwise_kernel", "pointwise_kernel")
+
+
+class L2SP:
+    """The L2-SP penalty over a backbone, with anchors captured at construction.
+
+    The anchors are constant tensors held outside the model, so they are never
+    saved in checkpoints or SavedModels; a resumed run rebuilds them from the
+    weights source. Weights are paired with their anchors by variable path.
+
+    Args:
+        backbone: the Keras model whose current weights are the anchors w0.
+        alpha: coefficient of the pull toward w0; must be >= 0.
+        scope: `"kernels"` (the paper's choice) or `"all"`.
+        head_weights: kernels of the new head, penalized by `beta * ||w||^2`.
+        beta: coefficient of the head's plain L2 penalty; must be >= 0.
+    """
+
+    def __init__(self, backbone, alpha, scope="kernels", head_weights=(), beta=0.0):
+        self.alpha = _non_negative("alpha", alpha)
+        self.beta = _non_negative("beta", beta)
+        if scope not in SCOPES:
+            raise ValueError(f"L2-SP scope must be one of {SCOPES}, got {scope!r}.")
+        self.scope = scope
+        self._backbone = backbone
+        self._head_weights = [w for w in head_weights if is_kernel(w)]
+        self.anchors = {}
+        if self.alpha:
+            for w in self._candidates():
+                if w.path in self.anchors:
+                    raise ValueError(f"Two backbone weights share the path {w.path!r}.")
+                self.anchors[w.path] = tf.constant(w.numpy(), dtype=tf.float32)
+
+    def _candidates(self):
+        weights = self._backbone.weights if self.alpha else []
+        return [w for w in weights if self.scope == "all" or is_kernel(w)]
+
+    def penalized(self):
+        """The (weight, anchor) pairs that the penalty acts on now."""
+        return [(w, self.anchors[w.path]) for w in self._candidates() if w.trainable]
+
+    def starting_point(self):
+        """alpha * sum ||w - w0||^2 over the trainable backbone weights, float32."""
+        terms = [
+            tf.reduce_sum(tf.square(tf.cast(w.value, tf.float32) - w0))
+            for w, w0 in self.penalized()
+        ]
+        return self.alpha * tf.add_n(terms) if terms else tf.constant(0.0)
+
+    def head(self):
+        """beta * ||w_head||^2, float32."""
+        terms = [tf.reduce_sum(tf.square(tf.cast(w.value, tf.float32))) for w in self._head_weights]
+        return self.beta * tf.add_n(terms) if terms and self.beta else tf.constant(0.0)
+
+    def get_config(self):
+        return {"alpha": self.alpha, "scope": self.scope, "beta": self.beta}
+
+
+def _non_negative(name, value):
+    value = float(value)
+    if not value >= 0:
+        raise ValueError(f"L2-SP {name} must be a number >= 0, got {value!r}.")
+    return value
