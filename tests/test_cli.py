@@ -42,6 +42,7 @@ def test_finetune_writes_a_complete_run(tmp_path, folder):
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["skipped_files"]["count"] == 1
+    assert metrics["export_max_abs_diff"] < 1e-5
     assert np.array(metrics["test"]["confusion_matrix"]).sum() == 12
     assert set(metrics["test"]["per_class"]) == {"cat", "dog", "owl"}
     rows = _history(run)
@@ -51,6 +52,7 @@ def test_finetune_writes_a_complete_run(tmp_path, folder):
 def test_checkpoint_holds_weights_and_optimizer_state_but_no_anchors(tmp_path, folder):
     assert _finetune(tmp_path, folder, "--l2sp", "1.0", "--run-name", "r").exit_code == 0
     model = keras.models.load_model(str(tmp_path / "runs" / "r" / "model.keras"))
+    assert model.compiled and model.penalty.alpha == 1.0  # ready for continued training
     weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
     trainable_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.trainable_weights)
     checkpoint = sum(os.path.getsize(f) for f in glob.glob(str(tmp_path / "runs" / "r" / "checkpoint" / "last*")))
@@ -132,6 +134,17 @@ def test_user_errors_are_one_sentence(tmp_path, args, message):
     result = CliRunner().invoke(main, args + (["--output-dir", str(tmp_path)] if args[0] == "finetune" else []))
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
+    assert os.listdir(tmp_path) == []  # no half-made run folder blocks the next try
+
+
+def test_predict_with_the_imagenet_head_offline_says_what_to_do(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -2] Name or service not known")
+
+    monkeypatch.setattr("keras.src.applications.resnet.file_utils.get_file", offline)
+    write_class_folder(str(tmp_path), classes=("a",), per_class=1)
+    result = CliRunner().invoke(main, ["predict", "--backbone", "resnet50", str(tmp_path / "a" / "000.jpg")])
+    assert result.exit_code == 1 and "--model" in result.output and ".keras" in result.output
 
 
 def test_backbones_lists_sizes_parameters_and_stages():

@@ -124,3 +124,13 @@ def test_decode_handles_grayscale_and_rgba():
     rgba = tf.io.encode_png(tf.fill((5, 7, 4), tf.constant(9, tf.uint8)))
     assert decode_image(gray).shape == (5, 7, 3)
     assert decode_image(rgba).numpy().max() == 9 and decode_image(rgba).shape == (5, 7, 3)
+
+
+def test_grayscale_tfds_datasets_become_rgb():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=8):
+        train, _, _, info = tfxfer.load_dataset("mnist", image_size=32, batch_size=4)
+        images, _ = next(train.as_numpy_iterator())
+    assert images.shape == (4, 32, 32, 3) and info.num_classes == 10
+

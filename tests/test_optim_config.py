@@ -1,3 +1,6 @@
+import glob
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -73,3 +76,11 @@ def test_config_layers_defaults_file_and_flags(tmp_path):
 def test_bad_config_values_fail_clearly(values, message):
     with pytest.raises(tfxfer.TfxferError, match=message):
         load_config(**values)
+
+
+def test_every_shipped_config_loads():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = sorted(glob.glob(os.path.join(root, "configs", "*.yaml")))
+    assert len(paths) >= 3
+    for path in paths:
+        tfxfer.load_config(path)

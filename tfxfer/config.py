@@ -74,6 +74,10 @@ class FinetuneConfig:
         for key in ("lr", "backbone_lr_mult", "epochs", "batch_size"):
             if not getattr(self, key) > 0:
                 raise TfxferError(f"{key} must be > 0, got {getattr(self, key)}.")
+        if self.jit_compile and self.deterministic:
+            raise TfxferError(
+                "--jit-compile needs --no-deterministic: Keras silently turns XLA off while TF op determinism is on."
+            )
         if self.image_size is not None and self.image_size < 32:
             raise TfxferError(f"image_size must be at least 32, got {self.image_size}.")
         return self

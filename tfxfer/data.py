@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfxfer.errors import TfxferError, did_you_mean
-from tfxfer.images import decode_image, resize_uint8
+from tfxfer.images import decode_image, resize_uint8, to_rgb
 
 __all__ = ["DatasetInfo", "load_dataset", "BUILTIN_DATASETS"]
 
@@ -315,7 +315,7 @@ def _tfds_splits(name, data_dir, train_split, val_split, test_split, val_fractio
             ds = builder.as_dataset(split=split, shuffle_files=False)
         except (KeyError, ValueError) as e:
             raise TfxferError(f"Split {split!r} of {name!r} is not valid ({e}); its splits are: {', '.join(sorted(available))}.") from None
-        ds = ds.map(lambda ex: (ex[image_key], ex[label_key]), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda ex: (to_rgb(ex[image_key]), ex[label_key]), num_parallel_calls=AUTOTUNE)
         splits[key] = _Split(ds, _count(builder, split, ds))
     return splits, class_names
 

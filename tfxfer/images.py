@@ -6,7 +6,7 @@ served image is resized exactly as the training images were.
 
 import tensorflow as tf
 
-__all__ = ["decode_image", "resize_uint8"]
+__all__ = ["decode_image", "to_rgb", "resize_uint8"]
 
 
 def decode_image(data):
@@ -17,6 +17,16 @@ def decode_image(data):
     """
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
+    return image
+
+
+def to_rgb(image):
+    """Grayscale [..., 1] to RGB and RGBA [..., 4] to RGB, by the static channel count."""
+    channels = image.shape[-1]
+    if channels == 1:
+        return tf.image.grayscale_to_rgb(image)
+    if channels == 4:
+        return image[..., :3]
     return image
 
 

@@ -124,6 +124,13 @@ class TransferModel(keras.Model):
             self.optimizer.build(self._head_group())
             backbone_optimizer.build(self.backbone.trainable_weights)
 
+    def compile_from_config(self, config):
+        # Used by keras.models.load_model. The backbone optimizer is not part of
+        # the saved compile config: a loaded model has one optimizer until
+        # compiled again with `backbone_optimizer=`.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        self.optimizer.build(self.trainable_variables)
+
     def _head_group(self):
         backbone_ids = {id(w) for w in self.backbone.trainable_weights}
         return [w for w in self.trainable_weights if id(w) not in backbone_ids]

@@ -33,7 +33,7 @@ from tfxfer.export import export_saved_model, next_version_dir
 from tfxfer.model import build_model
 from tfxfer.optim import make_optimizers
 
-__all__ = ["finetune", "RunResult", "seed_everything", "predict_dataset"]
+__all__ = ["finetune", "RunResult", "seed_everything", "set_op_determinism", "predict_dataset"]
 
 
 @dataclasses.dataclass
@@ -50,8 +50,19 @@ def seed_everything(seed, deterministic=True):
     random.seed(seed)
     np.random.seed(seed)
     keras.utils.set_random_seed(seed)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
+    set_op_determinism(deterministic)
+
+
+def set_op_determinism(enabled):
+    """Turn TF op determinism on or off. It is process-wide, so set it both ways:
+    one run must not leak into the next (Keras also turns XLA off while it is on)."""
+    # The "off" switch has no public name; Keras reads the same private module.
+    from tensorflow.python.framework import config as tf_config
+
+    if enabled:
+        tf_config.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()
 
 
 def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log=print):
@@ -64,7 +75,7 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
     """
     config = config.validate() if isinstance(config, FinetuneConfig) else FinetuneConfig(**config).validate()
     config.run_name = config.run_name or default_run_name(config)
-    run_dir = _prepare_run_dir(config, resume, overwrite)
+    run_dir = _check_run_dir(config, resume, overwrite)
     started = time.time()
     seed_everything(config.seed, config.deterministic)
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if config.mixed_precision else "float32")
@@ -133,6 +144,8 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     if config.weights == "none" and not config.train_bn:
         log("note: random-init weights with frozen BatchNorm rarely train well; consider --train-bn")
 
+    if not resume:
+        _create_run_dir(run_dir, config)
     checkpoint = RunCheckpoint(run_dir, model)
     initial_epoch = checkpoint.restore() if resume else 0
     if initial_epoch:
@@ -166,6 +179,8 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     model.save(os.path.join(run_dir, "model.keras"))
     export_dir = export_saved_model(model, next_version_dir(os.path.join(run_dir, "export")), info.class_names)
     metrics["export_dir"] = export_dir
+    metrics["export_max_abs_diff"] = _round_trip(model, export_dir, test if test is not None else val)
+    log(f"SavedModel round trip: max |probability difference| {metrics['export_max_abs_diff']:.2e} on one batch")
     metrics["wall_time_seconds"] = round(time.time() - started, 1)
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -183,28 +198,37 @@ def predict_dataset(predict, dataset):
     return labels, probabilities
 
 
+def _round_trip(model, export_dir, dataset):
+    """Largest difference between the exported and the in-memory model on one batch."""
+    images, _ = next(dataset.as_numpy_iterator())
+    served = tf.saved_model.load(export_dir).signatures["serving_default"](images=tf.constant(images))
+    return float(np.abs(served["probabilities"].numpy() - model.predict(images, verbose=0)).max())
+
+
 def _history_dict(history):
     return {k: [float(v) for v in values] for k, values in history.history.items()}
 
 
-def _prepare_run_dir(config, resume, overwrite):
+def _check_run_dir(config, resume, overwrite):
+    """Fail before any work if the run folder is missing (resume) or taken."""
     run_dir = os.path.join(config.output_dir, config.run_name)
-    config_path = os.path.join(run_dir, "config.yaml")
-    if resume:
-        if not os.path.exists(os.path.join(run_dir, RunCheckpoint.STATE)):
-            raise TfxferError(f"Run folder {run_dir} has no checkpoint to resume from; start it without --resume.")
-        return run_dir
+    if resume and not os.path.exists(os.path.join(run_dir, RunCheckpoint.STATE)):
+        raise TfxferError(f"Run folder {run_dir} has no checkpoint to resume from; start it without --resume.")
+    if not resume and os.path.exists(run_dir) and not overwrite:
+        raise TfxferError(
+            f"Run folder {run_dir} already exists; pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --run-name."
+        )
+    return run_dir
+
+
+def _create_run_dir(run_dir, config):
+    """A fresh run folder holding the resolved config, made once data and model load."""
     if os.path.exists(run_dir):
-        if not overwrite:
-            raise TfxferError(
-                f"Run folder {run_dir} already exists; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --run-name."
-            )
         shutil.rmtree(run_dir)
     os.makedirs(run_dir)
-    with open(config_path, "w") as f:
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-    return run_dir
 
 
 class RunCheckpoint(keras.callbacks.Callback):
