@@ -134,3 +134,8 @@ def test_grayscale_tfds_datasets_become_rgb():
         images, _ = next(train.as_numpy_iterator())
     assert images.shape == (4, 32, 32, 3) and info.num_classes == 10
 
+
+
+def test_epoch_length_is_known_for_the_progress_bar(image_folder):
+    train, val, _, _ = tfxfer.load_dataset(data_dir=image_folder, image_size=32, batch_size=4, val_fraction=0.25, max_train_examples=10)
+    assert int(train.cardinality()) == 3 and int(val.cardinality()) == 2

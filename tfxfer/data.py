@@ -121,10 +121,9 @@ def _pipeline(split, size, batch_size, training, seed, augment, cache):
         ds = ds.shuffle(split.count, seed=seed, reshuffle_each_iteration=True)
     if split.from_paths:
         ds = ds.map(lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
+        # The folder scan already dropped undecodable files. No ignore_errors()
+        # here: it would hide the epoch length from Keras's progress bar.
         ds = ds.map(lambda data, label: (decode_image(data), label), num_parallel_calls=AUTOTUNE)
-        # The folder scan already skipped bad files; this only guards against
-        # files that changed since, so an epoch never dies on one image.
-        ds = ds.ignore_errors(log_warning=True)
     ds = ds.map(lambda image, label: (resize_uint8(image, size), tf.cast(label, tf.int32)), num_parallel_calls=AUTOTUNE)
     if cache:
         ds = ds.cache()
