@@ -139,3 +139,9 @@ def test_grayscale_tfds_datasets_become_rgb():
 def test_epoch_length_is_known_for_the_progress_bar(image_folder):
     train, val, _, _ = tfxfer.load_dataset(data_dir=image_folder, image_size=32, batch_size=4, val_fraction=0.25, max_train_examples=10)
     assert int(train.cardinality()) == 3 and int(val.cardinality()) == 2
+
+
+def test_max_train_examples_is_one_sample_for_every_epoch(image_folder):
+    train, *_ = tfxfer.load_dataset(data_dir=image_folder, image_size=32, max_train_examples=7, cache=False, seed=1)
+    first, second = (sorted(img.tobytes() for img in _all(train)[0]) for _ in range(2))
+    assert len(first) == 7 and first == second

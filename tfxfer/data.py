@@ -21,6 +21,8 @@ __all__ = ["DatasetInfo", "load_dataset", "BUILTIN_DATASETS"]
 AUTOTUNE = tf.data.AUTOTUNE
 # Decoded uint8 images are cached in memory when they fit in this many bytes.
 CACHE_BYTES = 4 * 2**30
+# Uncached sources of large items (tfds records) shuffle through this many bytes.
+SHUFFLE_BYTES = 2**30
 
 
 @dataclasses.dataclass
@@ -38,11 +40,12 @@ class DatasetInfo:
 
 @dataclasses.dataclass
 class _Split:
-    """Unbatched examples of one split, as a dataset of (image, label) or of paths."""
+    """Unbatched examples of one split: (image, label) pairs, or (path, label) pairs."""
 
     examples: tf.data.Dataset
     count: int
     from_paths: bool = False
+    small_items: bool = True  # cheap to hold all of them in a shuffle buffer
 
 
 def load_dataset(
@@ -74,8 +77,9 @@ def load_dataset(
         tfds_data_dir: where prepared `tensorflow-datasets` data lives.
         train_split, val_split, test_split: tfds split names (slicing allowed);
             `None` picks "validation"/"test" when the dataset has them.
-        max_train_examples: use only this many training examples (a fixed,
-            seeded sample), for quick runs.
+        max_train_examples: use only this many training examples, for quick
+            runs: a seeded sample of a folder or built-in data, the first ones
+            of a tfds split (already shuffled when tfds prepared it).
         augment: `"none"`, `"flip"` or `"flip_crop"`, applied to train only.
         cache: keep decoded images in memory; `None` decides by size.
 
@@ -98,10 +102,14 @@ def load_dataset(
         splits, class_names = _tfds_splits(name, tfds_data_dir, train_split, val_split, test_split, val_fraction)
         skipped, label = [], name
     if max_train_examples:
-        splits["train"] = _Split(
-            splits["train"].examples.shuffle(splits["train"].count, seed=seed).take(max_train_examples),
-            min(max_train_examples, splits["train"].count),
-            splits["train"].from_paths,
+        train = splits["train"]
+        examples = train.examples
+        if train.small_items:
+            # One sample for the whole run, not a new one each epoch.
+            examples = examples.shuffle(train.count, seed=seed, reshuffle_each_iteration=False)
+        # tfds records are already shuffled when prepared: take the first ones.
+        splits["train"] = dataclasses.replace(
+            train, examples=examples.take(max_train_examples), count=min(max_train_examples, train.count)
         )
 
     info = DatasetInfo(label, class_names, image_size, {k: s.count for k, s in splits.items()}, skipped)
@@ -114,10 +122,11 @@ def load_dataset(
 
 def _pipeline(split, size, batch_size, training, seed, augment, cache):
     ds = split.examples
+    image_bytes = size * size * 3
     if cache is None:
-        cache = split.count * size * size * 3 <= CACHE_BYTES
-    if training and not cache:
-        # Shuffle the cheap items (paths or records) before the expensive decode.
+        cache = split.count * image_bytes <= CACHE_BYTES
+    if training and split.small_items and not cache:
+        # Shuffle the small items (paths, 8x8 arrays) fully, before the decode.
         ds = ds.shuffle(split.count, seed=seed, reshuffle_each_iteration=True)
     if split.from_paths:
         ds = ds.map(lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
@@ -127,8 +136,10 @@ def _pipeline(split, size, batch_size, training, seed, augment, cache):
     ds = ds.map(lambda image, label: (resize_uint8(image, size), tf.cast(label, tf.int32)), num_parallel_calls=AUTOTUNE)
     if cache:
         ds = ds.cache()
-        if training:
-            ds = ds.shuffle(split.count, seed=seed, reshuffle_each_iteration=True)
+    if training and (cache or not split.small_items):
+        # Resized images: the whole split when cached, else a buffer of bounded memory.
+        buffer = split.count if cache else max(1, min(split.count, SHUFFLE_BYTES // image_bytes))
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     if training and augment != "none":
         ds = _augment(ds, size, seed, crop=augment == "flip_crop")
     return ds.batch(batch_size).prefetch(AUTOTUNE)
@@ -315,7 +326,7 @@ def _tfds_splits(name, data_dir, train_split, val_split, test_split, val_fractio
         except (KeyError, ValueError) as e:
             raise TfxferError(f"Split {split!r} of {name!r} is not valid ({e}); its splits are: {', '.join(sorted(available))}.") from None
         ds = ds.map(lambda ex: (to_rgb(ex[image_key]), ex[label_key]), num_parallel_calls=AUTOTUNE)
-        splits[key] = _Split(ds, _count(builder, split, ds))
+        splits[key] = _Split(ds, _count(builder, split, ds), small_items=False)
     return splits, class_names
 
 

@@ -121,8 +121,9 @@ class TransferModel(keras.Model):
         self.backbone_optimizer = backbone_optimizer
         if backbone_optimizer is not None:
             # Build each optimizer on its own group only: no slots for the other.
-            self.optimizer.build(self._head_group())
-            backbone_optimizer.build(self.backbone.trainable_weights)
+            head_weights, backbone_weights = self._by_group(self.trainable_weights)
+            self.optimizer.build(head_weights)
+            backbone_optimizer.build(backbone_weights)
 
     def compile_from_config(self, config):
         # Used by keras.models.load_model. The backbone optimizer is not part of
@@ -131,9 +132,12 @@ class TransferModel(keras.Model):
         self.compile(**keras.saving.deserialize_keras_object(config))
         self.optimizer.build(self.trainable_variables)
 
-    def _head_group(self):
+    def _by_group(self, items, weight_of=lambda item: item):
+        """Split `items` into (head, backbone) by the weight each one holds."""
         backbone_ids = {id(w) for w in self.backbone.trainable_weights}
-        return [w for w in self.trainable_weights if id(w) not in backbone_ids]
+        head = [i for i in items if id(weight_of(i)) not in backbone_ids]
+        backbone = [i for i in items if id(weight_of(i)) in backbone_ids]
+        return head, backbone
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -156,22 +160,18 @@ class TransferModel(keras.Model):
         if self.backbone_optimizer is None:
             self.optimizer.apply_gradients(zip(gradients, weights))
         else:
-            backbone_ids = {id(w) for w in self.backbone.trainable_weights}
-            pairs = list(zip(gradients, weights))
-            self.optimizer.apply_gradients([p for p in pairs if id(p[1]) not in backbone_ids])
-            self.backbone_optimizer.apply_gradients([p for p in pairs if id(p[1]) in backbone_ids])
+            head, backbone = self._by_group(list(zip(gradients, weights)), weight_of=lambda pair: pair[1])
+            self.optimizer.apply_gradients(head)
+            self.backbone_optimizer.apply_gradients(backbone)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        return self._drop_unused_penalty_logs(logs)
+        if not self.penalty.beta:
+            logs.pop("head_l2", None)
+        return logs
 
     def test_step(self, data):
         # The penalty is a training term: evaluation reports the data loss only.
         logs = super().test_step(data)
         return {k: v for k, v in logs.items() if k not in ("l2sp", "head_l2")}
-
-    def _drop_unused_penalty_logs(self, logs):
-        if not self.penalty.beta:
-            logs.pop("head_l2", None)
-        return logs
 
     def get_config(self):
         return {
