@@ -92,3 +92,14 @@ def tiny_model_factory():
         return tfxfer.build_model("tiny", **kwargs)
 
     return make
+
+
+@pytest.fixture
+def offline_keras(monkeypatch):
+    """Keras's weight downloads fail as they do without a network."""
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -2] Name or service not known")
+
+    for module in ("keras.src.utils.file_utils", "keras.src.applications.resnet.file_utils"):
+        monkeypatch.setattr(module + ".get_file", offline)

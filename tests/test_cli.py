@@ -137,11 +137,7 @@ def test_user_errors_are_one_sentence(tmp_path, args, message):
     assert os.listdir(tmp_path) == []  # no half-made run folder blocks the next try
 
 
-def test_predict_with_the_imagenet_head_offline_says_what_to_do(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -2] Name or service not known")
-
-    monkeypatch.setattr("keras.src.applications.resnet.file_utils.get_file", offline)
+def test_predict_with_the_imagenet_head_offline_says_what_to_do(tmp_path, offline_keras):
     write_class_folder(str(tmp_path), classes=("a",), per_class=1)
     result = CliRunner().invoke(main, ["predict", "--backbone", "resnet50", str(tmp_path / "a" / "000.jpg")])
     assert result.exit_code == 1 and "--model" in result.output and ".keras" in result.output

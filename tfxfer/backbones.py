@@ -14,7 +14,7 @@ from typing import Callable
 
 import keras
 
-from tfxfer.errors import TfxferError, did_you_mean
+from tfxfer.errors import TfxferError, did_you_mean, is_network_failure
 
 __all__ = [
     "BackboneSpec",
@@ -97,7 +97,7 @@ def create_backbone(name, weights="imagenet", image_size=None):
         try:
             return spec.builder(weights="imagenet", include_top=False, input_shape=shape)
         except Exception as e:
-            if not _is_download_failure(e):
+            if not is_network_failure(e):
                 raise
             raise TfxferError(
                 f"Could not download the ImageNet weights for {name} (no network?); "
@@ -119,11 +119,6 @@ def create_backbone(name, weights="imagenet", image_size=None):
             f"top ({first_line}); pass weights saved from the same architecture."
         ) from None
     return model
-
-
-def _is_download_failure(error):
-    text = f"{type(error).__name__}: {error}"
-    return any(s in text for s in ("URL fetch failure", "URLError", "HTTP Error", "urlopen"))
 
 
 def layer_stages(backbone, spec):

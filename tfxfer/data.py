@@ -13,7 +13,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tfxfer.errors import TfxferError, did_you_mean
+from tfxfer.errors import TfxferError, did_you_mean, is_network_failure
 from tfxfer.images import decode_image, resize_uint8, to_rgb
 
 __all__ = ["DatasetInfo", "load_dataset", "BUILTIN_DATASETS"]
@@ -296,7 +296,7 @@ def _tfds_splits(name, data_dir, train_split, val_split, test_split, val_fractio
         with _few_download_retries():
             builder.download_and_prepare()
     except Exception as e:
-        if not _is_network_error(e):
+        if not is_network_failure(e):
             raise
         where = data_dir or "~/tensorflow_datasets"
         raise TfxferError(
@@ -373,15 +373,3 @@ def _few_download_retries(retries=2):
     finally:
         if saved is not None:
             downloader.MAX_RETRIES = saved
-
-
-def _is_network_error(error):
-    import requests
-
-    while error is not None:
-        if isinstance(error, (requests.exceptions.ConnectionError, ConnectionError, TimeoutError)):
-            return True
-        if type(error).__name__ in ("DownloadError", "NonMatchingChecksumError", "URLError"):
-            return True
-        error = error.__cause__ or error.__context__
-    return False

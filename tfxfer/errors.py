@@ -2,6 +2,11 @@
 
 import difflib
 
+# What a failed download looks like from Keras's get_file (a plain Exception with
+# this text), urllib, requests and tensorflow-datasets.
+_NETWORK_TYPES = ("URLError", "HTTPError", "ConnectionError", "TimeoutError", "DownloadError", "NonMatchingChecksumError")
+_NETWORK_TEXTS = ("URL fetch failure", "Name or service not known", "Failed to resolve", "Max retries exceeded")
+
 
 class TfxferError(Exception):
     """A mistake the user can fix; the CLI prints its message as one sentence."""
@@ -16,3 +21,14 @@ def did_you_mean(name, choices, what):
     else:
         hint = "choose one of: " + ", ".join(choices) + "."
     return TfxferError(f"Unknown {what} {name!r}; {hint}")
+
+
+def is_network_failure(error):
+    """True when `error`, or an exception it was raised from, is a failed download."""
+    while error is not None:
+        if type(error).__name__ in _NETWORK_TYPES or isinstance(error, (ConnectionError, TimeoutError)):
+            return True
+        if any(text in str(error) for text in _NETWORK_TEXTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

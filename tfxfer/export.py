@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tfxfer.images import decode_image, resize_uint8
 
-__all__ = ["export_saved_model", "next_version_dir"]
+__all__ = ["export_saved_model", "next_version_dir", "versions"]
 
 
 def export_saved_model(model, path, class_names=None):
@@ -65,7 +65,13 @@ def export_saved_model(model, path, class_names=None):
     return path
 
 
+def versions(export_root):
+    """The numbered versions under `export_root` (TF Serving layout), as ints."""
+    if not os.path.isdir(export_root):
+        return []
+    return [int(d) for d in os.listdir(export_root) if d.isdigit()]
+
+
 def next_version_dir(export_root):
     """`export_root/<n+1>`, where n is the highest numbered version already there."""
-    versions = [int(d) for d in os.listdir(export_root) if d.isdigit()] if os.path.isdir(export_root) else []
-    return os.path.join(export_root, str(max(versions, default=0) + 1))
+    return os.path.join(export_root, str(max(versions(export_root), default=0) + 1))

@@ -10,7 +10,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tfxfer.errors import TfxferError
+from tfxfer.errors import TfxferError, is_network_failure
+from tfxfer.export import versions
 
 __all__ = ["find_export", "load_export", "predict_files", "predict_imagenet", "evaluate_export"]
 
@@ -22,9 +23,8 @@ def find_export(path):
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         return path
     for root in (os.path.join(path, "export"), path):
-        versions = [d for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []
-        if versions:
-            return os.path.join(root, max(versions, key=int))
+        if versions(root):
+            return os.path.join(root, str(max(versions(root))))
     raise TfxferError(f"No SavedModel under {path!r}; pass a run folder (saved_models/<run>) or an export folder.")
 
 
@@ -58,7 +58,7 @@ def predict_imagenet(backbone, weights, files, top=5):
     """Top-`top` ImageNet classes from a backbone with its 1000-class ImageNet head."""
     from keras.applications import imagenet_utils
 
-    from tfxfer.backbones import KERAS_CACHE, _is_download_failure, get_backbone
+    from tfxfer.backbones import KERAS_CACHE, get_backbone
     from tfxfer.images import decode_image, resize_uint8
 
     spec = get_backbone(backbone)
@@ -73,7 +73,7 @@ def predict_imagenet(backbone, weights, files, top=5):
         probabilities = model.predict(spec.preprocess(images), verbose=0)
         decoded = imagenet_utils.decode_predictions(probabilities, top=top)
     except Exception as e:
-        if not _is_download_failure(e):
+        if not is_network_failure(e):
             raise
         raise TfxferError(
             "Could not download the ImageNet weights or class index (no network?); "
