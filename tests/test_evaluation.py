@@ -25,3 +25,9 @@ def test_report_matches_scikit_learn():
     assert np.isclose(report["accuracy"], (predicted == labels).mean())
     text = format_report(report)
     assert "macro avg" in text and "confusion matrix" in text
+
+
+def test_loss_is_not_capped_at_keras_probability_epsilon():
+    probabilities = np.array([[1e-9, 1 - 1e-9], [0.5, 0.5]])
+    report = classification_report(np.array([0, 0]), probabilities, ["a", "b"])
+    assert np.isclose(report["loss"], (-np.log(1e-9) - np.log(0.5)) / 2)
