@@ -54,8 +54,9 @@ def test_no_weight_decay_on_the_backbone_while_l2sp_is_on(tiny_model_factory, mu
     if backbone is None:
         head.apply_gradients(pairs)
     else:
-        head.apply_gradients([p for p in pairs if id(p[1]) not in backbone_ids])
-        backbone.apply_gradients([p for p in pairs if id(p[1]) in backbone_ids])
+        head_pairs, backbone_pairs = model._by_group(pairs, weight_of=lambda pair: pair[1])
+        head.apply_gradients(head_pairs)
+        backbone.apply_gradients(backbone_pairs)
     for w in model.trainable_weights:
         changed = not np.array_equal(before[w.path], w.numpy())
         assert changed == (id(w) not in backbone_ids and w.path == "head/kernel"), w.path

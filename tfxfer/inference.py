@@ -23,8 +23,9 @@ def find_export(path):
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         return path
     for root in (os.path.join(path, "export"), path):
-        if versions(root):
-            return os.path.join(root, str(max(versions(root))))
+        numbered = versions(root)
+        if numbered:
+            return os.path.join(root, str(max(numbered)))
     raise TfxferError(f"No SavedModel under {path!r}; pass a run folder (saved_models/<run>) or an export folder.")
 
 
