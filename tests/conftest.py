@@ -3,12 +3,13 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# tfxfer before anything that loads TensorFlow, so oneDNN is on for the tests.
+import tfxfer  # noqa: E402, I001
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
-
-import tfxfer  # noqa: E402
 from tfxfer.backbones import BackboneSpec, register_backbone  # noqa: E402
 
 

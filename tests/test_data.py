@@ -64,7 +64,7 @@ def test_training_shuffle_and_augmentation_repeat_with_the_seed(image_folder):
 
 def test_digits_is_built_in():
     train, val, test, info = tfxfer.load_dataset("digits", image_size=32)
-    assert info.num_examples == {"train": 1293, "val": 144, "test": 360}
+    assert info.num_examples == {"train": 1295, "val": 142, "test": 360}
     images, labels = next(train.as_numpy_iterator())
     assert images.shape[1:] == (32, 32, 3) and images.max() > 200 and set(labels) <= set(range(10))
 
@@ -118,7 +118,7 @@ def test_bad_data_arguments_fail_clearly(kwargs, message):
 
 
 def test_decode_handles_grayscale_and_rgba():
-    from tfxfer.images import decode_image
+    from tfxfer.data.images import decode_image
 
     gray = tf.io.encode_png(tf.zeros((5, 7, 1), tf.uint8))
     rgba = tf.io.encode_png(tf.fill((5, 7, 4), tf.constant(9, tf.uint8)))
@@ -145,3 +145,52 @@ def test_max_train_examples_is_one_sample_for_every_epoch(image_folder):
     train, *_ = tfxfer.load_dataset(data_dir=image_folder, image_size=32, max_train_examples=7, cache=False, seed=1)
     first, second = (sorted(img.tobytes() for img in _all(train)[0]) for _ in range(2))
     assert len(first) == 7 and first == second
+
+
+def test_classes_and_labels_per_class_select_before_validation_is_carved(tmp_path):
+    write_class_folder(str(tmp_path / "train"), classes=("ant", "bee", "cat", "dog"), per_class=20)
+    write_class_folder(str(tmp_path / "test"), classes=("ant", "bee", "cat", "dog"), per_class=3, seed=1)
+    train, val, test, info = tfxfer.load_dataset(
+        data_dir=str(tmp_path), image_size=32, batch_size=4, classes="dog,bee", labels_per_class=10, val_fraction=0.2, seed=4
+    )
+    assert info.class_names == ["dog", "bee"] and info.classes == ["dog", "bee"] and info.labels_per_class == 10
+    # 10 labelled images per class, then 2 of each carved out as validation.
+    assert info.num_examples == {"train": 16, "val": 4, "test": 6}
+    for ds, per_class in ((train, 8), (val, 2), (test, 3)):
+        labels = _all(ds)[1]
+        assert sorted(labels.tolist()) == [0] * per_class + [1] * per_class
+    # Relabelled, not copied: "dog" (dark in write_class_folder: class 3) is now 0.
+    images, labels = _all(test)
+    assert images[labels == 0].mean() > images[labels == 1].mean()
+
+
+def test_labels_per_class_is_seeded(tmp_path):
+    write_class_folder(str(tmp_path), per_class=12)
+
+    def chosen(seed):
+        splits, _ = tfxfer.data.load_splits(data_dir=str(tmp_path), labels_per_class=5, seed=seed)
+        return sorted(splits["train"].items.tolist() + splits["val"].items.tolist())
+
+    assert chosen(1) == chosen(1) and chosen(1) != chosen(2) and len(chosen(1)) == 10
+
+
+def test_tfds_class_selection_reads_labels_without_copying():
+    import tensorflow_datasets as tfds
+
+    # 100 random mock labels over 10 classes: each class has its 2 (mock data is seeded).
+    with tfds.testing.mock_data(num_examples=100):
+        train, val, test, info = tfxfer.load_dataset("mnist", image_size=32, batch_size=4, classes="3,7", labels_per_class=2)
+        labels = _all(train)[1].tolist() + _all(val)[1].tolist()
+        test_labels = set(_all(test)[1].tolist()) if test is not None else {0, 1}
+    assert info.class_names == ["3", "7"] and test_labels <= {0, 1}
+    assert sorted(labels) == [0, 0, 1, 1]
+    assert int(train.cardinality()) >= 0  # the progress bar knows the epoch length
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"classes": "cat,dgo"}, "did you mean 'dog'"), ({"classes": "cat"}, "at least two"), ({"labels_per_class": 0}, "at least 1")],
+)
+def test_bad_selection_fails_clearly(image_folder, kwargs, message):
+    with pytest.raises(tfxfer.TfxferError, match=message):
+        tfxfer.load_dataset(data_dir=image_folder, **kwargs)

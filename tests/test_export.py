@@ -57,7 +57,7 @@ def test_saved_model_serves_in_a_tensorflow_only_process(tmp_path):
     assert list(served["class_name"]) == [names[i] for i in expected.argmax(1)]
 
     # serve_bytes decodes and resizes 50 px -> 32 px exactly as the training pipeline does.
-    from tfxfer.images import decode_image, resize_uint8
+    from tfxfer.data.images import decode_image, resize_uint8
 
     pipeline_image = resize_uint8(decode_image(png.read_bytes()), 32).numpy()[None]
     np.testing.assert_allclose(served["bytes_probabilities"], model.predict(pipeline_image, verbose=0), atol=1e-5, rtol=0)

@@ -154,3 +154,10 @@ def test_runs_under_mirrored_strategy_with_the_same_update():
     result = subprocess.run([sys.executable, "-c", MIRRORED], cwd=root, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout
+
+
+def test_compile_takes_keras_positional_arguments(tiny_model_factory):
+    model = tiny_model_factory()
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    logs = model.fit(random_images(8), np.arange(8) % 3, epochs=1, verbose=0).history
+    assert model.backbone_optimizer is None and "accuracy" in logs

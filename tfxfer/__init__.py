@@ -5,6 +5,11 @@ import os
 # Quieter TensorFlow start-up for command-line users; an explicit setting wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Before anything loads TensorFlow: oneDNN is read once, at TensorFlow's import.
+from tfxfer import runtime as _runtime  # noqa: E402
+
+_runtime.enable_onednn()
+
 from tfxfer.backbones import BackboneSpec, create_backbone, get_backbone, list_backbones, register_backbone  # noqa: E402
 from tfxfer.config import FinetuneConfig, load_config  # noqa: E402
 from tfxfer.data import DatasetInfo, load_dataset  # noqa: E402

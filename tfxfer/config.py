@@ -10,6 +10,7 @@ from typing import Optional
 import yaml
 
 from tfxfer.errors import TfxferError, did_you_mean
+from tfxfer.runtime import PRECISIONS
 
 __all__ = ["FinetuneConfig", "load_config", "default_run_name"]
 
@@ -49,8 +50,8 @@ class FinetuneConfig:
     batch_size: int = 64
     # execution
     seed: int = 0
-    deterministic: bool = True  # identical history for identical seeds, at some speed cost
-    mixed_precision: bool = False  # mixed_bfloat16 compute
+    deterministic: bool = False  # TF op determinism: a guarantee on any device, at a cost (README)
+    precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
     jit_compile: bool = False  # XLA; slower on CPU convolutions, measure first
     distribute: str = "none"  # none | mirrored (all visible GPUs, or CPUs)
     # output
@@ -64,6 +65,7 @@ class FinetuneConfig:
             "optimizer": ("sgd", "adam", "adamw"),
             "schedule": ("constant", "cosine"),
             "distribute": ("none", "mirrored"),
+            "precision": PRECISIONS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -77,6 +79,11 @@ class FinetuneConfig:
         if self.jit_compile and self.deterministic:
             raise TfxferError(
                 "--jit-compile needs --no-deterministic: Keras silently turns XLA off while TF op determinism is on."
+            )
+        if self.precision == "mixed_float16" and self.backbone_lr_mult != 1.0:
+            raise TfxferError(
+                "--precision mixed_float16 cannot be combined with --backbone-lr-mult: its loss scaling covers one "
+                "optimizer; use mixed_bfloat16 or float32."
             )
         if self.image_size is not None and self.image_size < 32:
             raise TfxferError(f"image_size must be at least 32, got {self.image_size}.")

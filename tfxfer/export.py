@@ -5,7 +5,7 @@ The exported model needs only TensorFlow to serve. Signatures:
     serving_default(images: uint8 [N, H, W, 3])  -> probabilities, class_id, class_name
     serve_bytes(image_bytes: string [N])         -> the same, from encoded JPEG/PNG
 
-Both resize to the model's input size with `tfxfer.images.resize_uint8`, the
+Both resize to the model's input size with `tfxfer.data.images.resize_uint8`, the
 function the training pipeline uses.
 """
 
@@ -14,7 +14,7 @@ import os
 
 import tensorflow as tf
 
-from tfxfer.images import decode_image, resize_uint8
+from tfxfer.data.images import decode_image, resize_uint8
 
 __all__ = ["export_saved_model", "next_version_dir", "versions"]
 

@@ -60,7 +60,7 @@ def predict_imagenet(backbone, weights, files, top=5):
     from keras.applications import imagenet_utils
 
     from tfxfer.backbones import KERAS_CACHE, get_backbone
-    from tfxfer.images import decode_image, resize_uint8
+    from tfxfer.data.images import decode_image, resize_uint8
 
     spec = get_backbone(backbone)
     size = spec.default_size

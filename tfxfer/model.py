@@ -115,9 +115,10 @@ class TransferModel(keras.Model):
         x = self.drop(x, training=training)
         return self.head(x)
 
-    def compile(self, optimizer="rmsprop", backbone_optimizer=None, **kwargs):
-        """Keras's `compile`, plus an optional optimizer for the backbone's weights."""
-        super().compile(optimizer=optimizer, **kwargs)
+    def compile(self, optimizer="rmsprop", *args, backbone_optimizer=None, **kwargs):
+        """Keras's `compile` (same positional arguments), plus an optional
+        keyword-only optimizer for the backbone's weights."""
+        super().compile(optimizer, *args, **kwargs)
         self.backbone_optimizer = backbone_optimizer
         if backbone_optimizer is not None:
             # Build each optimizer on its own group only: no slots for the other.

@@ -32,6 +32,7 @@ from tfxfer.evaluation import classification_report, format_report
 from tfxfer.export import export_saved_model, next_version_dir
 from tfxfer.model import build_model
 from tfxfer.optim import make_optimizers
+from tfxfer.runtime import onednn_enabled, set_precision
 
 __all__ = ["finetune", "RunResult", "seed_everything", "set_op_determinism", "predict_dataset"]
 
@@ -45,7 +46,7 @@ class RunResult:
     model: keras.Model
 
 
-def seed_everything(seed, deterministic=True):
+def seed_everything(seed, deterministic=False):
     """Seed Python, NumPy and TensorFlow; optionally make TF ops deterministic."""
     random.seed(seed)
     np.random.seed(seed)
@@ -78,7 +79,8 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
     run_dir = _check_run_dir(config, resume, overwrite)
     started = time.time()
     seed_everything(config.seed, config.deterministic)
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if config.mixed_precision else "float32")
+    policy = set_precision(config.precision)
+    log(f"precision: {policy}, oneDNN {'on' if onednn_enabled() else 'off'}, op determinism {'on' if config.deterministic else 'off'}")
     try:
         return _run(config, run_dir, resume, callbacks, verbose, log, started)
     finally:

@@ -1,0 +1,137 @@
+"""Data: sources (built-in digits, `tensorflow-datasets` names, image folders),
+selection on labels, and the shared `tf.data` pipeline.
+
+Every source yields `(uint8 image [size, size, 3], int32 label)` after the same
+decode and resize as the SavedModel (`tfxfer.data.images`), so train and serve
+agree. `load_dataset` returns batched train, validation and test pipelines
+(test may be `None`) and a `DatasetInfo`.
+"""
+
+import dataclasses
+import os
+from typing import Optional
+
+from tfxfer.data.digits import digits
+from tfxfer.data.folders import image_folder
+from tfxfer.data.pipeline import AUGMENTATIONS, build_pipeline
+from tfxfer.data.splits import carve, sample, sample_per_class, select_classes
+from tfxfer.data.tfds import tfds_dataset
+from tfxfer.errors import TfxferError, did_you_mean
+
+__all__ = ["AUGMENTATIONS", "BUILTIN_DATASETS", "DatasetInfo", "load_dataset", "load_splits"]
+
+BUILTIN_DATASETS = {"digits": digits}
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+    name: str
+    class_names: list
+    image_size: int
+    num_examples: dict  # split -> count, for the splits that exist
+    skipped_files: list = dataclasses.field(default_factory=list)
+    classes: Optional[list] = None  # the class subset asked for, if any
+    labels_per_class: Optional[int] = None
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+
+def load_dataset(
+    name=None,
+    data_dir=None,
+    image_size=32,
+    batch_size=64,
+    val_fraction=0.1,
+    seed=0,
+    tfds_data_dir=None,
+    train_split="train",
+    val_split=None,
+    test_split=None,
+    max_train_examples=None,
+    augment="none",
+    cache=None,
+    classes=None,
+    labels_per_class=None,
+):
+    """Load a dataset as batched `tf.data` pipelines.
+
+    Args:
+        name: a built-in dataset (`"digits"`) or a `tensorflow-datasets` name.
+        data_dir: an image folder instead of `name`: one sub-folder per class,
+            either directly or under `train/` plus `val/` and/or `test/`.
+        image_size: images are resized to `image_size`x`image_size`.
+        batch_size: batch size of every split.
+        val_fraction: share of train carved out, per class and seeded, as the
+            validation split when the source has none.
+        seed: seeds the selection, the split and the shuffling.
+        tfds_data_dir: where prepared `tensorflow-datasets` data lives.
+        train_split, val_split, test_split: tfds split names (slicing allowed);
+            `None` picks "validation"/"test" when the dataset has them.
+        max_train_examples: use only this many training examples, for quick
+            runs: a seeded sample (the first ones of an unread tfds split,
+            which tfds shuffled when it prepared the data).
+        augment: one of `AUGMENTATIONS`, applied to train only.
+        cache: keep decoded images in memory; `None` decides by size.
+        classes: names of a subset of classes (list or comma-separated), in
+            the order of the new labels; every split keeps only those.
+        labels_per_class: a seeded, stratified sample of this many labelled
+            training images per class, taken before validation is carved.
+
+    Returns:
+        `(train, val, test, info)`; `test` is `None` when there is no test split.
+    """
+    if augment not in AUGMENTATIONS:
+        raise did_you_mean(augment, AUGMENTATIONS, "augmentation")
+    splits, info = load_splits(
+        name, data_dir, image_size, val_fraction, seed, tfds_data_dir, train_split, val_split, test_split,
+        max_train_examples, classes, labels_per_class,
+    )
+    pipelines = {
+        key: build_pipeline(split, image_size, batch_size, training=key == "train", seed=seed, augment=augment, cache=cache)
+        for key, split in splits.items()
+    }
+    return pipelines["train"], pipelines["val"], pipelines.get("test"), info
+
+
+def load_splits(
+    name=None, data_dir=None, image_size=32, val_fraction=0.1, seed=0, tfds_data_dir=None, train_split="train",
+    val_split=None, test_split=None, max_train_examples=None, classes=None, labels_per_class=None,
+):
+    """The unbatched `Split`s after selection, and the `DatasetInfo`."""
+    if (name is None) == (data_dir is None):
+        raise TfxferError("Give exactly one of a dataset name (--dataset) or an image folder (--data-dir).")
+    if not 0.0 < val_fraction < 1.0:
+        raise TfxferError(f"--val-fraction must be between 0 and 1, got {val_fraction}.")
+    selecting = bool(classes) or labels_per_class is not None
+    skipped = []
+    if data_dir is not None:
+        splits, class_names, skipped = image_folder(data_dir)
+        label = os.path.basename(os.path.normpath(data_dir))
+    elif name in BUILTIN_DATASETS:
+        splits, class_names = BUILTIN_DATASETS[name](seed)
+        label = name
+    else:
+        splits, class_names = tfds_dataset(
+            name, tfds_data_dir, train_split, val_split, test_split,
+            slice_fraction=None if selecting else val_fraction, known=BUILTIN_DATASETS,
+        )
+        label = name
+
+    if classes:
+        splits, class_names = select_classes(splits, class_names, classes)
+    if labels_per_class is not None:
+        splits["train"] = sample_per_class(splits["train"], labels_per_class, seed)
+    if "val" not in splits:
+        splits["train"], splits["val"] = carve(splits["train"], val_fraction, seed)
+    if max_train_examples:
+        splits["train"] = sample(splits["train"], max_train_examples, seed)
+    if not splits["train"].count:
+        raise TfxferError(f"No training images are left in {label} after the selection; check --classes and --labels-per-class.")
+
+    info = DatasetInfo(
+        label, list(class_names), image_size, {k: s.count for k, s in splits.items()}, skipped,
+        classes=list(class_names) if classes else None, labels_per_class=labels_per_class,
+    )
+    return splits, info

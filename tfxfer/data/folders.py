@@ -1,0 +1,76 @@
+"""Image folders: one sub-folder per class, directly or under `train/` plus
+`val/` (or `validation/`) and/or `test/`."""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tfxfer.data.images import decode_image
+from tfxfer.data.splits import Split
+from tfxfer.errors import TfxferError
+
+__all__ = ["image_folder"]
+
+VAL_FOLDERS = ("val", "validation")
+
+
+def image_folder(data_dir):
+    """`(splits, class names, skipped files)`; undecodable files are skipped and listed."""
+    if not os.path.isdir(data_dir):
+        raise TfxferError(f"Image folder {data_dir!r} does not exist; pass --data-dir with a folder of class sub-folders.")
+    train_dir = os.path.join(data_dir, "train")
+    if not os.path.isdir(train_dir):
+        train_dir = data_dir
+    class_names = _class_folders(train_dir)
+    val_dir = next((os.path.join(data_dir, v) for v in VAL_FOLDERS if os.path.isdir(os.path.join(data_dir, v))), None)
+    test_dir = os.path.join(data_dir, "test") if train_dir != data_dir else None
+
+    skipped = []
+    splits = {"train": _scan(train_dir, class_names, skipped)}
+    if not splits["train"].count:
+        raise TfxferError(f"No readable images under {train_dir!r}; it needs one sub-folder of images per class.")
+    if val_dir:
+        splits["val"] = _scan(val_dir, class_names, skipped)
+    if test_dir and os.path.isdir(test_dir):
+        splits["test"] = _scan(test_dir, class_names, skipped)
+    return splits, class_names, skipped
+
+
+def _class_folders(folder):
+    names = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+    if not names:
+        raise TfxferError(f"Image folder {folder!r} has no class sub-folders; put each class's images in a sub-folder named after it.")
+    return names
+
+
+def _scan(folder, class_names, skipped):
+    """The decodable images under `folder` as a `Split`; bad files go to `skipped`."""
+    unknown = sorted(set(_class_folders(folder)) - set(class_names))
+    if unknown:
+        raise TfxferError(f"{folder!r} has class folders that train/ lacks: {', '.join(unknown)}.")
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(folder, name)
+        if not os.path.isdir(class_dir):
+            continue
+        for root, dirs, files in os.walk(class_dir):
+            dirs.sort()
+            for f in sorted(files):
+                if not f.startswith("."):
+                    paths.append(os.path.join(root, f))
+                    labels.append(label)
+    good = _decodable(paths)
+    skipped.extend(p for p in paths if p not in good)
+    keep = [i for i, p in enumerate(paths) if p in good]
+    return Split(len(keep), np.asarray([labels[i] for i in keep], np.int32), np.asarray([paths[i] for i in keep], dtype=object).astype(str))
+
+
+def _decodable(paths):
+    """The subset of `paths` that decode as images, checked in parallel by tf.data."""
+    if not paths:
+        return set()
+    ds = tf.data.Dataset.from_tensor_slices(paths)
+    ds = ds.map(lambda p: (p, tf.shape(decode_image(tf.io.read_file(p)))), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors().batch(4096)
+    return {p.decode() for batch, _ in ds.as_numpy_iterator() for p in batch}

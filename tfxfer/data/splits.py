@@ -1,0 +1,153 @@
+"""One split's examples before decoding, and the selections made on them.
+
+Every source gives `Split`s. Selection happens here, on labels, before any image
+is decoded, in the order `load_dataset` applies it:
+
+1. `select_classes`: a subset of the classes, relabelled 0..K-1 (`--classes`);
+2. `sample_per_class`: N labelled training images per class, seeded (`--labels-per-class`);
+3. `carve`: validation carved from train, per class, when the source has none;
+4. `sample`: a seeded sample of train (`--max-train-examples`).
+
+Nothing is copied: folder splits keep file paths, tfds splits keep the positions
+of the records they use.
+"""
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tfxfer.errors import TfxferError, did_you_mean
+
+__all__ = ["Split", "select_classes", "sample_per_class", "carve", "sample"]
+
+
+@dataclasses.dataclass
+class Split:
+    """Examples of one split: either indexable `items` (file paths or uint8
+    images) with their `labels`, or tfds `records` of (image, label).
+
+    For records, `positions` are the record indices kept (sorted) and `labels`
+    their labels, both known only once the labels were read (`read_labels`);
+    `label_map` maps a record's label to the label used (-1: not used), and
+    `limit` keeps only the first records when nothing was read.
+    """
+
+    count: int
+    labels: Optional[np.ndarray] = None
+    items: Optional[np.ndarray] = None
+    records: Optional[tf.data.Dataset] = None
+    read_labels: Optional[object] = None  # records: a callable returning every record's label
+    positions: Optional[np.ndarray] = None
+    label_map: Optional[np.ndarray] = None
+    limit: Optional[int] = None
+
+    @property
+    def from_paths(self):
+        return self.items is not None and self.items.dtype.kind in "USO"
+
+    @property
+    def small_items(self):
+        """Paths and small arrays fit in a full shuffle buffer; records may not."""
+        return self.records is None
+
+    def with_labels(self):
+        """This split with `labels` known (reads a record split's labels once)."""
+        if self.labels is not None:
+            return self
+        labels = np.asarray(self.read_labels(), np.int64)
+        positions = np.arange(len(labels))
+        if self.limit is not None:
+            positions, labels = positions[: self.limit], labels[: self.limit]
+        mapped = labels if self.label_map is None else self.label_map[labels]
+        return dataclasses.replace(self, labels=mapped.astype(np.int32), positions=positions, count=len(positions), limit=None)
+
+    def subset(self, indices):
+        """The examples at `indices` (into this split's order), order kept."""
+        indices = np.sort(np.asarray(indices, np.int64))
+        split = self.with_labels()
+        if split.items is not None:
+            return dataclasses.replace(split, items=split.items[indices], labels=split.labels[indices], count=len(indices))
+        return dataclasses.replace(split, positions=split.positions[indices], labels=split.labels[indices], count=len(indices))
+
+    def examples(self):
+        """A `tf.data.Dataset` of (path or image, int32 label) pairs."""
+        if self.items is not None:
+            return tf.data.Dataset.from_tensor_slices((self.items, self.labels.astype(np.int32)))
+        ds = self.records
+        if self.positions is not None:
+            keep = np.zeros(int(self.positions.max()) + 1 if len(self.positions) else 0, bool)
+            keep[self.positions] = True
+            mask = tf.constant(keep)
+            ds = ds.take(len(keep)).enumerate().filter(lambda i, _: tf.gather(mask, i)).map(lambda _, record: record)
+            # A filter hides the length; Keras's progress bar needs it.
+            ds = ds.apply(tf.data.experimental.assert_cardinality(self.count))
+        elif self.limit is not None:
+            ds = ds.take(self.limit)
+        if self.label_map is not None:
+            table = tf.constant(self.label_map, tf.int32)
+            ds = ds.map(lambda image, label: (image, tf.gather(table, tf.cast(label, tf.int32))))
+        return ds.map(lambda image, label: (image, tf.cast(label, tf.int32)))
+
+
+def select_classes(splits, class_names, wanted):
+    """Keep only the classes named in `wanted` (in that order) in every split.
+
+    Returns `(splits, class_names)`; labels become indices into `wanted`.
+    """
+    wanted = [w.strip() for w in (wanted.split(",") if isinstance(wanted, str) else wanted) if w.strip()]
+    for name in wanted:
+        if name not in class_names:
+            raise did_you_mean(name, class_names, "class")
+    if len(set(wanted)) != len(wanted) or len(wanted) < 2:
+        raise TfxferError(f"--classes needs at least two different class names, got {','.join(wanted)!r}.")
+    label_map = np.full(len(class_names), -1, np.int64)
+    for new, name in enumerate(wanted):
+        label_map[class_names.index(name)] = new
+    selected = {}
+    for key, split in splits.items():
+        if split is None:
+            continue
+        if split.records is not None:
+            # Read (again) with the map applied: records keep their source labels.
+            split = dataclasses.replace(split, label_map=label_map, labels=None, positions=None).with_labels()
+        else:
+            split = dataclasses.replace(split, labels=label_map[split.labels].astype(np.int32))
+        selected[key] = split.subset(np.flatnonzero(split.labels >= 0))
+    return selected, wanted
+
+
+def sample_per_class(split, per_class, seed):
+    """A seeded, stratified sample of `per_class` examples of each class (all
+    of a class that has fewer)."""
+    if per_class < 1:
+        raise TfxferError(f"--labels-per-class must be at least 1, got {per_class}.")
+    split = split.with_labels()
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(split.labels == c))[:per_class] for c in np.unique(split.labels)]
+    return split.subset(np.concatenate(chosen))
+
+
+def carve(split, fraction, seed):
+    """`(train, val)`: a seeded, per-class share `fraction` of `split` as validation."""
+    split = split.with_labels()
+    rng = np.random.default_rng(seed)
+    val = []
+    for label in np.unique(split.labels):
+        idx = np.flatnonzero(split.labels == label)
+        n_val = max(1, int(round(len(idx) * fraction))) if len(idx) > 1 else 0
+        val.append(rng.permutation(idx)[:n_val])
+    val = np.concatenate(val) if val else np.array([], np.int64)
+    train = np.setdiff1d(np.arange(split.count), val)
+    return split.subset(train), split.subset(val)
+
+
+def sample(split, count, seed):
+    """A seeded sample of `count` examples; for unread records, the first `count`
+    (tfds shuffles records when it prepares a dataset)."""
+    if count >= split.count:
+        return split
+    if split.labels is None:
+        return dataclasses.replace(split, limit=count, count=count)
+    return split.subset(np.random.default_rng(seed).permutation(split.count)[:count])

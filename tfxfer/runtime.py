@@ -1,0 +1,133 @@
+"""What the machine offers, and the process-wide TensorFlow settings that follow.
+
+Imported by `tfxfer/__init__.py` before TensorFlow, because one of them, oneDNN,
+is read once when TensorFlow loads:
+
+* **oneDNN.** TensorFlow turns its oneDNN kernels on by default only on CPUs with
+  AVX-512 VNNI/BF16 or AMX; elsewhere (AVX2 CPUs) it runs Eigen kernels, 5-8x
+  slower for a ResNet50 training step (measured on an AVX2-only EPYC). tfxfer
+  sets `TF_ENABLE_ONEDNN_OPTS=1` unless the user chose a value.
+* **Precision.** `auto` computes in bfloat16 only where the hardware has it (AMX
+  or AVX512-BF16 CPUs, GPUs of compute capability 8.0 and up); on AVX2 bfloat16
+  is emulated and slower than float32.
+"""
+
+import functools
+import os
+import sys
+import warnings
+
+__all__ = [
+    "PRECISIONS",
+    "enable_onednn",
+    "onednn_enabled",
+    "cpu_flags",
+    "has_bf16",
+    "resolve_precision",
+    "set_precision",
+]
+
+ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+# CPU flags (Linux /proc/cpuinfo names) of native bfloat16 arithmetic.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+
+
+def enable_onednn():
+    """Turn TensorFlow's oneDNN kernels on, if TensorFlow is not loaded yet and
+    the user did not choose. Returns True when tfxfer set the variable."""
+    if ONEDNN_VARIABLE in os.environ:
+        return False
+    if "tensorflow" not in sys.modules:
+        os.environ[ONEDNN_VARIABLE] = "1"
+        return True
+    if not onednn_enabled() and _is_x86():
+        warnings.warn(
+            "TensorFlow was imported before tfxfer with its oneDNN kernels off, which makes "
+            f"training on this CPU several times slower; import tfxfer first or set {ONEDNN_VARIABLE}=1 "
+            "before TensorFlow loads.",
+            stacklevel=3,
+        )
+    return False
+
+
+def onednn_enabled():
+    """True when the loaded TensorFlow runs its oneDNN kernels."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def _is_x86():
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags():
+    """The CPU's feature flags as a set (empty where /proc/cpuinfo is missing)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_name():
+    """The CPU model name, for reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _gpu_capabilities():
+    import tensorflow as tf
+
+    capabilities = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        capabilities.append(tuple(details.get("compute_capability") or (0, 0)))
+    return capabilities
+
+
+def has_bf16(flags=None, gpu_capabilities=None):
+    """True where bfloat16 arithmetic is native: every GPU has compute capability
+    >= 8.0, or (no GPU) the CPU has AMX-BF16, AVX512-BF16 or Arm BF16."""
+    gpus = _gpu_capabilities() if gpu_capabilities is None else gpu_capabilities
+    if gpus:
+        return all(c >= (8, 0) for c in gpus)
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
+def resolve_precision(precision="auto", flags=None, gpu_capabilities=None):
+    """The Keras dtype policy name for `precision` (one of `PRECISIONS`)."""
+    if precision not in PRECISIONS:
+        from tfxfer.errors import did_you_mean
+
+        raise did_you_mean(precision, PRECISIONS, "precision")
+    if precision != "auto":
+        return precision
+    return "mixed_bfloat16" if has_bf16(flags, gpu_capabilities) else "float32"
+
+
+def set_precision(precision="auto"):
+    """Set Keras's global dtype policy from `precision`; return the policy name."""
+    import keras
+
+    policy = resolve_precision(precision)
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
