@@ -61,3 +61,28 @@ def test_weights_file_of_another_architecture_fails_clearly(tmp_path):
 def test_missing_weights_file_fails_clearly():
     with pytest.raises(tfxfer.TfxferError, match="does not exist"):
         create_backbone("resnet50", weights="/no/such/file.h5", image_size=32)
+
+
+@pytest.mark.parametrize("name, stages", [("simplecnn", ("conv1", "conv2", "dense")), ("resnet9", ("prep", "layer1", "layer2", "layer3"))])
+def test_small_backbones_have_a_stage_map_and_train_by_stage(name, stages):
+    spec = tfxfer.get_backbone(name)
+    assert spec.stages == stages and spec.default_size == 32 and spec.sizes
+    by_layer = layer_stages(create_backbone(name, weights=None, image_size=32), spec)
+    assert list(dict.fromkeys(by_layer.values())) == list(stages)
+    model = tfxfer.build_model(name, num_classes=4, weights=None, image_size=32, freeze="stages:1")
+    trained_stages = {by_layer[layer] for layer in model.trained_layers}
+    assert trained_stages == {stages[-1]}
+    assert model(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 4)
+
+
+def test_resnet9_width_is_a_constructor_argument():
+    from tfxfer.backbones.resnet9 import DEFAULT_WIDTH, resnet9
+
+    assert resnet9(input_shape=(32, 32, 3)).output.shape[-1] == 8 * DEFAULT_WIDTH
+    assert resnet9(input_shape=(32, 32, 3), width=8).output.shape[-1] == 64
+
+
+@pytest.mark.parametrize("name", ["simplecnn", "resnet9"])
+def test_small_backbones_have_no_imagenet_weights(name):
+    with pytest.raises(tfxfer.TfxferError, match="has no ImageNet weights.*tfxfer pretrain"):
+        create_backbone(name, weights="imagenet", image_size=32)

@@ -1,11 +1,11 @@
 import glob
-import io
 import os
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import tfxfer
@@ -33,8 +33,9 @@ def _dir_bytes(path):
     return sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "**"), recursive=True) if os.path.isfile(f))
 
 
-def test_saved_model_serves_in_a_tensorflow_only_process(tmp_path):
-    model = tfxfer.build_model("mobilenetv2", num_classes=4, weights=None, image_size=32, freeze="stages:2", l2sp=0.1)
+@pytest.mark.parametrize("backbone", ["mobilenetv2", "simplecnn", "resnet9"])
+def test_saved_model_serves_in_a_tensorflow_only_process(tmp_path, backbone):
+    model = tfxfer.build_model(backbone, num_classes=4, weights=None, image_size=32, freeze="stages:2", l2sp=0.1)
     names = ["ant", "bee", "cat", "dog"]
     export_dir = tfxfer.export_saved_model(model, str(tmp_path / "export" / "1"), class_names=names)
 

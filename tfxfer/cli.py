@@ -184,13 +184,16 @@ def backbones(pattern):
 
     from tfxfer.backbones import create_backbone, get_backbone, list_backbones
 
-    click.echo(f"{'name':<16}{'size':>6}{'params':>14}  stages")
+    rows = [("name", "size", "params", "stages", "suits")]
     for name in list_backbones(pattern):
         spec = get_backbone(name)
         # Counting needs the model; build it small and without weights.
-        params = create_backbone(name, weights=None, image_size=32).count_params()
+        params = create_backbone(name, weights=None, image_size=spec.default_size if spec.default_size < 64 else 32).count_params()
         keras.backend.clear_session()
-        click.echo(f"{name:<16}{spec.default_size:>6}{params:>14,}  {' '.join(spec.stages)}")
+        rows.append((name, str(spec.default_size), f"{params:,}", " ".join(spec.stages), spec.sizes))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
 
 
 if __name__ == "__main__":

@@ -90,7 +90,11 @@ class TransferModel(keras.Model):
 
         self.preprocess = Preprocess(backbone, name="preprocess")
         self.backbone = create_backbone(backbone, weights, self.image_size)
-        self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
+        # A feature map is pooled; a feature vector (simplecnn's dense layer) is used as it is.
+        if len(self.backbone.output.shape) == 4:
+            self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
+        else:
+            self.pool = keras.layers.Identity(name="pool")
         self.drop = keras.layers.Dropout(self.dropout_rate, name="dropout")
         # float32 head: softmax of bfloat16 logits loses the small probabilities.
         self.head = keras.layers.Dense(

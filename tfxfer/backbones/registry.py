@@ -1,4 +1,4 @@
-"""A registry of backbones over `keras.applications`.
+"""The backbone registry.
 
 Each backbone is a `BackboneSpec`: how to build it, the preprocessing its weights
 expect, its default input size, and how its layers group into stages. Data
@@ -9,15 +9,14 @@ cannot disagree about preprocessing.
 import dataclasses
 import fnmatch
 import os
-import re
 from typing import Callable
 
-import keras
 
 from tfxfer.errors import TfxferError, did_you_mean, is_network_failure
 
 __all__ = [
     "BackboneSpec",
+    "no_imagenet_weights",
     "register_backbone",
     "list_backbones",
     "get_backbone",
@@ -41,6 +40,7 @@ class BackboneSpec:
         stages: stage names from input to output.
         stage_of: maps a layer name to its stage, or `None` to keep the stage of
             the layer before it (padding, pooling and other glue layers).
+        sizes: the input sizes it suits, as `tfxfer backbones` shows them.
     """
 
     name: str
@@ -49,6 +49,7 @@ class BackboneSpec:
     default_size: int
     stages: tuple
     stage_of: Callable
+    sizes: str = ""
 
 
 _REGISTRY = {}
@@ -131,74 +132,13 @@ def layer_stages(backbone, spec):
     return stages
 
 
-def _prefix_stage_of(rules):
-    """A `stage_of` from (regex, stage) rules; the stage may use regex groups."""
-    compiled = [(re.compile(p), s) for p, s in rules]
 
-    def stage_of(layer_name):
-        for pattern, stage in compiled:
-            m = pattern.match(layer_name)
-            if m:
-                return m.expand(stage)
-        return None
-
-    return stage_of
-
-
-def _mobilenetv2_stage_of(layer_name):
-    # Stages end where the feature map halves: blocks 1-2, 3-5, 6-12, 13-16.
-    if layer_name.startswith(("Conv1", "bn_Conv1", "expanded_conv")):
-        return "stem"
-    m = re.match(r"block_(\d+)_", layer_name)
-    if m:
-        block = int(m.group(1))
-        return "stage" + str(1 + sum(block >= b for b in (3, 6, 13)))
-    if layer_name.startswith(("Conv_1", "out_relu")):
-        return "top"
-    return None
-
-
-_RESNET_STAGES = ("stem", "conv2", "conv3", "conv4", "conv5")
-_resnet_stage_of = _prefix_stage_of(
-    [(r"(conv1|pool1)_", "stem"), (r"(conv[2-5])_", r"\1"), (r"post_", "conv5")]
-)
-_apps = keras.applications
-
-for _name, _builder, _module in [
-    ("resnet50", _apps.ResNet50, _apps.resnet),
-    ("resnet101", _apps.ResNet101, _apps.resnet),
-    ("resnet152", _apps.ResNet152, _apps.resnet),
-    ("resnet50v2", _apps.ResNet50V2, _apps.resnet_v2),
-    ("resnet101v2", _apps.ResNet101V2, _apps.resnet_v2),
-]:
-    register_backbone(
-        BackboneSpec(_name, _builder, _module.preprocess_input, 224, _RESNET_STAGES, _resnet_stage_of)
-    )
-
-register_backbone(
-    BackboneSpec(
-        "mobilenetv2",
-        _apps.MobileNetV2,
-        _apps.mobilenet_v2.preprocess_input,
-        224,
-        ("stem", "stage1", "stage2", "stage3", "stage4", "top"),
-        _mobilenetv2_stage_of,
-    )
-)
-
-_EFFICIENTNET_STAGES = ("stem",) + tuple(f"block{i}" for i in range(1, 8)) + ("top",)
-_efficientnet_stage_of = _prefix_stage_of(
-    [(r"stem_", "stem"), (r"block(\d)[a-z]_", r"block\1"), (r"top_", "top")]
-)
-for _i, _size in enumerate((224, 240, 260, 300)):
-    register_backbone(
-        BackboneSpec(
-            f"efficientnetb{_i}",
-            getattr(_apps, f"EfficientNetB{_i}"),
-            # EfficientNet rescales and normalizes inside the model itself.
-            _apps.efficientnet.preprocess_input,
-            _size,
-            _EFFICIENTNET_STAGES,
-            _efficientnet_stage_of,
+def no_imagenet_weights(name, weights, include_top=False):
+    """For backbones that tfxfer defines: there is no ImageNet file to load."""
+    if weights == "imagenet":
+        raise TfxferError(
+            f"{name} has no ImageNet weights; pass --weights none, a weights file, "
+            "or the folder of a `tfxfer pretrain` run."
         )
-    )
+    if include_top:
+        raise ValueError(f"{name} is headless: build it with include_top=False.")
