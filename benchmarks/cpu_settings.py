@@ -38,7 +38,7 @@ def measure(args):
     import numpy as np
     import tensorflow as tf
 
-    from tfxfer.training import seed_everything
+    from tfxfer.runs import seed_everything
 
     seed_everything(0, deterministic=args.deterministic)
     model = tfxfer.build_model(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tfxfer
-from tfxfer.config import default_run_name, load_config
+from tfxfer.config import load_config
 from tfxfer.optim import make_optimizers, make_schedule
 from tests.conftest import random_images
 
@@ -22,7 +22,7 @@ def test_cosine_schedule_warms_up_then_decays():
 def _backbone_movement(tiny_model_factory, mult):
     keras.utils.set_random_seed(0)
     model = tiny_model_factory(freeze="full")
-    config = load_config(optimizer="adam", lr=0.01, backbone_lr_mult=mult)
+    config = load_config(dataset="digits", optimizer="adam", lr=0.01, backbone_lr_mult=mult)
     head, backbone = make_optimizers(config, model, steps_per_epoch=4)
     model.compile(optimizer=head, backbone_optimizer=backbone, loss="sparse_categorical_crossentropy")
     start = [w.numpy().copy() for w in model.backbone.trainable_weights]
@@ -44,7 +44,7 @@ def test_backbone_lr_mult_uses_its_own_optimizer_and_survives_adam(tiny_model_fa
 @pytest.mark.parametrize("mult", [1.0, 0.5])
 def test_no_weight_decay_on_the_backbone_while_l2sp_is_on(tiny_model_factory, mult):
     model = tiny_model_factory(freeze="full", l2sp=0.1)
-    config = load_config(optimizer="adamw", lr=0.1, weight_decay=0.5, l2sp=0.1, backbone_lr_mult=mult)
+    config = load_config(dataset="digits", optimizer="adamw", lr=0.1, weight_decay=0.5, l2sp=0.1, backbone_lr_mult=mult)
     head, backbone = make_optimizers(config, model, steps_per_epoch=1)
     model.compile(optimizer=head, backbone_optimizer=backbone, loss="sparse_categorical_crossentropy")
     # Zero gradients: AdamW moves a weight only through its weight decay.
@@ -66,8 +66,8 @@ def test_config_layers_defaults_file_and_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("dataset: digits\nlr: 0.1\nfreeze: stages:2\ntrain-bn: true\n")
     config = load_config(str(path), lr=0.5, epochs=None)
-    assert (config.lr, config.freeze, config.train_bn, config.epochs) == (0.5, "stages:2", True, 5)
-    assert default_run_name(config) == "digits-resnet50-stages2"
+    assert (config.optim.lr, config.transfer.freeze, config.transfer.train_bn, config.optim.epochs) == (0.5, "stages:2", True, 5)
+    assert config.default_run_name() == "digits-resnet50-stages2"
 
 
 @pytest.mark.parametrize(
@@ -76,7 +76,7 @@ def test_config_layers_defaults_file_and_flags(tmp_path):
 )
 def test_bad_config_values_fail_clearly(values, message):
     with pytest.raises(tfxfer.TfxferError, match=message):
-        load_config(**values)
+        load_config(dataset="digits", **values)
 
 
 def test_every_shipped_config_loads():

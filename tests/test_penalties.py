@@ -97,7 +97,7 @@ def test_bad_coefficients_are_rejected(tiny_model_factory, bad):
 
 
 def test_runs_under_jit_compile(tiny_model_factory):
-    from tfxfer.training import set_op_determinism
+    from tfxfer.runs import set_op_determinism
 
     set_op_determinism(False)  # Keras drops XLA under op determinism
     model = tiny_model_factory(freeze="full", l2sp=0.5)

@@ -6,67 +6,40 @@ import os
 
 import click
 
-from tfxfer.config import FIELDS, OPTIONAL_NUMBERS, load_config
+from tfxfer.config import FinetuneConfig, load_config
 from tfxfer.errors import TfxferError
 
-HELP = {
-    "dataset": "Built-in dataset (digits) or a tensorflow-datasets name, e.g. cifar10.",
-    "data_dir": "Image folder: one sub-folder per class, or train/ plus val/ and/or test/.",
-    "tfds_data_dir": "Folder with prepared tensorflow-datasets data (the offline route).",
-    "train_split": "tfds split to train on (slicing allowed, e.g. 'train[:50%]').",
-    "val_split": "tfds validation split; default 'validation', else carved from train.",
-    "test_split": "tfds test split; default 'test' when the dataset has one.",
-    "val_fraction": "Share of train carved out as validation when there is none.",
-    "max_train_examples": "Train on a seeded sample of this many images.",
-    "augment": "Training augmentation: none, flip or flip_crop.",
-    "backbone": "Backbone name; see `tfxfer backbones`.",
-    "weights": "imagenet, none, or the path of a weights file for the headless backbone.",
-    "image_size": "Square input size in pixels (default: the backbone's; 32 works).",
-    "freeze": "head, full, stages:N or from:LAYER.",
-    "train_bn": "Let BatchNorm statistics of the training part update (frozen by default).",
-    "bn_momentum": "Momentum of BatchNorm moving averages (default: the backbone's, 0.99).",
-    "dropout": "Dropout rate before the new head.",
-    "l2sp": "L2-SP alpha: pull the backbone toward its starting weights.",
-    "l2sp_scope": "Weights L2-SP pulls: kernels (as the paper) or all.",
-    "head_l2": "Plain L2 beta on the new head's kernel.",
-    "optimizer": "sgd (momentum 0.9), adam or adamw.",
-    "lr": "Learning rate of the head (and backbone, times --backbone-lr-mult).",
-    "weight_decay": "Optimizer weight decay; never on the backbone while L2-SP is on.",
-    "schedule": "constant or cosine (with --warmup-epochs).",
-    "warmup_epochs": "Linear warmup length before cosine decay.",
-    "backbone_lr_mult": "Backbone learning rate = lr * this, through its own optimizer.",
-    "epochs": "Number of epochs.",
-    "batch_size": "Batch size.",
-    "seed": "Seeds Python, NumPy, TensorFlow and data shuffling.",
-    "deterministic": "TF op determinism: identical histories on any device, at a speed cost (see README).",
-    "precision": "auto (bfloat16 where the hardware has it, else float32), float32, mixed_bfloat16 or mixed_float16.",
-    "jit_compile": "Compile the training step with XLA.",
-    "distribute": "none, or mirrored (tf.distribute.MirroredStrategy).",
-    "run_name": "Run folder name under --output-dir; default <dataset>-<backbone>-<policy>.",
-    "output_dir": "Where run folders go.",
-}
-DATA_FIELDS = ("dataset", "data_dir", "tfds_data_dir", "train_split", "val_split", "test_split", "val_fraction", "batch_size", "seed")
+def config_options(kind, names=None):
+    """Click options for the fields of the command config `kind` (or only
+    `names`), from each field's type, default, help and choices. Unset options
+    are `None`, so the config file (or the default) stays in force."""
+    fields, defaults = kind.fields(), kind.defaults()
 
-
-def _option(field):
-    """A click option for config field `field`; unset options are None, so the
-    config file (or the default) stays in force."""
-    flag = "--" + field.replace("_", "-")
-    default = FIELDS[field].default
-    if isinstance(default, bool):
-        return click.option(f"{flag}/--no-{flag[2:]}", field, default=None, help=HELP[field])
-    kind = type(default) if default is not None and not isinstance(default, str) else None
-    kind = OPTIONAL_NUMBERS.get(field, kind)
-    return click.option(flag, field, type=kind, default=None, help=HELP[field])
-
-
-def _options(fields):
     def decorate(command):
-        for field in reversed(fields):
-            command = _option(field)(command)
+        for name in reversed(list(names or fields)):
+            _group, field, type_ = fields[name]
+            command = _option(name, field, type_, defaults[name])(command)
         return command
 
     return decorate
+
+
+def _option(name, field, type_, default):
+    flag = "--" + name.replace("_", "-")
+    text = field.metadata["help"]
+    if field.metadata.get("choices"):
+        text += " One of: " + ", ".join(field.metadata["choices"]) + "."
+    if default is not None:
+        text += f" [default: {default}]"
+    if type_ is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=text)
+    return click.option(flag, name, type=None if type_ is str else type_, default=None, help=text)
+
+
+EVALUATE_OPTIONS = (
+    "dataset", "data_dir", "tfds_data_dir", "train_split", "val_split", "test_split", "val_fraction", "classes",
+    "labels_per_class", "batch_size", "seed",
+)
 
 
 def _friendly(command):
@@ -90,42 +63,33 @@ def main():
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(), help="YAML config file; flags override it.")
-@_options(list(FIELDS))
-@click.option("--resume", is_flag=True, help="Continue the interrupted run --run-name from its checkpoint.")
+@config_options(FinetuneConfig)
+@click.option("--resume", is_flag=True, help="Continue the interrupted run --run-name from its checkpoint, with its saved config.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder of the same name.")
 @_friendly
 def finetune(config_path, resume, overwrite, **flags):
     """Fine-tune a backbone on a dataset and export a SavedModel."""
     from tfxfer.training import finetune as run
 
-    if resume:
-        config_path, flags = _resumed(config_path, flags)
-    config = load_config(config_path, **flags)
+    config = load_config(config_path, FinetuneConfig, validate=not resume, **flags)
+    _interruptible(run, config, resume=resume, overwrite=overwrite)
+
+
+def _interruptible(run, config, **kwargs):
+    """Run; after Ctrl-C, print the command that resumes the run."""
     try:
-        run(config, resume=resume, overwrite=overwrite)
+        run(config, **kwargs)
     except KeyboardInterrupt:
+        name = config.run.run_name or config.default_run_name()
+        command = click.get_current_context().info_name
         raise click.ClickException(
-            f"Interrupted; continue with: tfxfer finetune --resume --run-name {config.run_name} --output-dir {config.output_dir}"
+            f"Interrupted; continue with: tfxfer {command} --resume --run-name {name} --output-dir {config.run.output_dir}"
         ) from None
-
-
-def _resumed(config_path, flags):
-    """A resumed run keeps its saved config; only --epochs may change."""
-    from tfxfer.config import FinetuneConfig, default_run_name
-
-    if not flags.get("run_name"):
-        base = load_config(config_path, **flags)
-        flags["run_name"] = default_run_name(base)
-    output_dir = flags.get("output_dir") or FinetuneConfig.output_dir
-    saved = os.path.join(output_dir, flags["run_name"], "config.yaml")
-    if not os.path.exists(saved):
-        raise TfxferError(f"No run to resume at {os.path.dirname(saved)}; check --run-name and --output-dir.")
-    return saved, {"epochs": flags.get("epochs"), "run_name": flags["run_name"], "output_dir": output_dir}
 
 
 @main.command()
 @click.option("--model", "model_path", required=True, help="Run folder or SavedModel folder.")
-@_options(DATA_FIELDS)
+@config_options(FinetuneConfig, EVALUATE_OPTIONS)
 @click.option("--split", default="test", show_default=True, help="Which split to evaluate: test, val or train.")
 @_friendly
 def evaluate(model_path, split, **data):

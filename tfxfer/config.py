@@ -1,142 +1,359 @@
-"""Typed run configuration: defaults here, overridden by a YAML file, then by flags.
+"""Typed run configuration, in groups that `finetune` and `pretrain` share.
 
-The resolved config is saved as `config.yaml` in every run folder.
+Each field is declared once, with its default, its help text and, where it names
+a choice, the allowed values, which the module implementing the choice owns. The
+CLI is generated from these fields (`tfxfer.cli.config_options`), YAML files in
+`configs/` fill them, flags override them, and the resolved config is saved as
+`config.yaml` in every run folder, in groups.
+
+YAML may be flat (`lr: 0.01`) or grouped (`optim: {lr: 0.01}`): every option name
+is unique across the groups of a command.
 """
 
 import dataclasses
+import math
+import os
 import re
+import typing
 from typing import Optional
 
 import yaml
 
+from tfxfer.data.pipeline import AUGMENTATIONS
 from tfxfer.errors import TfxferError, did_you_mean
+from tfxfer.optim import OPTIMIZERS, SCHEDULES
+from tfxfer.penalties import SCOPES
+from tfxfer.pretext.registry import METHODS
 from tfxfer.runtime import PRECISIONS
 
-__all__ = ["FinetuneConfig", "load_config", "default_run_name"]
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "TransferConfig",
+    "OptimConfig",
+    "RunConfig",
+    "FinetuneConfig",
+    "PretextConfig",
+    "PretrainConfig",
+    "load_config",
+    "option",
+    "parse_duration",
+]
+
+DISTRIBUTE = ("none", "mirrored")
+
+
+def option(default, help, choices=None):
+    """A config field: its default, its help text and, for a name, the allowed names."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
-    # data
-    dataset: Optional[str] = None  # built-in ("digits") or tensorflow-datasets name
-    data_dir: Optional[str] = None  # an image folder instead of a dataset name
-    tfds_data_dir: Optional[str] = None  # where prepared tfds data lives
-    train_split: str = "train"
-    val_split: Optional[str] = None  # None: "validation" if it exists, else carved from train
-    test_split: Optional[str] = None  # None: "test" if it exists
-    val_fraction: float = 0.1  # share of train carved out when there is no validation split
-    max_train_examples: Optional[int] = None  # a seeded sample of train, for quick runs
-    augment: str = "none"  # none | flip | flip_crop
-    # model
-    backbone: str = "resnet50"
-    weights: str = "imagenet"  # imagenet | none | path of a weights file
-    image_size: Optional[int] = None  # None: the backbone's default
-    freeze: str = "full"  # head | full | stages:N | from:LAYER
-    train_bn: bool = False  # BN statistics of pretrained weights are worth keeping
-    bn_momentum: Optional[float] = None  # None: the backbone's (0.99); 0.9 suits random init
-    dropout: float = 0.0
-    # regularization
-    l2sp: float = 0.0  # alpha: pull toward the starting weights (Li et al. 2018)
-    l2sp_scope: str = "kernels"  # kernels (paper) | all
-    head_l2: float = 0.0  # beta: plain L2 on the new head
-    # optimization
-    optimizer: str = "sgd"  # sgd (momentum 0.9) | adam | adamw
-    lr: float = 1e-3  # the classic fine-tuning recipe: SGD, 1e-3, momentum 0.9
-    weight_decay: float = 0.0  # never applied to the backbone while L2-SP is on
-    schedule: str = "constant"  # constant | cosine
-    warmup_epochs: float = 0.0  # linear warmup before the cosine decay
-    backbone_lr_mult: float = 1.0  # backbone lr = lr * this, with its own optimizer
-    epochs: int = 5
-    batch_size: int = 64
-    # execution
-    seed: int = 0
-    deterministic: bool = False  # TF op determinism: a guarantee on any device, at a cost (README)
-    precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
-    jit_compile: bool = False  # XLA; slower on CPU convolutions, measure first
-    distribute: str = "none"  # none | mirrored (all visible GPUs, or CPUs)
-    # output
-    run_name: Optional[str] = None  # None: derived from dataset, backbone and policy
-    output_dir: str = "saved_models"
+class DataConfig:
+    dataset: Optional[str] = option(None, "Built-in dataset (digits) or a tensorflow-datasets name, e.g. cifar10.")
+    data_dir: Optional[str] = option(None, "Image folder: one sub-folder per class, or train/ plus val/ and/or test/.")
+    tfds_data_dir: Optional[str] = option(None, "Folder with prepared tensorflow-datasets data (the offline route).")
+    train_split: str = option("train", "tfds split to train on (slicing allowed, e.g. 'train[:50%]').")
+    val_split: Optional[str] = option(None, "tfds validation split; default 'validation', else carved from train.")
+    test_split: Optional[str] = option(None, "tfds test split; default 'test' when the dataset has one.")
+    val_fraction: float = option(0.1, "Share of train carved out (per class) as validation when there is none.")
+    classes: Optional[str] = option(None, "Comma-separated class names: use only these classes, in this order.")
+    labels_per_class: Optional[int] = option(None, "Seeded, stratified sample of N labelled training images per class.")
+    max_train_examples: Optional[int] = option(None, "Train on a seeded sample of this many images.")
+    augment: str = option("none", "Training augmentation.", AUGMENTATIONS)
 
     def validate(self):
-        choices = {
-            "augment": ("none", "flip", "flip_crop"),
-            "l2sp_scope": ("kernels", "all"),
-            "optimizer": ("sgd", "adam", "adamw"),
-            "schedule": ("constant", "cosine"),
-            "distribute": ("none", "mirrored"),
-            "precision": PRECISIONS,
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise did_you_mean(getattr(self, key), allowed, key.replace("_", "-"))
-        for key in ("l2sp", "head_l2", "weight_decay", "warmup_epochs", "dropout"):
-            if not getattr(self, key) >= 0:
-                raise TfxferError(f"{key} must be >= 0, got {getattr(self, key)}.")
-        for key in ("lr", "backbone_lr_mult", "epochs", "batch_size"):
+        if (self.dataset is None) == (self.data_dir is None):
+            raise TfxferError("Give exactly one of --dataset NAME or --data-dir FOLDER.")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise TfxferError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
+        for key in ("labels_per_class", "max_train_examples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise TfxferError(f"{key} must be at least 1, got {getattr(self, key)}.")
+
+    def source_name(self):
+        return self.dataset or os.path.basename(os.path.normpath(self.data_dir or "data"))
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    backbone: str = option("resnet50", "Backbone name; see `tfxfer backbones`.")
+    weights: str = option("imagenet", "imagenet, none, a weights file, or a pretrain/finetune run folder.")
+    image_size: Optional[int] = option(None, "Square input size in pixels (default: the backbone's; 32 works).")
+    bn_momentum: Optional[float] = option(None, "Momentum of BatchNorm moving averages (default: the backbone's).")
+
+    def validate(self):
+        if self.image_size is not None and self.image_size < 28:
+            raise TfxferError(f"image_size must be at least 28, got {self.image_size}.")
+        if self.bn_momentum is not None and not 0.0 <= self.bn_momentum < 1.0:
+            raise TfxferError(f"bn_momentum must be in [0, 1), got {self.bn_momentum}.")
+
+
+@dataclasses.dataclass
+class TransferConfig:
+    freeze: str = option("full", "head, full, stages:N or from:LAYER.")
+    train_bn: bool = option(False, "Let BatchNorm statistics of the training part update (frozen by default).")
+    dropout: float = option(0.0, "Dropout rate before the new head.")
+    l2sp: float = option(0.0, "L2-SP alpha: pull the backbone toward its starting weights (Li et al. 2018).")
+    l2sp_scope: str = option("kernels", "Weights L2-SP pulls: kernels (as the paper) or all.", SCOPES)
+    head_l2: float = option(0.0, "Plain L2 beta on the new head's kernel.")
+    backbone_lr_mult: float = option(1.0, "Backbone learning rate = lr * this, through its own optimizer.")
+
+    def validate(self):
+        _at_least(self, ("l2sp", "head_l2", "dropout"), 0.0)
+        if not self.dropout < 1.0:
+            raise TfxferError(f"dropout must be below 1, got {self.dropout}.")
+        if not self.backbone_lr_mult > 0:
+            raise TfxferError(f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult}.")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    optimizer: str = option("sgd", "sgd (momentum 0.9), adam or adamw.", OPTIMIZERS)
+    lr: float = option(1e-3, "Learning rate (of the head, when the backbone has its own).")
+    weight_decay: float = option(0.0, "Optimizer weight decay; never on the backbone while L2-SP is on.")
+    schedule: str = option("constant", "Learning-rate schedule (cosine decays to 0 after --warmup-epochs).", SCHEDULES)
+    warmup_epochs: float = option(0.0, "Linear warmup length before the cosine decay.")
+    epochs: int = option(5, "Number of epochs (--time-budget picks it instead).")
+    time_budget: Optional[str] = option(None, "Training time, e.g. 90s, 20m, 1.5h: picks the epochs that fit.")
+    batch_size: int = option(64, "Batch size.")
+
+    def validate(self):
+        _at_least(self, ("weight_decay", "warmup_epochs"), 0.0)
+        for key in ("lr", "epochs", "batch_size"):
             if not getattr(self, key) > 0:
                 raise TfxferError(f"{key} must be > 0, got {getattr(self, key)}.")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    seed: int = option(0, "Seeds Python, NumPy, TensorFlow, the data selection, order and augmentation.")
+    deterministic: bool = option(False, "TF op determinism: identical histories on any device, at a cost (README).")
+    precision: str = option("auto", "auto: bfloat16 where the hardware has it, else float32.", PRECISIONS)
+    jit_compile: bool = option(False, "Compile the training step with XLA (measure first on CPU).")
+    distribute: str = option("none", "none, or mirrored (tf.distribute.MirroredStrategy).", DISTRIBUTE)
+    run_name: Optional[str] = option(None, "Run folder name under --output-dir (default: from data, backbone and method).")
+    output_dir: str = option("saved_models", "Where run folders go.")
+
+    def validate(self):
         if self.jit_compile and self.deterministic:
             raise TfxferError(
                 "--jit-compile needs --no-deterministic: Keras silently turns XLA off while TF op determinism is on."
             )
-        if self.precision == "mixed_float16" and self.backbone_lr_mult != 1.0:
+
+
+def _at_least(group, keys, low):
+    for key in keys:
+        value = getattr(group, key)
+        if not value >= low:  # also catches NaN
+            raise TfxferError(f"{key} must be >= {low:g}, got {value}.")
+
+
+class CommandConfig:
+    """A command's config: one attribute per group. Subclasses are dataclasses."""
+
+    # Keys a resumed run may change: where it is, and how long it goes on.
+    RESUMABLE = ("epochs", "time_budget", "run_name", "output_dir")
+
+    def groups(self):
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def validate(self):
+        for group in self.groups().values():
+            group.validate()
+        for group in self.groups().values():
+            for f in dataclasses.fields(group):
+                choices = f.metadata.get("choices")
+                value = getattr(group, f.name)
+                if choices and value not in choices:
+                    raise did_you_mean(value, choices, f.name.replace("_", "-"))
+        return self
+
+    def to_dict(self):
+        return {name: dataclasses.asdict(group) for name, group in self.groups().items()}
+
+    def flat(self):
+        """`{option: value}` over every group."""
+        return {k: v for group in self.to_dict().values() for k, v in group.items()}
+
+    @classmethod
+    def fields(cls):
+        """`{option: (group name, dataclasses.Field, type)}` for every option of the command."""
+        out = {}
+        command_hints = typing.get_type_hints(cls)
+        for group in dataclasses.fields(cls):
+            group_type = command_hints[group.name]
+            hints = typing.get_type_hints(group_type)
+            for f in dataclasses.fields(group_type):
+                assert f.name not in out, f"option {f.name} is in two groups"
+                out[f.name] = (group.name, f, _plain_type(hints[f.name]))
+        return out
+
+    @classmethod
+    def defaults(cls):
+        """`{option: default}`: a command may change a group's defaults."""
+        return cls().flat()
+
+
+def _plain_type(hint):
+    """`Optional[int]` -> `int`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+@dataclasses.dataclass
+class FinetuneConfig(CommandConfig):
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    transfer: TransferConfig = dataclasses.field(default_factory=TransferConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    COMMAND = "finetune"
+
+    def validate(self):
+        super().validate()
+        if self.run.precision == "mixed_float16" and self.transfer.backbone_lr_mult != 1.0:
             raise TfxferError(
                 "--precision mixed_float16 cannot be combined with --backbone-lr-mult: its loss scaling covers one "
                 "optimizer; use mixed_bfloat16 or float32."
             )
-        if self.image_size is not None and self.image_size < 32:
-            raise TfxferError(f"image_size must be at least 32, got {self.image_size}.")
         return self
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
+    def default_run_name(self):
+        """`<data>-<backbone>-<policy>[-l2sp]`, e.g. `cifar10-resnet50-stages2-l2sp`."""
+        name = f"{self.data.source_name()}-{self.model.backbone}-{self.transfer.freeze}"
+        if self.transfer.l2sp:
+            name += "-l2sp"
+        return _clean(name)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
-OPTIONAL_NUMBERS = {"image_size": int, "max_train_examples": int, "bn_momentum": float}
+@dataclasses.dataclass
+class PretextConfig:
+    method: str = option("supervised", "Pretext task.", METHODS)
+    temperature: float = option(0.2, "SimCLR: temperature of the NT-Xent loss.")
+    projection_dim: int = option(128, "SimCLR: output size of the projection head.")
+    denoise: float = option(0.0, "Autoencoder: std of Gaussian input noise, in [0, 1] pixel units.")
+    label_smoothing: float = option(0.0, "Supervised: label smoothing of the source labels.")
+
+    def validate(self):
+        if not self.temperature > 0:
+            raise TfxferError(f"temperature must be > 0, got {self.temperature}.")
+        if self.projection_dim < 1:
+            raise TfxferError(f"projection_dim must be at least 1, got {self.projection_dim}.")
+        _at_least(self, ("denoise", "label_smoothing"), 0.0)
+        if not self.label_smoothing < 1:
+            raise TfxferError(f"label_smoothing must be below 1, got {self.label_smoothing}.")
 
 
-def load_config(path=None, **overrides):
-    """Defaults, then the YAML file at `path`, then the non-`None` `overrides`."""
+@dataclasses.dataclass
+class PretrainConfig(CommandConfig):
+    # From scratch, on small images: resnet9, weak augmentation, SGD with a cosine schedule.
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(augment="flip_crop"))
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(backbone="resnet9", weights="none"))
+    pretext: PretextConfig = dataclasses.field(default_factory=PretextConfig)
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(lr=0.05, schedule="cosine", warmup_epochs=1.0, weight_decay=5e-4, batch_size=128, epochs=20)
+    )
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    COMMAND = "pretrain"
+
+    def default_run_name(self):
+        """`<data>-<backbone>-<method>`, e.g. `cifar10-resnet9-simclr`."""
+        return _clean(f"{self.data.source_name()}-{self.model.backbone}-{self.pretext.method}")
+
+
+def _clean(name):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", name.replace(":", ""))
+
+
+def load_config(path=None, kind=FinetuneConfig, validate=True, **overrides):
+    """Defaults, then the YAML file at `path`, then the non-`None` `overrides`.
+
+    Returns a `kind` (default `FinetuneConfig`), validated unless `validate`
+    is false (a config that only names a run to resume), whose `explicit`
+    attribute names the options the file or the overrides set.
+    """
     values = {}
     if path:
-        try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise TfxferError(f"Config file {path!r} does not exist.") from None
-        if not isinstance(values, dict):
-            raise TfxferError(f"Config file {path!r} must hold a mapping of keys to values.")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
+        values = _read_yaml(path)
+    values = _flatten(values, kind)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for key in values:
-        if key not in FIELDS:
-            raise did_you_mean(key, FIELDS, "config key")
-    config = FinetuneConfig(**{k: _coerce(k, v) for k, v in values.items()})
-    return config.validate()
+    return config_from_flat(values, kind, validate)
 
 
-def _coerce(key, value):
-    default = FIELDS[key].default
-    if value is None or default is None and key not in OPTIONAL_NUMBERS:
-        return value
-    kind = type(default) if default is not None else OPTIONAL_NUMBERS[key]
-    if kind is bool and not isinstance(value, bool):
-        raise TfxferError(f"Config key {key} must be true or false, got {value!r}.")
+def config_from_flat(values, kind=FinetuneConfig, validate=True):
+    """A validated `kind` from `{option: value}`; unknown options get a "did you mean"."""
+    fields = kind.fields()
+    grouped = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise did_you_mean(key, fields, "config key")
+        group, field, type_ = fields[key]
+        grouped.setdefault(group, {})[key] = _coerce(key, value, type_)
+    config = kind(**{g.name: dataclasses.replace(g.default_factory(), **grouped.get(g.name, {})) for g in dataclasses.fields(kind)})
+    config.explicit = frozenset(values)
+    return config.validate() if validate else config
+
+
+def _read_yaml(path):
     try:
-        return kind(value)
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise TfxferError(f"Config file {path!r} does not exist.") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "it is not valid YAML"
+        raise TfxferError(f"Config file {path!r} has a YAML error{where}: {problem}.") from None
+    if not isinstance(values, dict):
+        raise TfxferError(f"Config file {path!r} must hold a mapping of keys to values.")
+    return values
+
+
+def _flatten(values, kind):
+    """Accept grouped YAML (`optim: {lr: 0.1}`) as well as flat; `-` as `_`."""
+    groups = {f.name for f in dataclasses.fields(kind)}
+    flat = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key in groups and isinstance(value, dict):
+            flat.update({k.replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _coerce(key, value, type_):
+    if value is None:
+        return None
+    if type_ is bool:
+        if not isinstance(value, bool):
+            raise TfxferError(f"Config key {key} must be true or false, got {value!r}.")
+        return value
+    if type_ is str:
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    try:
+        number = type_(value)
     except (TypeError, ValueError):
-        what = {int: "a whole number", float: "a number"}.get(kind, "text")
+        what = {int: "a whole number", float: "a number"}.get(type_, "text")
         raise TfxferError(f"Config key {key} must be {what}, got {value!r}.") from None
+    if isinstance(number, float) and math.isnan(number):
+        raise TfxferError(f"Config key {key} must be a number, got NaN.")
+    return number
 
 
-def default_run_name(config):
-    """`<dataset>-<backbone>-<policy>`, e.g. `cifar10-resnet50-stages2`."""
-    import os
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h|hr)?\s*$")
 
-    source = config.dataset or os.path.basename(os.path.normpath(config.data_dir or "data"))
-    name = f"{source}-{config.backbone}-{config.freeze}"
-    if config.l2sp:
-        name += "-l2sp"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "", name.replace(":", ""))
+
+def parse_duration(text):
+    """Seconds in `"90s"`, `"20m"`, `"1.5h"` (a bare number is seconds)."""
+    match = _DURATION.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise TfxferError(f"Time budget {text!r} is not a duration; write it as 90s, 20m or 1.5h.")
+    unit = (match.group(2) or "s")[0]
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[unit]

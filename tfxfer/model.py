@@ -112,6 +112,19 @@ class TransferModel(keras.Model):
         self.backbone_optimizer = None
         self.built = True
 
+    def set_freeze(self, freeze, train_bn=None):
+        """Apply another freeze policy. Nothing about the trainable set is fixed
+        at build time: the L2-SP pairs, the optimizer groups and the weight-decay
+        exclusion follow `trainable` when the step is traced, so the training
+        step is traced again, and the optimizers must get slots for weights that
+        start training (`compile` again, or extend them)."""
+        if train_bn is not None:
+            self.train_bn = bool(train_bn)
+        self.freeze = str(parse_freeze(freeze))
+        self.trained_layers = apply_freeze(self.backbone, get_backbone(self.backbone_name), self.freeze, self.train_bn)
+        self.train_function = self.test_function = self.predict_function = None
+        return self.trained_layers
+
     def call(self, images, training=False):
         x = self.preprocess(images)
         x = self.backbone(x, training=training)

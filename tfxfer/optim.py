@@ -2,7 +2,10 @@
 
 import keras
 
-__all__ = ["make_schedule", "make_optimizer", "make_optimizers"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "make_schedule", "make_optimizer", "make_optimizers"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
 
 
 def make_schedule(lr, schedule="constant", total_steps=None, warmup_steps=0):
@@ -35,21 +38,26 @@ def make_optimizer(name, learning_rate, weight_decay=0.0):
 def make_optimizers(config, model, steps_per_epoch):
     """The head optimizer and, when needed, a separate backbone optimizer.
 
-    The backbone gets its own optimizer when `backbone_lr_mult != 1`: a second
-    optimizer, not scaled gradients, because Adam's update is invariant to the
-    gradient's scale. With L2-SP on, the backbone gets no weight decay: the
-    penalty already pulls it, toward its starting point rather than zero.
+    `config` is a `FinetuneConfig`. The backbone gets its own optimizer when
+    `backbone_lr_mult != 1`: a second optimizer, not scaled gradients, because
+    Adam's update is invariant to the gradient's scale. With L2-SP on, the
+    backbone gets no weight decay: the penalty already pulls it, toward its
+    starting point rather than zero. The exclusion names every backbone
+    weight, trainable now or not, so a later change of freeze policy keeps it.
     """
-    total = config.epochs * steps_per_epoch
-    warmup = config.warmup_epochs * steps_per_epoch
-
-    def optimizer(lr, weight_decay):
-        return make_optimizer(config.optimizer, make_schedule(lr, config.schedule, total, warmup), weight_decay)
-
-    head = optimizer(config.lr, config.weight_decay)
-    backbone_decay = 0.0 if config.l2sp else config.weight_decay
-    if config.backbone_lr_mult != 1.0:
-        return head, optimizer(config.lr * config.backbone_lr_mult, backbone_decay)
-    if config.weight_decay and config.l2sp:
-        head.exclude_from_weight_decay(var_list=model.backbone.trainable_weights)
+    optim, transfer = config.optim, config.transfer
+    head = make_optimizer_for(optim, steps_per_epoch)
+    backbone_decay = 0.0 if transfer.l2sp else optim.weight_decay
+    if transfer.backbone_lr_mult != 1.0:
+        return head, make_optimizer_for(optim, steps_per_epoch, optim.lr * transfer.backbone_lr_mult, backbone_decay)
+    if optim.weight_decay and transfer.l2sp:
+        head.exclude_from_weight_decay(var_list=model.backbone.weights)
     return head, None
+
+
+def make_optimizer_for(optim, steps_per_epoch, lr=None, weight_decay=None):
+    """The optimizer and schedule an `OptimConfig` describes (lr, decay overridable)."""
+    total = optim.epochs * steps_per_epoch
+    warmup = optim.warmup_epochs * steps_per_epoch
+    schedule = make_schedule(optim.lr if lr is None else lr, optim.schedule, total, warmup)
+    return make_optimizer(optim.optimizer, schedule, optim.weight_decay if weight_decay is None else weight_decay)

@@ -40,17 +40,15 @@ def _stage(x, filters, name, residual):
 
 
 def resnet9(weights=None, include_top=False, input_shape=(32, 32, 3), width=DEFAULT_WIDTH, name="resnet9"):
-    """The headless ResNet-9 of the given `width`; `weights` is `None` or a weights file."""
+    """The headless ResNet-9 of the given `width`; `weights` must be `None`
+    (`create_backbone` loads weights files)."""
     no_imagenet_weights("resnet9", weights, include_top)
     inputs = keras.Input(input_shape)
     x = _conv_bn(inputs, width, "prep")
     x = _stage(x, 2 * width, "layer1", residual=True)
     x = _stage(x, 4 * width, "layer2", residual=False)
     x = _stage(x, 8 * width, "layer3", residual=True)
-    model = keras.Model(inputs, x, name=name)
-    if weights is not None:
-        model.load_weights(weights)
-    return model
+    return keras.Model(inputs, x, name=name)
 
 
 register_backbone(

@@ -12,7 +12,8 @@ __all__ = ["simplecnn"]
 
 
 def simplecnn(weights=None, include_top=False, input_shape=(32, 32, 3), name="simplecnn"):
-    """The headless network; `weights` is `None` or a weights file."""
+    """The headless network; `weights` must be `None`
+    (`create_backbone` loads weights files)."""
     no_imagenet_weights("simplecnn", weights, include_top)
     inputs = keras.Input(input_shape)
     x = keras.layers.Conv2D(32, 3, activation="relu", name="conv1")(inputs)
@@ -20,10 +21,7 @@ def simplecnn(weights=None, include_top=False, input_shape=(32, 32, 3), name="si
     x = keras.layers.MaxPooling2D(2, name="pool")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(128, activation="relu", name="dense")(x)
-    model = keras.Model(inputs, x, name=name)
-    if weights is not None:
-        model.load_weights(weights)
-    return model
+    return keras.Model(inputs, x, name=name)
 
 
 register_backbone(

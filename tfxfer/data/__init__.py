@@ -72,7 +72,8 @@ def load_dataset(
         max_train_examples: use only this many training examples, for quick
             runs: a seeded sample (the first ones of an unread tfds split,
             which tfds shuffled when it prepared the data).
-        augment: one of `AUGMENTATIONS`, applied to train only.
+        augment: one of `AUGMENTATIONS`, or a function `fn(image, seed)`
+            (see `tfxfer.data.pipeline.build_pipeline`), applied to train only.
         cache: keep decoded images in memory; `None` decides by size.
         classes: names of a subset of classes (list or comma-separated), in
             the order of the new labels; every split keeps only those.
@@ -82,7 +83,7 @@ def load_dataset(
     Returns:
         `(train, val, test, info)`; `test` is `None` when there is no test split.
     """
-    if augment not in AUGMENTATIONS:
+    if not callable(augment) and augment not in AUGMENTATIONS:
         raise did_you_mean(augment, AUGMENTATIONS, "augmentation")
     splits, info = load_splits(
         name, data_dir, image_size, val_fraction, seed, tfds_data_dir, train_split, val_split, test_split,

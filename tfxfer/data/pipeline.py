@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tfxfer.data.images import decode_image, resize_uint8
 
-__all__ = ["AUGMENTATIONS", "build_pipeline"]
+__all__ = ["AUGMENTATIONS", "build_pipeline", "augment_examples", "flip_crop"]
 
 AUTOTUNE = tf.data.AUTOTUNE
 AUGMENTATIONS = ("none", "flip", "flip_crop")
@@ -19,7 +19,11 @@ SHUFFLE_BYTES = 2**30
 
 
 def build_pipeline(split, size, batch_size, training, seed, augment="none", cache=None):
-    """Batched `(uint8 [B, size, size, 3], int32 [B])` from a `Split`."""
+    """Batched `(uint8 [B, size, size, 3], int32 [B])` from a `Split`.
+
+    `augment` (training only) is a name of `AUGMENTATIONS` or a function
+    `fn(image, seed) -> image` (or a tuple of images) given a seed pair per
+    example, as pretext methods need."""
     ds = split.examples()
     image_bytes = size * size * 3
     if cache is None:
@@ -40,23 +44,36 @@ def build_pipeline(split, size, batch_size, training, seed, augment="none", cach
         buffer = split.count if cache else max(1, min(split.count, SHUFFLE_BYTES // image_bytes))
         ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
     if training and augment != "none":
-        ds = _augment(ds, size, seed, crop=augment == "flip_crop")
+        fn = augment if callable(augment) else flip_crop(size, crop=augment == "flip_crop")
+        ds = augment_examples(ds, fn, seed)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
 
-def _augment(ds, size, seed, crop):
-    # Stateless ops with a seeded per-example seed stream: the same seed gives
-    # the same augmentations whatever the parallelism.
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+def augment_examples(ds, fn, seed, rerandomize=True):
+    """`(fn(image, seed pair), label)` for each `(image, label)` of `ds`.
 
-    def augment(example, pair):
+    Stateless ops with a seeded stream of seed pairs: the same seed gives the
+    same augmentations whatever the parallelism; `rerandomize=False` gives the
+    same ones every epoch (fixed validation views)."""
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=rerandomize).batch(2)
+
+    def apply(example, pair):
         image, label = example
+        return fn(image, pair), label
+
+    return tf.data.Dataset.zip((ds, seeds)).map(apply, num_parallel_calls=AUTOTUNE)
+
+
+def flip_crop(size, crop=True):
+    """Random horizontal flip and, with `crop`, pad-and-crop by size/8."""
+
+    def augment(image, pair):
         pair = tf.cast(pair, tf.int32)
         image = tf.image.stateless_random_flip_left_right(image, seed=pair)
         if crop:
             pad = max(size // 8, 1)
             image = tf.image.resize_with_crop_or_pad(image, size + 2 * pad, size + 2 * pad)
             image = tf.image.stateless_random_crop(image, (size, size, 3), seed=pair[::-1])
-        return image, label
+        return image
 
-    return tf.data.Dataset.zip((ds, seeds)).map(augment, num_parallel_calls=AUTOTUNE)
+    return augment

@@ -1,0 +1,129 @@
+import csv
+import os
+
+import keras
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import tfxfer
+from tfxfer import runs
+from tfxfer.cli import main
+from tfxfer.config import FinetuneConfig, load_config, parse_duration
+from tfxfer.data.pipeline import AUGMENTATIONS
+from tfxfer.optim import OPTIMIZERS
+from tests.conftest import write_class_folder
+
+
+@pytest.fixture
+def folder(tmp_path):
+    write_class_folder(str(tmp_path / "data"), classes=("cat", "dog", "owl"), per_class=16)
+    return str(tmp_path / "data")
+
+
+def _config(tmp_path, folder, **overrides):
+    values = dict(data_dir=folder, backbone="tiny", weights="none", image_size=32, epochs=1, batch_size=8, lr=0.01,
+                  output_dir=str(tmp_path / "runs"), run_name="r")
+    return load_config(**{**values, **overrides})
+
+
+def _rows(run_dir):
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_option_has_help_and_choices_come_from_their_module():
+    fields = FinetuneConfig.fields()
+    assert all(field.metadata["help"] for _, field, _ in fields.values())
+    assert fields["optimizer"][1].metadata["choices"] is OPTIMIZERS
+    assert fields["augment"][1].metadata["choices"] is AUGMENTATIONS
+    result = CliRunner().invoke(main, ["finetune", "--help"])
+    for name in fields:
+        assert "--" + name.replace("_", "-") in result.output, name
+    assert "One of: sgd, adam, adamw" in " ".join(result.output.split())
+
+
+def test_grouped_and_flat_yaml_agree_and_the_saved_config_is_grouped(tmp_path, folder):
+    flat, grouped = tmp_path / "flat.yaml", tmp_path / "grouped.yaml"
+    flat.write_text("dataset: digits\nlr: 0.1\nfreeze: head\n")
+    grouped.write_text("data: {dataset: digits}\noptim: {lr: 0.1}\ntransfer: {freeze: head}\n")
+    assert load_config(str(flat)).to_dict() == load_config(str(grouped)).to_dict()
+
+    result = tfxfer.finetune(_config(tmp_path, folder), verbose=0, log=lambda *_: None)
+    saved = yaml.safe_load(open(os.path.join(result.run_dir, "config.yaml")))
+    assert set(saved) == {"data", "model", "transfer", "optim", "run"}
+    assert saved["optim"]["lr"] == 0.01 and saved["model"]["backbone"] == "tiny"
+
+
+def test_yaml_syntax_error_is_one_sentence_with_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("dataset: digits\nlr: [0.1\nepochs: 3\n")
+    with pytest.raises(tfxfer.TfxferError, match=r"line \d+") as info:
+        load_config(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_library_resume_reloads_the_saved_config(tmp_path, folder):
+    tfxfer.finetune(_config(tmp_path, folder, epochs=1, freeze="stages:2", lr=0.05), verbose=0, log=lambda *_: None)
+    keras.backend.clear_session()
+    # Only the run and the new length: the rest comes from the saved config.
+    config = load_config(run_name="r", output_dir=str(tmp_path / "runs"), epochs=2, validate=False)
+    result = tfxfer.finetune(config, resume=True, verbose=0, log=lambda *_: None)
+    assert [row["epoch"] for row in _rows(result.run_dir)] == ["0", "1"]
+    saved = yaml.safe_load(open(os.path.join(result.run_dir, "config.yaml")))
+    assert saved["transfer"]["freeze"] == "stages:2" and saved["optim"]["lr"] == 0.05
+
+
+def test_resume_with_a_conflicting_option_says_so(tmp_path, folder):
+    tfxfer.finetune(_config(tmp_path, folder), verbose=0, log=lambda *_: None)
+    with pytest.raises(tfxfer.TfxferError, match=r"--lr 0.5 \(saved: 0.01\) conflicts"):
+        tfxfer.finetune(_config(tmp_path, folder, lr=0.5, epochs=2), resume=True, verbose=0)
+    cli = CliRunner().invoke(main, ["finetune", "--resume", "--run-name", "r", "--output-dir", str(tmp_path / "runs"), "--freeze", "head"])
+    assert cli.exit_code == 1 and "--freeze head (saved: full) conflicts" in cli.output
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("20m", 1200), ("1.5h", 5400), ("45", 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_bad_duration_is_one_sentence():
+    with pytest.raises(tfxfer.TfxferError, match="write it as 90s, 20m or 1.5h"):
+        parse_duration("twenty minutes")
+
+
+def test_plan_epochs_fits_whole_epochs_in_what_is_left():
+    # 100 steps of 0.1 s and 30 eval batches (a third of a step each): 11 s an epoch.
+    assert runs.plan_epochs(120, 0.1, 100, eval_steps_per_epoch=30) == 10
+    assert runs.plan_epochs(120, 0.1, 100, eval_steps_per_epoch=30, spent_seconds=21) == 9
+    assert runs.plan_epochs(120, 0.2, 100, eval_steps_per_epoch=30) == 5  # a slower step: fewer epochs
+    assert runs.plan_epochs(5, 1.0, 100) == 1  # never zero
+
+
+@pytest.mark.parametrize("step_seconds, epochs", [(120.0, 4), (240.0, 2)])
+def test_time_budget_picks_fewer_epochs_for_a_slower_step(tmp_path, folder, monkeypatch, step_seconds, epochs):
+    # Injected step time: 6 train + 1 eval batches an epoch; a 1 h budget holds
+    # 3600 / (t * 6.33) epochs whatever the start-up took (under 9 minutes).
+    monkeypatch.setattr(runs, "measure_seconds_per_step", lambda model, dataset: step_seconds)
+    lines = []
+    result = tfxfer.finetune(_config(tmp_path, folder, time_budget="1h", epochs=99), verbose=0, log=lines.append)
+    assert len(_rows(result.run_dir)) == epochs
+    saved = yaml.safe_load(open(os.path.join(result.run_dir, "config.yaml")))
+    assert saved["optim"]["epochs"] == epochs and saved["optim"]["time_budget"] == "1h"
+    assert any(f"-> {epochs} epochs" in line for line in lines)
+
+
+def test_measuring_the_step_trains_nothing(tiny_model_factory):
+    import numpy as np
+    import tensorflow as tf
+
+    model = tiny_model_factory(freeze="full")
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy")
+    before = [v.numpy().copy() for v in model.variables]
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8)
+    data = tf.data.Dataset.from_tensor_slices((images, np.arange(16) % 3)).batch(8)
+    seconds = runs.measure_seconds_per_step(model, data, seconds=0.5, max_steps=20)
+    assert seconds > 0
+    for a, b in zip(before, model.variables):
+        np.testing.assert_array_equal(a, b.numpy())
+    assert int(model.optimizer.iterations.numpy()) == 0

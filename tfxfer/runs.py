@@ -1,0 +1,292 @@
+"""Run plumbing shared by `finetune` and `pretrain`.
+
+A run is a folder `<output_dir>/<run_name>/` that is never overwritten silently.
+It holds the resolved `config.yaml` and a `checkpoint/` to resume from, plus what
+each command writes. Here: the folder and its rules, resuming with the saved
+config, seeding, the checkpoint callback, the throughput timer and the time
+budget.
+"""
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import statistics
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+import yaml
+
+from tfxfer.config import config_from_flat, parse_duration
+from tfxfer.errors import TfxferError
+from tfxfer.runtime import onednn_enabled, set_precision
+
+__all__ = [
+    "prepare_run",
+    "started",
+    "load_data",
+    "create_run_dir",
+    "seed_everything",
+    "set_op_determinism",
+    "make_strategy",
+    "RunCheckpoint",
+    "ThroughputTimer",
+    "plan_epochs",
+    "measure_seconds_per_step",
+    "apply_time_budget",
+    "write_json",
+]
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_STATE = "checkpoint/state.json"
+
+
+def prepare_run(config, resume=False, overwrite=False):
+    """`(config, run_dir)` before any work: the run name resolved, the folder
+    checked, and on `resume` the saved config with the allowed changes.
+
+    A resumed run keeps its saved config. An option set explicitly (the
+    config's `explicit`, else any non-default value) that differs from the
+    saved value is a conflict, except where and how long the run goes on.
+    """
+    if not resume:
+        config.validate()
+    config.run.run_name = config.run.run_name or config.default_run_name()
+    run_dir = os.path.join(config.run.output_dir, config.run.run_name)
+    if resume:
+        if not os.path.exists(os.path.join(run_dir, CHECKPOINT_STATE)):
+            raise TfxferError(f"Run folder {run_dir} has no checkpoint to resume from; start it without --resume.")
+        return _resumed_config(config, run_dir), run_dir
+    if os.path.exists(run_dir) and not overwrite:
+        raise TfxferError(
+            f"Run folder {run_dir} already exists; pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --run-name."
+        )
+    return config, run_dir
+
+
+def _resumed_config(config, run_dir):
+    with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+        saved_groups = yaml.safe_load(f)
+    saved = {k: v for group in saved_groups.values() for k, v in group.items()}
+    given = config.flat()
+    explicit = getattr(config, "explicit", None)
+    if explicit is None:
+        defaults = type(config).defaults()
+        explicit = {k for k, v in given.items() if v != defaults[k]}
+    conflicts = [k for k in sorted(explicit) if k not in config.RESUMABLE and given[k] != saved.get(k)]
+    if conflicts:
+        described = ", ".join(f"--{k.replace('_', '-')} {given[k]} (saved: {saved.get(k)})" for k in conflicts)
+        raise TfxferError(
+            f"--resume continues {run_dir} with its saved config, and {described} conflicts with it; "
+            "drop the flag, or start a new run with another --run-name."
+        )
+    merged = {**saved, **{k: given[k] for k in explicit if k in config.RESUMABLE}}
+    return config_from_flat(merged, type(config))
+
+
+@contextlib.contextmanager
+def started(config, log=print):
+    """Seeds, op determinism and the dtype policy for the run; the policy is
+    put back to float32 afterwards, so one run does not leak into the next."""
+    seed_everything(config.run.seed, config.run.deterministic)
+    policy = set_precision(config.run.precision)
+    log(f"precision: {policy}, oneDNN {'on' if onednn_enabled() else 'off'}, "
+        f"op determinism {'on' if config.run.deterministic else 'off'}")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def load_data(config, log=print, augment=None):
+    """`(train, val, test, info, image_size)` for a command config's data group."""
+    from tfxfer.backbones import get_backbone
+    from tfxfer.data import load_dataset
+
+    data = config.data
+    image_size = config.model.image_size or get_backbone(config.model.backbone).default_size
+    train, val, test, info = load_dataset(
+        data.dataset, data.data_dir, image_size=image_size, batch_size=config.optim.batch_size,
+        val_fraction=data.val_fraction, seed=config.run.seed, tfds_data_dir=data.tfds_data_dir,
+        train_split=data.train_split, val_split=data.val_split, test_split=data.test_split,
+        max_train_examples=data.max_train_examples, augment=data.augment if augment is None else augment,
+        classes=data.classes, labels_per_class=data.labels_per_class,
+    )
+    counts = ", ".join(f"{k} {v}" for k, v in info.num_examples.items())
+    log(f"data: {info.name}, {info.num_classes} classes, {counts} images at {image_size}px")
+    if info.skipped_files:
+        log(f"skipped {len(info.skipped_files)} unreadable files (listed in metrics.json)")
+    return train, val, test, info, image_size
+
+
+def create_run_dir(run_dir, config):
+    """A fresh run folder holding the resolved config; made once data and model load."""
+    if os.path.exists(run_dir):
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir)
+    save_config(run_dir, config)
+
+
+def save_config(run_dir, config):
+    path = os.path.join(run_dir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, data):
+    """Write `data` as JSON, atomically: never a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def seed_everything(seed, deterministic=False):
+    """Seed Python, NumPy and TensorFlow; set TF op determinism either way."""
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)
+    set_op_determinism(deterministic)
+
+
+def set_op_determinism(enabled):
+    """Turn TF op determinism on or off. It is process-wide, so set it both ways:
+    one run must not leak into the next (Keras also turns XLA off while it is on)."""
+    # The "off" switch has no public name; Keras reads the same private module.
+    from tensorflow.python.framework import config as tf_config
+
+    if enabled:
+        tf_config.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()
+
+
+def make_strategy(distribute):
+    return tf.distribute.MirroredStrategy() if distribute == "mirrored" else tf.distribute.get_strategy()
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """After each epoch: keep the best on `monitor`, then save `trackables`
+    (model, optimizers) and progress, so an interrupted run can resume.
+
+    Args:
+        run_dir: the run folder.
+        trackables: `{name: object}` for `tf.train.Checkpoint`.
+        save_best: called with a path when `monitor` improves; it writes
+            the best weights there (`best_path`).
+        monitor: a key of the epoch's logs; missing, every epoch is the best.
+        mode: `"max"` or `"min"`.
+    """
+
+    def __init__(self, run_dir, trackables, save_best, best_path, monitor="val_accuracy", mode="max"):
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
+        self.run_dir, self.save_best, self.best_path = run_dir, save_best, best_path
+        self.monitor, self.mode = monitor, mode
+        self.state_path = os.path.join(run_dir, CHECKPOINT_STATE)
+        self.best_value, self.best_epoch = None, None
+        self._checkpoint = tf.train.Checkpoint(**trackables)
+
+    def restore(self):
+        """Load the last checkpoint; return the number of epochs already done."""
+        with open(self.state_path) as f:
+            state = json.load(f)
+        self._checkpoint.read(state["checkpoint"]).assert_existing_objects_matched()
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        return state["epoch"]
+
+    def _improved(self, value):
+        if value is None or self.best_value is None:
+            return True
+        return value > self.best_value if self.mode == "max" else value < self.best_value
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        value = None if value is None else float(value)
+        if self._improved(value):
+            self.best_value, self.best_epoch = value, epoch + 1
+            self.save_best(self.best_path)
+        path = self._checkpoint.write(os.path.join(self.run_dir, "checkpoint", "last"))
+        write_json(self.state_path, {
+            "epoch": epoch + 1, "checkpoint": path, "monitor": self.monitor,
+            "best_value": self.best_value, "best_epoch": self.best_epoch,
+        })
+
+
+class ThroughputTimer(keras.callbacks.Callback):
+    """Training images per second of the last epoch, without validation and
+    without the epoch's first step (which includes tracing and warm-up)."""
+
+    def __init__(self, images_per_epoch, batch_size):
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+        self.batch_size = batch_size
+        self.images_per_second = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = self._end = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0:
+            self._start = time.perf_counter()
+        else:
+            self._end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._end is not None:
+            timed_images = self.images_per_epoch - self.batch_size
+            self.images_per_second = round(timed_images / (self._end - self._start), 1)
+
+
+# Evaluating a batch costs about a third of a training step (forward only).
+EVAL_STEP_SHARE = 1 / 3
+
+
+def plan_epochs(budget_seconds, seconds_per_step, steps_per_epoch, eval_steps_per_epoch=0, spent_seconds=0.0):
+    """How many whole epochs fit in what is left of the budget (at least 1)."""
+    per_epoch = seconds_per_step * (steps_per_epoch + EVAL_STEP_SHARE * eval_steps_per_epoch)
+    return max(1, int((budget_seconds - spent_seconds) // per_epoch))
+
+
+def measure_seconds_per_step(model, dataset, seconds=30.0, max_steps=500):
+    """The median time of a training step, over about `seconds` of real steps
+    after one warm-up step. The model's and its optimizers' variables are put
+    back afterwards, so the measurement trains nothing."""
+    optimizers = [o for o in (model.optimizer, getattr(model, "backbone_optimizer", None)) if o is not None]
+    for optimizer in optimizers:
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+    variables = list(model.variables) + [v for o in optimizers for v in o.variables]
+    saved = [v.numpy() for v in variables]
+    ends = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            ends.append(time.perf_counter())
+            if len(ends) > 2 and ends[-1] - ends[1] > seconds:
+                self.model.stop_training = True
+
+    model.fit(dataset.repeat(), steps_per_epoch=max_steps, epochs=1, callbacks=[Clock()], verbose=0)
+    for variable, value in zip(variables, saved):
+        variable.assign(value)
+    return statistics.median(np.diff(ends[1:])) if len(ends) > 2 else ends[-1] - ends[0]
+
+
+def apply_time_budget(config, model, train, steps_per_epoch, eval_steps_per_epoch, started, log=print):
+    """With `--time-budget`: measure the step, fix the epochs that fit, save the
+    choice in `config` (whose schedule must then be built). Returns the epochs."""
+    budget = parse_duration(config.optim.time_budget)
+    seconds_per_step = measure_seconds_per_step(model, train)
+    spent = time.time() - started
+    epochs = plan_epochs(budget, seconds_per_step, steps_per_epoch, eval_steps_per_epoch, spent)
+    log(
+        f"time budget {config.optim.time_budget}: {seconds_per_step:.3f} s a step, {steps_per_epoch} steps an epoch, "
+        f"{spent:.0f} s spent on start-up and measuring -> {epochs} epochs"
+    )
+    config.optim.epochs = epochs
+    return epochs
