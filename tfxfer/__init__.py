@@ -11,7 +11,7 @@ from tfxfer import runtime as _runtime  # noqa: E402
 _runtime.enable_onednn()
 
 from tfxfer.backbones import BackboneSpec, create_backbone, get_backbone, list_backbones, register_backbone  # noqa: E402
-from tfxfer.config import FinetuneConfig, load_config  # noqa: E402
+from tfxfer.config import FinetuneConfig, PretrainConfig, load_config  # noqa: E402
 from tfxfer.data import DatasetInfo, load_dataset  # noqa: E402
 from tfxfer.errors import TfxferError  # noqa: E402
 from tfxfer.evaluation import classification_report  # noqa: E402
@@ -19,6 +19,7 @@ from tfxfer.export import export_saved_model  # noqa: E402
 from tfxfer.freezing import apply_freeze, parse_freeze  # noqa: E402
 from tfxfer.model import TransferModel, build_model  # noqa: E402
 from tfxfer.penalties import L2SP  # noqa: E402
+from tfxfer.pretraining import pretrain  # noqa: E402
 from tfxfer.training import finetune  # noqa: E402
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "DatasetInfo",
     "FinetuneConfig",
     "L2SP",
+    "PretrainConfig",
     "TfxferError",
     "TransferModel",
     "apply_freeze",
@@ -41,5 +43,6 @@ __all__ = [
     "load_config",
     "load_dataset",
     "parse_freeze",
+    "pretrain",
     "register_backbone",
 ]

@@ -1,12 +1,13 @@
 """The `tfxfer` command: a thin layer that builds a config and calls the library."""
 
 import functools
+import importlib
 import json
 import os
 
 import click
 
-from tfxfer.config import FinetuneConfig, load_config
+from tfxfer.config import FinetuneConfig, PretrainConfig, load_config
 from tfxfer.errors import TfxferError
 
 def config_options(kind, names=None):
@@ -61,30 +62,35 @@ def main():
     """Transfer learning of image classifiers with TensorFlow/Keras."""
 
 
-@main.command()
-@click.option("--config", "config_path", type=click.Path(), help="YAML config file; flags override it.")
-@config_options(FinetuneConfig)
-@click.option("--resume", is_flag=True, help="Continue the interrupted run --run-name from its checkpoint, with its saved config.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run folder of the same name.")
-@_friendly
-def finetune(config_path, resume, overwrite, **flags):
-    """Fine-tune a backbone on a dataset and export a SavedModel."""
-    from tfxfer.training import finetune as run
+def _run_command(name, kind, engine, summary):
+    """A `tfxfer NAME` command: options generated from `kind`, then the library's
+    `engine(config, resume=, overwrite=)` (imported when the command runs)."""
 
-    config = load_config(config_path, FinetuneConfig, validate=not resume, **flags)
-    _interruptible(run, config, resume=resume, overwrite=overwrite)
+    @click.option("--config", "config_path", type=click.Path(), help="YAML config file; flags override it.")
+    @config_options(kind)
+    @click.option("--resume", is_flag=True, help="Continue the interrupted run --run-name from its checkpoint, with its saved config.")
+    @click.option("--overwrite", is_flag=True, help="Replace an existing run folder of the same name.")
+    @_friendly
+    def command(config_path, resume, overwrite, **flags):
+        module, function = engine.rsplit(".", 1)
+        run = getattr(importlib.import_module(module), function)
+        config = load_config(config_path, kind, validate=not resume, **flags)
+        try:
+            run(config, resume=resume, overwrite=overwrite)
+        except KeyboardInterrupt:
+            run_name = config.run.run_name or config.default_run_name()
+            raise click.ClickException(
+                f"Interrupted; continue with: tfxfer {name} --resume --run-name {run_name} --output-dir {config.run.output_dir}"
+            ) from None
+
+    command.__doc__ = summary
+    return main.command(name)(command)
 
 
-def _interruptible(run, config, **kwargs):
-    """Run; after Ctrl-C, print the command that resumes the run."""
-    try:
-        run(config, **kwargs)
-    except KeyboardInterrupt:
-        name = config.run.run_name or config.default_run_name()
-        command = click.get_current_context().info_name
-        raise click.ClickException(
-            f"Interrupted; continue with: tfxfer {command} --resume --run-name {name} --output-dir {config.run.output_dir}"
-        ) from None
+finetune = _run_command("finetune", FinetuneConfig, "tfxfer.training.finetune",
+                        "Fine-tune a backbone on a dataset and export a SavedModel.")
+pretrain = _run_command("pretrain", PretrainConfig, "tfxfer.pretraining.pretrain",
+                        "Pretrain a backbone (supervised, simclr or autoencoder) for `finetune --weights RUN`.")
 
 
 @main.command()

@@ -191,6 +191,34 @@ class CommandConfig:
                 out[f.name] = (group.name, f, _plain_type(hints[f.name]))
         return out
 
+    def explicit_options(self):
+        """The options the user set: from `load_config`, else any non-default value."""
+        explicit = getattr(self, "explicit", None)
+        if explicit is not None:
+            return set(explicit)
+        defaults = type(self).defaults()
+        return {k for k, v in self.flat().items() if v != defaults[k]}
+
+    def use_pretrained_spec(self):
+        """With `--weights RUN_FOLDER`: the backbone and image size from its
+        `backbone.json`, unless set to the same; a different value fails."""
+        from tfxfer.backbones.pretrained import find_pretrained
+
+        found = find_pretrained(self.model.weights)
+        if not found:
+            return None
+        _, spec = found
+        explicit = self.explicit_options()
+        for key in ("backbone", "image_size"):
+            value = getattr(self.model, key)
+            if key in explicit and value is not None and value != spec[key]:
+                raise TfxferError(
+                    f"--{key.replace('_', '-')} {value} conflicts with --weights {self.model.weights}, a "
+                    f"{spec['backbone']} backbone pretrained at {spec['image_size']} px; drop --{key.replace('_', '-')}."
+                )
+            setattr(self.model, key, spec[key])
+        return spec
+
     @classmethod
     def defaults(cls):
         """`{option: default}`: a command may change a group's defaults."""

@@ -54,6 +54,7 @@ def prepare_run(config, resume=False, overwrite=False):
     """
     if not resume:
         config.validate()
+        config.use_pretrained_spec()
     config.run.run_name = config.run.run_name or config.default_run_name()
     run_dir = os.path.join(config.run.output_dir, config.run.run_name)
     if resume:
@@ -73,10 +74,7 @@ def _resumed_config(config, run_dir):
         saved_groups = yaml.safe_load(f)
     saved = {k: v for group in saved_groups.values() for k, v in group.items()}
     given = config.flat()
-    explicit = getattr(config, "explicit", None)
-    if explicit is None:
-        defaults = type(config).defaults()
-        explicit = {k for k, v in given.items() if v != defaults[k]}
+    explicit = config.explicit_options()
     conflicts = [k for k in sorted(explicit) if k not in config.RESUMABLE and given[k] != saved.get(k)]
     if conflicts:
         described = ", ".join(f"--{k.replace('_', '-')} {given[k]} (saved: {saved.get(k)})" for k in conflicts)

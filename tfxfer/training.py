@@ -23,7 +23,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfxfer import runs
+from tfxfer.backbones.pretrained import backbone_spec, save_backbone
 from tfxfer.config import FinetuneConfig
+from tfxfer.errors import TfxferError
 from tfxfer.evaluation import classification_report, format_report
 from tfxfer.export import export_saved_model, next_version_dir
 from tfxfer.model import build_model
@@ -59,6 +61,8 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
 
 def _run(config, run_dir, resume, callbacks, verbose, log, started):
     train, val, test, info, image_size = runs.load_data(config, log)
+    if info.num_classes < 2:
+        raise TfxferError(f"{info.name} has a single class ({info.class_names[0]}); a classifier needs at least two.")
     strategy = runs.make_strategy(config.run.distribute)
     steps_per_epoch = -(-info.num_examples["train"] // config.optim.batch_size)
     with strategy.scope():
@@ -127,6 +131,11 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         metrics["test"] = classification_report(*predict_dataset(model.predict, test), info.class_names)
         log(format_report(metrics["test"], "test"))
     model.save(os.path.join(run_dir, "model.keras"))
+    settings = {"freeze": config.transfer.freeze, "l2sp": config.transfer.l2sp, "train_bn": config.transfer.train_bn}
+    spec_metrics = {"val_accuracy": metrics["val"]["accuracy"], "best_epoch": checkpoint.best_epoch}
+    if test is not None:
+        spec_metrics["test_accuracy"] = metrics["test"]["accuracy"]
+    save_backbone(run_dir, model.backbone, backbone_spec(config, info, image_size, settings, spec_metrics))
     export_dir = export_saved_model(model, next_version_dir(os.path.join(run_dir, "export")), info.class_names)
     metrics["export_dir"] = export_dir
     metrics["export_max_abs_diff"] = _round_trip(model, export_dir, test if test is not None else val)

@@ -16,6 +16,8 @@ from tfxfer.errors import TfxferError, did_you_mean, is_network_failure
 
 __all__ = [
     "BackboneSpec",
+    "scale_unit",
+    "scale_symmetric",
     "no_imagenet_weights",
     "register_backbone",
     "list_backbones",
@@ -81,8 +83,9 @@ def create_backbone(name, weights="imagenet", image_size=None):
 
     Args:
         name: a registered backbone name.
-        weights: `"imagenet"`, `None`/`"none"` for random init, or the path of a
-            weights file for the headless backbone.
+        weights: `"imagenet"`, `None`/`"none"` for random init, the path of a
+            weights file for the headless backbone, or a tfxfer run folder
+            (see `tfxfer.backbones.pretrained`).
         image_size: square input size; defaults to the spec's.
 
     Returns:
@@ -105,6 +108,16 @@ def create_backbone(name, weights="imagenet", image_size=None):
                 f"put the weights file in {KERAS_CACHE} or pass --weights PATH "
                 "with a local weights file, or --weights none."
             ) from None
+    from tfxfer.backbones.pretrained import find_pretrained
+
+    found = find_pretrained(weights)
+    if found:
+        weights, pretrained = found
+        if pretrained["backbone"] != name or int(pretrained["image_size"]) != size:
+            raise TfxferError(
+                f"{weights!r} holds a {pretrained['backbone']} backbone at {pretrained['image_size']} px, "
+                f"not {name} at {size} px; use --backbone {pretrained['backbone']} --image-size {pretrained['image_size']}."
+            )
     if not os.path.isfile(weights):
         raise TfxferError(
             f"Weights file {weights!r} does not exist; pass --weights imagenet, "
@@ -131,6 +144,16 @@ def layer_stages(backbone, spec):
         stages[layer.name] = current
     return stages
 
+
+
+def scale_unit(x):
+    """0-255 pixels to [0, 1]."""
+    return x / 255.0
+
+
+def scale_symmetric(x):
+    """0-255 pixels to [-1, 1]."""
+    return x / 127.5 - 1.0
 
 
 def no_imagenet_weights(name, weights, include_top=False):

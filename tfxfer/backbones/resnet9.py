@@ -16,7 +16,7 @@ rates. SimCLR's two views halve them again. The default is 24 (24-192).
 
 import keras
 
-from tfxfer.backbones.registry import BackboneSpec, no_imagenet_weights, register_backbone
+from tfxfer.backbones.registry import BackboneSpec, no_imagenet_weights, register_backbone, scale_symmetric
 
 __all__ = ["resnet9", "DEFAULT_WIDTH"]
 
@@ -55,7 +55,7 @@ register_backbone(
     BackboneSpec(
         "resnet9",
         resnet9,
-        lambda x: x / 127.5 - 1.0,
+        scale_symmetric,
         32,
         ("prep", "layer1", "layer2", "layer3"),
         lambda layer: layer.split("_")[0] if layer.startswith(("prep", "layer")) else None,

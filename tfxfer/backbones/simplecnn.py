@@ -6,7 +6,7 @@ the old output layer, as in the example. For 28-32 px images.
 
 import keras
 
-from tfxfer.backbones.registry import BackboneSpec, no_imagenet_weights, register_backbone
+from tfxfer.backbones.registry import BackboneSpec, no_imagenet_weights, register_backbone, scale_unit
 
 __all__ = ["simplecnn"]
 
@@ -28,7 +28,7 @@ register_backbone(
     BackboneSpec(
         "simplecnn",
         simplecnn,
-        lambda x: x / 255.0,
+        scale_unit,
         32,
         ("conv1", "conv2", "dense"),
         lambda layer: {"conv1": "conv1", "conv2": "conv2", "dense": "dense"}.get(layer),

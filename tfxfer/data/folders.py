@@ -13,6 +13,7 @@ from tfxfer.errors import TfxferError
 __all__ = ["image_folder"]
 
 VAL_FOLDERS = ("val", "validation")
+UNLABELLED = "unlabelled"
 
 
 def image_folder(data_dir):
@@ -22,6 +23,13 @@ def image_folder(data_dir):
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         train_dir = data_dir
+    if _is_flat(train_dir):
+        # Unlabelled images (for simclr and autoencoder pretraining): one class.
+        skipped = []
+        split = _scan_files([(train_dir, 0)], skipped, recurse=False)
+        if not split.count:
+            raise TfxferError(f"No readable images in {train_dir!r}.")
+        return {"train": split}, [UNLABELLED], skipped
     class_names = _class_folders(train_dir)
     val_dir = next((os.path.join(data_dir, v) for v in VAL_FOLDERS if os.path.isdir(os.path.join(data_dir, v))), None)
     test_dir = os.path.join(data_dir, "test") if train_dir != data_dir else None
@@ -49,13 +57,24 @@ def _scan(folder, class_names, skipped):
     unknown = sorted(set(_class_folders(folder)) - set(class_names))
     if unknown:
         raise TfxferError(f"{folder!r} has class folders that train/ lacks: {', '.join(unknown)}.")
+    folders = [(os.path.join(folder, name), label) for label, name in enumerate(class_names)]
+    return _scan_files([(d, label) for d, label in folders if os.path.isdir(d)], skipped)
+
+
+def _is_flat(folder):
+    """Images directly in `folder`, no class sub-folders."""
+    entries = [e for e in os.listdir(folder) if not e.startswith(".")]
+    return bool(entries) and not any(os.path.isdir(os.path.join(folder, e)) for e in entries)
+
+
+def _scan_files(labelled_dirs, skipped, recurse=True):
+    """The decodable images in `(folder, label)` pairs as a `Split`; bad files go to `skipped`."""
     paths, labels = [], []
-    for label, name in enumerate(class_names):
-        class_dir = os.path.join(folder, name)
-        if not os.path.isdir(class_dir):
-            continue
+    for class_dir, label in labelled_dirs:
         for root, dirs, files in os.walk(class_dir):
             dirs.sort()
+            if not recurse:
+                dirs.clear()
             for f in sorted(files):
                 if not f.startswith("."):
                     paths.append(os.path.join(root, f))

@@ -49,7 +49,7 @@ class Autoencoder(PretextModel):
             layers += [
                 keras.layers.UpSampling2D(2, name=f"decoder_up{i + 1}"),
                 keras.layers.Conv2D(channels, 3, padding="same", use_bias=False, name=f"decoder_conv{i + 1}"),
-                keras.layers.BatchNormalization(name=f"decoder_bn{i + 1}"),
+                keras.layers.BatchNormalization(momentum=0.9, name=f"decoder_bn{i + 1}"),
                 keras.layers.ReLU(name=f"decoder_relu{i + 1}"),
             ]
         layers += [
@@ -59,6 +59,7 @@ class Autoencoder(PretextModel):
         self.decoder = keras.Sequential(layers, name="decoder")
         self.decoder.build(self.backbone.output.shape)
         self.loss_tracker = keras.metrics.Mean(name="loss")
+        self._build_by_calling()
 
     @property
     def metrics(self):
@@ -69,7 +70,7 @@ class Autoencoder(PretextModel):
         return self.decoder(self.backbone(self.preprocess(images), training=training), training=training)
 
     def _loss(self, data, training):
-        inputs, clean = data
+        (inputs, clean), _ = data
         target = tf.cast(clean, tf.float32) / 255.0
         return tf.reduce_mean(tf.square(tf.cast(self(inputs, training=training), tf.float32) - target))
 

@@ -40,6 +40,13 @@ class PretextModel(keras.Model):
         self.pool = keras.layers.GlobalAveragePooling2D(name="pool") if rank == 4 else keras.layers.Identity(name="pool")
         self.features_dim = int(self.backbone.output.shape[-1])
 
+    def _build_by_calling(self):
+        """Build every layer with one call on a blank batch: Keras would otherwise
+        build the model by calling it on the data's inputs, which for a pretext
+        model are tuples (two views; input and target)."""
+        self(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))
+        self.built = True
+
     def features(self, images, training=False):
         return self.pool(self.backbone(self.preprocess(images), training=training))
 

@@ -63,10 +63,11 @@ def simclr_views(image, seed):
 
 
 def _view(image, seed):
-    size = tf.shape(image)[:2]
+    shape = tf.shape(image)
+    size = shape[:2]
     s = tf.random.experimental.stateless_split(seed, num=8)
     begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
-        size, tf.zeros([1, 0, 4]), seed=s[0], min_object_covered=0.0,
+        shape, tf.zeros([1, 0, 4]), seed=s[0], min_object_covered=0.0,
         aspect_ratio_range=CROP_RATIO, area_range=CROP_SCALE, use_image_if_no_bounding_boxes=True,
     )
     crop = tf.slice(image, begin, extent)
@@ -102,7 +103,7 @@ class SimCLR(PretextModel):
         self.projection = keras.Sequential(
             [
                 keras.layers.Dense(width, use_bias=False, name="projection_dense1"),
-                keras.layers.BatchNormalization(name="projection_bn"),
+                keras.layers.BatchNormalization(momentum=0.9, name="projection_bn"),
                 keras.layers.ReLU(name="projection_relu"),
                 keras.layers.Dense(self.projection_dim, dtype="float32", name="projection_dense2"),
             ],
@@ -112,6 +113,7 @@ class SimCLR(PretextModel):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.Mean(name="contrastive_accuracy")
         self.std_tracker = keras.metrics.Mean(name="embedding_std")
+        self._build_by_calling()
 
     @property
     def metrics(self):

@@ -1,0 +1,138 @@
+import csv
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import tfxfer
+from tfxfer import runs
+from tfxfer.backbones.pretrained import find_pretrained
+from tfxfer.cli import main
+from tfxfer.config import PretrainConfig, load_config
+from tests.conftest import write_class_folder
+
+QUIET = {"verbose": 0, "log": lambda *_: None}
+
+
+@pytest.fixture
+def source(tmp_path):
+    write_class_folder(str(tmp_path / "source"), classes=("ant", "bee", "cat", "dog"), per_class=12)
+    return str(tmp_path / "source")
+
+
+def _pretrain_config(tmp_path, source, **overrides):
+    values = dict(data_dir=source, backbone="simplecnn", epochs=2, batch_size=8, output_dir=str(tmp_path / "runs"))
+    return load_config(kind=PretrainConfig, **{**values, **overrides})
+
+
+def _rows(run_dir):
+    with open(os.path.join(run_dir, "history.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_supervised_pretrain_hands_its_backbone_to_finetune(tmp_path, source):
+    result = tfxfer.pretrain(_pretrain_config(tmp_path, source, classes="ant,bee,cat"), **QUIET)
+    assert result.run_dir.endswith("source-simplecnn-supervised")
+    saved = {w.path: w.numpy() for w in result.model.backbone.weights}
+    spec = json.load(open(os.path.join(result.run_dir, "backbone.json")))
+    assert spec["backbone"] == "simplecnn" and spec["image_size"] == 32 and spec["method"] == "supervised"
+    assert spec["source"]["classes"] == ["ant", "bee", "cat"] and spec["source"]["num_images"]["train"] > 0
+    assert spec["preprocessing"].endswith("scale_unit") and spec["metrics"]["monitor"] == "val_accuracy"
+    assert len(_rows(result.run_dir)) == 2
+
+    keras.backend.clear_session()
+    # No --backbone, no --image-size: both come from backbone.json.
+    config = load_config(data_dir=source, classes="dog,bee", weights=result.run_dir, l2sp=0.1, epochs=1,
+                         batch_size=8, output_dir=str(tmp_path / "runs"), run_name="target")
+    model = tfxfer.build_model("simplecnn", num_classes=2, weights=result.run_dir, image_size=32, l2sp=0.1)
+    for w in model.backbone.weights:
+        np.testing.assert_array_equal(w.numpy(), saved[w.path])  # exactly the saved weights
+    assert float(model.penalty.starting_point()) == 0.0  # the anchors are the pretrained weights
+    finetuned = tfxfer.finetune(config, **QUIET)
+    assert finetuned.model.backbone_name == "simplecnn" and finetuned.model.image_size == 32
+
+
+def test_weights_file_beside_its_spec_and_finetune_runs_are_accepted(tmp_path, source):
+    pretrained = tfxfer.pretrain(_pretrain_config(tmp_path, source, epochs=1), **QUIET)
+    weights_file, spec = find_pretrained(os.path.join(pretrained.run_dir, "backbone.weights.h5"))
+    assert spec == json.load(open(os.path.join(pretrained.run_dir, "backbone.json")))
+    keras.backend.clear_session()
+    first = tfxfer.finetune(load_config(data_dir=source, weights=weights_file, epochs=1, batch_size=8,
+                                        output_dir=str(tmp_path / "runs"), run_name="first"), **QUIET)
+    keras.backend.clear_session()
+    # A finetune run folder is a backbone too: its head is dropped.
+    second = tfxfer.finetune(load_config(data_dir=source, classes="ant,bee", weights=first.run_dir, epochs=1,
+                                         batch_size=8, output_dir=str(tmp_path / "runs"), run_name="second"), **QUIET)
+    assert second.model.num_classes == 2
+    start = tfxfer.build_model("simplecnn", num_classes=2, weights=first.run_dir, image_size=32)
+    for a, b in zip(first.model.backbone.weights, start.backbone.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_conflicting_backbone_or_size_is_one_sentence(tmp_path, source):
+    pretrained = tfxfer.pretrain(_pretrain_config(tmp_path, source, epochs=1), **QUIET)
+    for flag, value in (("backbone", "resnet9"), ("image_size", 40)):
+        config = load_config(data_dir=source, weights=pretrained.run_dir, output_dir=str(tmp_path / "runs"), **{flag: value})
+        with pytest.raises(tfxfer.TfxferError, match=f"--{flag.replace('_', '-')} {value} conflicts with --weights"):
+            tfxfer.finetune(config, **QUIET)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("method", ["supervised", "simclr", "autoencoder"])
+def test_killed_pretrain_resumes(tmp_path, source, method):
+    config = _pretrain_config(tmp_path, source, method=method, epochs=3, run_name="p")
+    with pytest.raises(KeyboardInterrupt):
+        tfxfer.pretrain(config, callbacks=[_Interrupt()], **QUIET)
+    run_dir = os.path.join(str(tmp_path / "runs"), "p")
+    assert not os.path.exists(os.path.join(run_dir, "backbone.weights.h5"))  # nothing half-finished to trust
+    keras.backend.clear_session()
+    resumed = load_config(kind=PretrainConfig, run_name="p", output_dir=str(tmp_path / "runs"), validate=False)
+    lines = []
+    result = tfxfer.pretrain(resumed, resume=True, verbose=0, log=lines.append)
+    assert "resuming p after epoch 1" in lines
+    assert [row["epoch"] for row in _rows(run_dir)] == ["0", "1", "2"]
+    assert os.path.exists(result.weights)
+    if method == "autoencoder":
+        assert sorted(os.listdir(os.path.join(run_dir, "reconstructions"))) == [f"epoch_00{i}.png" for i in (1, 2, 3)]
+    if method == "simclr":
+        assert "val_knn_accuracy" in _rows(run_dir)[-1] and "embedding_std" in _rows(run_dir)[-1]
+
+
+def test_unlabelled_flat_folder_works_for_simclr_only(tmp_path):
+    write_class_folder(str(tmp_path / "tmp"), classes=("x",), per_class=16)
+    flat = tmp_path / "flat"
+    os.rename(tmp_path / "tmp" / "x", flat)
+    config = lambda method: load_config(kind=PretrainConfig, data_dir=str(flat), backbone="simplecnn", method=method,  # noqa: E731
+                                        epochs=1, batch_size=8, output_dir=str(tmp_path / "runs"), run_name=method)
+    result = tfxfer.pretrain(config("simclr"), **QUIET)
+    assert result.spec["source"]["classes"] == ["unlabelled"] and result.spec["metrics"]["monitor"] == "loss"
+    with pytest.raises(tfxfer.TfxferError, match="trains on labels"):
+        tfxfer.pretrain(config("supervised"), **QUIET)
+
+
+def test_time_budget_picks_fewer_pretrain_epochs_on_a_slower_step(tmp_path, source, monkeypatch):
+    picked = {}
+    for seconds in (60.0, 240.0):
+        monkeypatch.setattr(runs, "measure_seconds_per_step", lambda model, dataset, s=seconds: s)
+        config = _pretrain_config(tmp_path, source, time_budget="2h", run_name=f"b{int(seconds)}")
+        picked[seconds] = len(_rows(tfxfer.pretrain(config, **QUIET).run_dir))
+        keras.backend.clear_session()
+    # 44 train images (6 batches of 8) + 1 eval batch an epoch: 7200 / (60 * 6.33) = 18.9
+    # epochs, 7200 / (240 * 6.33) = 4.7, whatever the start-up took (under a minute).
+    assert picked == {60.0: 18, 240.0: 4}
+
+
+def test_pretrain_cli(tmp_path, source):
+    result = CliRunner().invoke(main, ["pretrain", "--data-dir", source, "--backbone", "simplecnn", "--method", "simclr",
+                                       "--epochs", "1", "--batch-size", "8", "--output-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    assert "fine-tune it with: tfxfer finetune --weights" in result.output
+    bad = CliRunner().invoke(main, ["pretrain", "--data-dir", source, "--method", "simclear"])
+    assert bad.exit_code == 1 and "did you mean 'simclr'" in bad.output

@@ -1,0 +1,88 @@
+"""Pretrained backbones that tfxfer runs leave behind, and how `finetune` finds them.
+
+Every `pretrain` and `finetune` run folder holds:
+
+    backbone.weights.h5   the headless backbone (no projection head, decoder or classifier)
+    backbone.json         its spec: backbone name, image size, preprocessing,
+                          how it was trained, on what data, with what result
+
+`--weights RUN_FOLDER` (or the `.h5` file beside its `backbone.json`) starts a
+backbone from them; the backbone name and image size default from the spec.
+"""
+
+import json
+import os
+
+from tfxfer.errors import TfxferError
+
+__all__ = ["WEIGHTS_FILE", "SPEC_FILE", "backbone_spec", "save_backbone", "read_spec", "find_pretrained"]
+
+WEIGHTS_FILE = "backbone.weights.h5"
+SPEC_FILE = "backbone.json"
+
+
+def save_backbone(run_dir, backbone, spec):
+    """Write `backbone`'s weights and `spec` (a dict) into `run_dir`, atomically."""
+    weights = os.path.join(run_dir, WEIGHTS_FILE)
+    backbone.save_weights(weights + ".tmp.weights.h5")
+    os.replace(weights + ".tmp.weights.h5", weights)
+    path = os.path.join(run_dir, SPEC_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(spec, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return weights
+
+
+def find_pretrained(weights):
+    """`(weights file, spec dict)` when `weights` names a run folder or a
+    `backbone.weights.h5` beside its spec; `None` for anything else."""
+    if not isinstance(weights, str) or weights in ("imagenet", "none"):
+        return None
+    if os.path.isdir(weights):
+        folder = weights
+        if not os.path.exists(os.path.join(folder, SPEC_FILE)):
+            raise TfxferError(
+                f"{weights!r} is a folder without {SPEC_FILE}; pass the folder of a `tfxfer pretrain` or "
+                "`tfxfer finetune` run, or a weights file."
+            )
+    elif os.path.basename(weights) == WEIGHTS_FILE and os.path.exists(os.path.join(os.path.dirname(weights), SPEC_FILE)):
+        folder = os.path.dirname(weights)
+    else:
+        return None
+    return os.path.join(folder, WEIGHTS_FILE), read_spec(folder)
+
+
+def read_spec(folder):
+    path = os.path.join(folder, SPEC_FILE)
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TfxferError(f"Cannot read {path} ({e}); the run folder is damaged or incomplete.") from None
+    if not os.path.exists(os.path.join(folder, WEIGHTS_FILE)):
+        raise TfxferError(f"{folder} has {SPEC_FILE} but no {WEIGHTS_FILE}; the run did not finish.")
+    return spec
+
+
+def backbone_spec(config, info, image_size, settings, metrics):
+    """The `backbone.json` of a run: what the backbone is and how it was made."""
+    from tfxfer.backbones.registry import get_backbone
+
+    spec = get_backbone(config.model.backbone)
+    return {
+        "backbone": config.model.backbone,
+        "image_size": int(image_size),
+        "preprocessing": f"{spec.preprocess.__module__}.{spec.preprocess.__qualname__}",
+        "method": getattr(getattr(config, "pretext", None), "method", "finetune"),
+        "settings": settings,
+        "started_from": config.model.weights,
+        "source": {
+            "data": info.name,
+            "classes": info.class_names,
+            "num_images": info.num_examples,
+            "classes_selected": info.classes,
+            "labels_per_class": info.labels_per_class,
+            "seed": config.run.seed,
+        },
+        "metrics": metrics,
+    }

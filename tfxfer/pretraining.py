@@ -1,0 +1,113 @@
+"""`pretrain`: train a backbone on a source dataset with a pretext task.
+
+A pretrain run folder `saved_models/<run>/` holds:
+
+    backbone.weights.h5  the headless backbone of the best epoch (no projection
+                         head, decoder or classifier): `finetune --weights <run>`
+    backbone.json        its spec: name, image size, preprocessing, method and
+                         settings, the source data, the pretext metrics
+    config.yaml          the resolved config
+    history.csv          per-epoch pretext metrics
+    checkpoint/          for --resume
+    reconstructions/     (autoencoder) a PNG of inputs over reconstructions per epoch
+
+The methods live in `tfxfer.pretext`; the run plumbing is `tfxfer.runs`.
+"""
+
+import dataclasses
+import os
+import time
+
+import keras
+
+from tfxfer import runs
+from tfxfer.backbones.pretrained import backbone_spec, save_backbone
+from tfxfer.config import PretrainConfig
+from tfxfer.errors import TfxferError
+from tfxfer.optim import make_optimizer_for
+from tfxfer.pretext import get_method
+
+__all__ = ["pretrain", "PretrainResult"]
+
+
+@dataclasses.dataclass
+class PretrainResult:
+    run_dir: str
+    weights: str
+    spec: dict
+    history: dict
+    model: keras.Model
+
+
+def pretrain(config, resume=False, overwrite=False, callbacks=(), verbose=1, log=print):
+    """Run `config` (a `PretrainConfig`) and return a `PretrainResult`.
+
+    Args:
+        resume: continue the interrupted run of the same name from its last
+            checkpoint, with its saved config (a conflicting option fails).
+        overwrite: delete an existing run folder of the same name first.
+        callbacks: extra Keras callbacks for `fit`.
+    """
+    if not isinstance(config, PretrainConfig):
+        raise TypeError("pretrain() takes a PretrainConfig; build one with tfxfer.load_config(kind=PretrainConfig).")
+    config, run_dir = runs.prepare_run(config, resume, overwrite)
+    with runs.started(config, log):
+        return _run(config, run_dir, resume, callbacks, verbose, log, time.time())
+
+
+def _run(config, run_dir, resume, callbacks, verbose, log, started):
+    method = get_method(config.pretext.method)
+    train, val, test, info, image_size = runs.load_data(config, log, augment=method.augment(config))
+    if method.needs_labels and info.num_classes < 2:
+        raise TfxferError(f"--method {method.name} trains on labels, and {info.name} has one class; use simclr or autoencoder.")
+    steps_per_epoch = -(-info.num_examples["train"] // config.optim.batch_size)
+    validation = method.validation(val, config) if method.validation else val
+    with runs.make_strategy(config.run.distribute).scope():
+        model = method.build(config, info, image_size)
+        method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
+        if config.optim.time_budget and not resume:
+            val_steps = -(-info.num_examples["val"] // config.optim.batch_size)
+            runs.apply_time_budget(config, model, train, steps_per_epoch, val_steps, started, log)
+            method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+    log(f"pretrain: {method.name} on {info.name}, {config.model.backbone} at {image_size}px, "
+        f"{config.optim.epochs} epochs of {steps_per_epoch} steps")
+
+    if not resume:
+        runs.create_run_dir(run_dir, config)
+    monitor, mode = method.monitor(info)
+    best_path = os.path.join(run_dir, "checkpoint", "best_backbone.weights.h5")
+    os.makedirs(os.path.dirname(best_path), exist_ok=True)
+    checkpoint = runs.RunCheckpoint(
+        run_dir, {"model": model, "optimizer": model.optimizer}, model.backbone.save_weights, best_path, monitor, mode
+    )
+    initial_epoch = checkpoint.restore() if resume else 0
+    if initial_epoch:
+        log(f"resuming {config.run.run_name} after epoch {initial_epoch}")
+    timer = runs.ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
+    history = model.fit(
+        train,
+        validation_data=validation,
+        epochs=config.optim.epochs,
+        initial_epoch=initial_epoch,
+        # The method's callbacks add metrics (kNN accuracy) that the checkpoint and the log read.
+        callbacks=[
+            *method.callbacks(model, run_dir, val, info, config), checkpoint, timer,
+            keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=resume), *callbacks,
+        ],
+        verbose=verbose,
+    )
+
+    model.backbone.load_weights(best_path)
+    logs = {k: float(v[checkpoint.best_epoch - initial_epoch - 1]) for k, v in history.history.items()} if (
+        checkpoint.best_epoch and checkpoint.best_epoch > initial_epoch) else {}
+    spec = backbone_spec(config, info, image_size, method.settings(config), {
+        "best_epoch": checkpoint.best_epoch, "monitor": monitor, "best_value": checkpoint.best_value,
+        "best_epoch_logs": logs, "train_images_per_second": timer.images_per_second,
+        "wall_time_seconds": round(time.time() - started, 1),
+    })
+    weights = save_backbone(run_dir, model.backbone, spec)
+    log(f"backbone of epoch {checkpoint.best_epoch} ({monitor} {checkpoint.best_value}) saved as {weights}; "
+        f"fine-tune it with: tfxfer finetune --weights {run_dir} ...")
+    return PretrainResult(run_dir, weights, spec, {k: [float(x) for x in v] for k, v in history.history.items()}, model)
