@@ -136,3 +136,12 @@ def test_pretrain_cli(tmp_path, source):
     assert "fine-tune it with: tfxfer finetune --weights" in result.output
     bad = CliRunner().invoke(main, ["pretrain", "--data-dir", source, "--method", "simclear"])
     assert bad.exit_code == 1 and "did you mean 'simclr'" in bad.output
+
+
+def test_same_seed_gives_identical_simclr_history(tmp_path, source):
+    histories = []
+    for name in ("a", "b"):
+        keras.backend.clear_session()
+        result = tfxfer.pretrain(_pretrain_config(tmp_path, source, method="simclr", seed=5, run_name=name), **QUIET)
+        histories.append(_rows(result.run_dir))
+    assert histories[0] == histories[1] and float(histories[0][0]["loss"]) > 0

@@ -127,3 +127,17 @@ def test_measuring_the_step_trains_nothing(tiny_model_factory):
     for a, b in zip(before, model.variables):
         np.testing.assert_array_equal(a, b.numpy())
     assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_budget_guard_stops_a_run_that_falls_behind(tiny_model_factory):
+    import time
+
+    import numpy as np
+
+    model = tiny_model_factory()
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    lines = []
+    guard = runs.BudgetGuard(deadline=time.time(), log=lines.append)  # already used up
+    history = model.fit(np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8), epochs=3, callbacks=[guard], verbose=0)
+    assert len(history.history["loss"]) == 1 and guard.stopped_after == 1
+    assert lines == ["time budget: stopping after epoch 1, the next one would end past the budget"]

@@ -182,6 +182,9 @@ class TransferModel(keras.Model):
             self.optimizer.apply_gradients(head)
             self.backbone_optimizer.apply_gradients(backbone)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        # A penalty that is off is not logged: a column of zeros says nothing.
+        if not self.penalty.alpha:
+            logs.pop("l2sp", None)
         if not self.penalty.beta:
             logs.pop("head_l2", None)
         return logs

@@ -94,6 +94,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         # The method's callbacks add metrics (kNN accuracy) that the checkpoint and the log read.
         callbacks=[
             *method.callbacks(model, run_dir, val, info, config), checkpoint, timer,
+            *runs.budget_callbacks(config, started, resume, log),
             keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=resume), *callbacks,
         ],
         verbose=verbose,

@@ -110,7 +110,10 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         validation_data=val,
         epochs=config.optim.epochs,
         initial_epoch=initial_epoch,
-        callbacks=[checkpoint, timer, keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=resume), *callbacks],
+        callbacks=[
+            checkpoint, timer, *runs.budget_callbacks(config, started, resume, log),
+            keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=resume), *callbacks,
+        ],
         verbose=verbose,
     )
 

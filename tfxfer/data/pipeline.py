@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tfxfer.data.images import decode_image, resize_uint8
 
-__all__ = ["AUGMENTATIONS", "build_pipeline", "augment_examples", "flip_crop"]
+__all__ = ["AUGMENTATIONS", "build_pipeline", "augment_examples", "augment_batches", "flip_crop"]
 
 AUTOTUNE = tf.data.AUTOTUNE
 AUGMENTATIONS = ("none", "flip", "flip_crop")
@@ -62,6 +62,15 @@ def augment_examples(ds, fn, seed, rerandomize=True):
         return fn(image, pair), label
 
     return tf.data.Dataset.zip((ds, seeds)).map(apply, num_parallel_calls=AUTOTUNE)
+
+
+def augment_batches(batched, fn, seed, rerandomize=True):
+    """`augment_examples` on a batched dataset, batched the same way again (its
+    length stays known, so Keras's progress bar and validation need no guess)."""
+    batch_size = batched.element_spec[0].shape[0]
+    batches = batched.cardinality()
+    ds = augment_examples(batched.unbatch(), fn, seed, rerandomize).batch(batch_size or 64)
+    return ds.apply(tf.data.experimental.assert_cardinality(batches)) if batches >= 0 else ds
 
 
 def flip_crop(size, crop=True):

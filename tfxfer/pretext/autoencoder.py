@@ -119,11 +119,9 @@ def _pairs(std, flip):
 
 
 def _validation(val, config):
-    from tfxfer.data.pipeline import augment_examples
+    from tfxfer.data.pipeline import augment_batches
 
-    batch_size = val.element_spec[0].shape[0] or config.optim.batch_size
-    pairs = _pairs(config.pretext.denoise, flip=False)
-    return augment_examples(val.unbatch(), pairs, config.run.seed, rerandomize=False).batch(batch_size)
+    return augment_batches(val, _pairs(config.pretext.denoise, flip=False), config.run.seed, rerandomize=False)
 
 
 def _grid(model, run_dir, val, info, config):

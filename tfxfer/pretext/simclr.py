@@ -27,7 +27,7 @@ import tensorflow as tf
 from tfxfer.pretext.base import PretextModel, backbone_features
 from tfxfer.pretext.registry import PretextMethod, register_method
 
-__all__ = ["SimCLR", "nt_xent", "embedding_std", "simclr_views", "KnnAccuracy"]
+__all__ = ["SimCLR", "nt_xent", "embedding_std", "simclr_views", "KnnAccuracy", "knn_accuracy"]
 
 # Augmentations of the paper, at the strengths the issue fixes for small images.
 CROP_SCALE = (0.2, 1.0)
@@ -198,16 +198,10 @@ def knn_accuracy(features, labels, k=20, temperature=0.07):
 
 
 def _validation(val, config):
+    from tfxfer.data.pipeline import augment_batches
+
     # Fixed views for the validation loss: the same pairs every epoch.
-    return two_views(val, config.run.seed, rerandomize=False)
-
-
-def two_views(batched, seed, rerandomize=True):
-    """A batched `(images, labels)` dataset as `((view1, view2), labels)`."""
-    from tfxfer.data.pipeline import augment_examples
-
-    batch_size = batched.element_spec[0].shape[0]
-    return augment_examples(batched.unbatch(), simclr_views, seed, rerandomize).batch(batch_size or 64)
+    return augment_batches(val, simclr_views, config.run.seed, rerandomize=False)
 
 
 def _labelled(info):
