@@ -141,3 +141,9 @@ def test_budget_guard_stops_a_run_that_falls_behind(tiny_model_factory):
     history = model.fit(np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8), epochs=3, callbacks=[guard], verbose=0)
     assert len(history.history["loss"]) == 1 and guard.stopped_after == 1
     assert lines == ["time budget: stopping after epoch 1, the next one would end past the budget"]
+
+
+def test_resume_does_not_silently_drop_a_new_time_budget(tmp_path, folder):
+    tfxfer.finetune(_config(tmp_path, folder), verbose=0, log=lambda *_: None)
+    with pytest.raises(tfxfer.TfxferError, match=r"--time-budget 10m \(saved: None\) conflicts"):
+        tfxfer.finetune(_config(tmp_path, folder, time_budget="10m"), resume=True, verbose=0)

@@ -154,8 +154,9 @@ def _at_least(group, keys, low):
 class CommandConfig:
     """A command's config: one attribute per group. Subclasses are dataclasses."""
 
-    # Keys a resumed run may change: where it is, and how long it goes on.
-    RESUMABLE = ("epochs", "time_budget", "run_name", "output_dir")
+    # Keys a resumed run may change: where it is, and how many epochs it runs.
+    # Not the time budget: a resumed run keeps the epochs its budget picked.
+    RESUMABLE = ("epochs", "run_name", "output_dir")
 
     def groups(self):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
