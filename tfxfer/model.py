@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras.src.losses.loss import scale_loss_for_distribution, unscale_loss_for_distribution
 
 from tfxfer.backbones import create_backbone, get_backbone
+from tfxfer.backbones.registry import feature_pool, set_bn_momentum
 from tfxfer.freezing import apply_freeze, parse_freeze
 from tfxfer.penalties import L2SP
 
@@ -90,21 +91,14 @@ class TransferModel(keras.Model):
 
         self.preprocess = Preprocess(backbone, name="preprocess")
         self.backbone = create_backbone(backbone, weights, self.image_size)
-        # A feature map is pooled; a feature vector (simplecnn's dense layer) is used as it is.
-        if len(self.backbone.output.shape) == 4:
-            self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
-        else:
-            self.pool = keras.layers.Identity(name="pool")
+        self.pool = feature_pool(self.backbone)
         self.drop = keras.layers.Dropout(self.dropout_rate, name="dropout")
         # float32 head: softmax of bfloat16 logits loses the small probabilities.
         self.head = keras.layers.Dense(
             self.num_classes, activation="softmax", dtype="float32", name="head"
         )
         self.head.build((None, self.backbone.output.shape[-1]))
-        if self.bn_momentum is not None:
-            for layer in self.backbone.layers:
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.momentum = self.bn_momentum
+        set_bn_momentum(self.backbone, self.bn_momentum)
         self.trained_layers = apply_freeze(self.backbone, spec, self.freeze, self.train_bn)
         self.penalty = L2SP(self.backbone, l2sp, l2sp_scope, self.head.weights, head_l2)
         self.l2sp_tracker = keras.metrics.Mean(name="l2sp")

@@ -12,10 +12,14 @@ import os
 from typing import Callable
 
 
+import keras
+
 from tfxfer.errors import TfxferError, did_you_mean, is_network_failure
 
 __all__ = [
     "BackboneSpec",
+    "feature_pool",
+    "set_bn_momentum",
     "scale_unit",
     "scale_symmetric",
     "no_imagenet_weights",
@@ -144,6 +148,23 @@ def layer_stages(backbone, spec):
         stages[layer.name] = current
     return stages
 
+
+
+def feature_pool(backbone):
+    """The layer from a backbone's output to a feature vector: global average
+    pooling of a feature map; nothing for a vector (simplecnn's dense layer)."""
+    if len(backbone.output.shape) == 4:
+        return keras.layers.GlobalAveragePooling2D(name="pool")
+    return keras.layers.Identity(name="pool")
+
+
+def set_bn_momentum(backbone, momentum):
+    """Set the momentum of every BatchNorm layer of `backbone`; `None` keeps them."""
+    if momentum is None:
+        return
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = float(momentum)
 
 
 def scale_unit(x):

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from tfxfer.backbones import create_backbone, get_backbone
+from tfxfer.backbones.registry import feature_pool, set_bn_momentum
 from tfxfer.model import Preprocess
 
 __all__ = ["PretextModel", "backbone_features"]
@@ -32,12 +33,8 @@ class PretextModel(keras.Model):
         get_backbone(backbone)
         self.preprocess = Preprocess(backbone, name="preprocess")
         self.backbone = create_backbone(backbone, weights, self.image_size)
-        if bn_momentum is not None:
-            for layer in self.backbone.layers:
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.momentum = float(bn_momentum)
-        rank = len(self.backbone.output.shape)
-        self.pool = keras.layers.GlobalAveragePooling2D(name="pool") if rank == 4 else keras.layers.Identity(name="pool")
+        set_bn_momentum(self.backbone, bn_momentum)
+        self.pool = feature_pool(self.backbone)
         self.features_dim = int(self.backbone.output.shape[-1])
 
     def _build_by_calling(self):
