@@ -92,6 +92,9 @@ class ModelConfig:
 @dataclasses.dataclass
 class TransferConfig:
     freeze: str = option("full", "head, full, stages:N or from:LAYER.")
+    unfreeze: Optional[str] = option(
+        None, "Freeze schedule by epoch, e.g. head@0,full@5 or head@0,full@25% (LP-FT); its first policy replaces --freeze."
+    )
     train_bn: bool = option(False, "Let BatchNorm statistics of the training part update (frozen by default).")
     dropout: float = option(0.0, "Dropout rate before the new head.")
     l2sp: float = option(0.0, "L2-SP alpha: pull the backbone toward its starting weights (Li et al. 2018).")
@@ -100,6 +103,11 @@ class TransferConfig:
     backbone_lr_mult: float = option(1.0, "Backbone learning rate = lr * this, through its own optimizer.")
 
     def validate(self):
+        from tfxfer.freezing import parse_freeze, parse_unfreeze
+
+        parse_freeze(self.freeze)
+        if self.unfreeze:
+            parse_unfreeze(self.unfreeze)
         _at_least(self, ("l2sp", "head_l2", "dropout"), 0.0)
         if not self.dropout < 1.0:
             raise TfxferError(f"dropout must be below 1, got {self.dropout}.")
@@ -244,6 +252,13 @@ class FinetuneConfig(CommandConfig):
 
     def validate(self):
         super().validate()
+        if self.transfer.unfreeze and "freeze" in self.explicit_options():
+            first = str(self.first_policy())
+            if str(self.transfer.freeze) != first:
+                raise TfxferError(
+                    f"--freeze {self.transfer.freeze} conflicts with --unfreeze {self.transfer.unfreeze}, whose first "
+                    f"phase is {first}; drop --freeze."
+                )
         if self.run.precision == "mixed_float16" and self.transfer.backbone_lr_mult != 1.0:
             raise TfxferError(
                 "--precision mixed_float16 cannot be combined with --backbone-lr-mult: its loss scaling covers one "
@@ -251,9 +266,23 @@ class FinetuneConfig(CommandConfig):
             )
         return self
 
+    def first_policy(self):
+        """The freeze policy the run starts with: --freeze, or the first phase of --unfreeze."""
+        from tfxfer.freezing import parse_freeze, parse_unfreeze
+
+        if self.transfer.unfreeze:
+            return parse_unfreeze(self.transfer.unfreeze)[0].policy
+        return parse_freeze(self.transfer.freeze)
+
     def default_run_name(self):
-        """`<data>-<backbone>-<policy>[-l2sp]`, e.g. `cifar10-resnet50-stages2-l2sp`."""
-        name = f"{self.data.source_name()}-{self.model.backbone}-{self.transfer.freeze}"
+        """`<data>-<backbone>-<policy>[-l2sp]`, e.g. `cifar10-resnet50-stages2-l2sp`
+        (with --unfreeze, the phases' policies: `digits-resnet50-head-full`)."""
+        policy = self.transfer.freeze
+        if self.transfer.unfreeze:
+            from tfxfer.freezing import parse_unfreeze
+
+            policy = "-".join(str(p.policy) for p in parse_unfreeze(self.transfer.unfreeze))
+        name = f"{self.data.source_name()}-{self.model.backbone}-{policy}"
         if self.transfer.l2sp:
             name += "-l2sp"
         return _clean(name)

@@ -6,6 +6,10 @@ Policies:
     stages:N    the last N stages train (see `tfxfer backbones` for stage names).
     from:LAYER  LAYER and every layer after it train.
 
+A schedule (`parse_unfreeze`) switches policies at epoch boundaries, e.g.
+`head@0,stages:2@5,full@10`, or `head@0,full@25%` (LP-FT: a linear probe for the
+first quarter of the epochs, then fine-tuning).
+
 BatchNorm layers are frozen per layer unless `train_bn` is set, and always in the
 frozen part. A Keras 3 BatchNormalization layer with `trainable=False` runs in
 inference mode, so its moving statistics cannot move (keras issue 20285 is about
@@ -15,11 +19,12 @@ BN layers that are trainable but called with `training=False`).
 import dataclasses
 
 import keras
+import numpy as np
 
 from tfxfer.backbones import layer_stages
 from tfxfer.errors import TfxferError, did_you_mean
 
-__all__ = ["FreezePolicy", "parse_freeze", "apply_freeze"]
+__all__ = ["FreezePolicy", "parse_freeze", "apply_freeze", "Phase", "parse_unfreeze", "resolve_phases", "phase_at", "UnfreezeSchedule"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,3 +96,74 @@ def apply_freeze(backbone, spec, policy, train_bn=False):
         if layer.trainable and layer.weights:
             trained.append(layer.name)
     return trained
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A freeze policy from an epoch on: `start` epochs, or `start`% of the run."""
+
+    policy: FreezePolicy
+    start: float
+    percent: bool = False
+
+    def __str__(self):
+        return f"{self.policy}@{self.start:g}{'%' if self.percent else ''}"
+
+    def first_epoch(self, epochs):
+        """The 0-based epoch the phase begins at, in a run of `epochs` epochs."""
+        return round(self.start * epochs / 100) if self.percent else int(self.start)
+
+
+def parse_unfreeze(text):
+    """Parse a schedule `"POLICY@EPOCH,..."`; EPOCH is a whole number or a percentage."""
+    phases = []
+    for part in str(text).split(","):
+        policy, at, start = part.strip().rpartition("@")
+        percent = start.endswith("%")
+        number = start[:-1] if percent else start
+        if not at or not number.replace(".", "", 1).isdigit() or (not percent and not number.isdigit()):
+            raise TfxferError(
+                f"Unfreeze phase {part.strip()!r} is not POLICY@EPOCH or POLICY@PERCENT%; "
+                "write e.g. head@0,full@5 or head@0,full@25%."
+            )
+        phases.append(Phase(parse_freeze(policy), float(number), percent))
+    if phases[0].start != 0:
+        raise TfxferError(f"Unfreeze schedule {text!r} must start with a phase at 0, e.g. head@0.")
+    if any(p.percent and p.start > 100 for p in phases):
+        raise TfxferError(f"Unfreeze schedule {text!r} has a phase past 100% of the run.")
+    return phases
+
+
+def resolve_phases(phases, epochs):
+    """`[(first_epoch, policy)]` for a run of `epochs` epochs; starts must increase."""
+    resolved = [(p.first_epoch(epochs), p.policy) for p in phases]
+    starts = [start for start, _ in resolved]
+    if starts != sorted(set(starts)):
+        described = ", ".join(f"{p} -> epoch {s}" for p, s in zip(phases, starts))
+        raise TfxferError(
+            f"Unfreeze phases must start at increasing epochs, and in a run of {epochs} epochs they do not ({described})."
+        )
+    return resolved
+
+
+def phase_at(resolved, epoch):
+    """The policy in force at 0-based `epoch`."""
+    return [policy for start, policy in resolved if start <= epoch][-1]
+
+
+class UnfreezeSchedule(keras.callbacks.Callback):
+    """Switches the model's freeze policy at the start of each phase's first
+    epoch (`TransferModel.set_freeze`, which keeps the optimizer state of the
+    weights that were training), and retraces the training step."""
+
+    def __init__(self, resolved, log=print):
+        super().__init__()
+        self.resolved, self.log = resolved, log
+
+    def on_epoch_begin(self, epoch, logs=None):
+        policy = phase_at(self.resolved, epoch)
+        if str(policy) != self.model.freeze:
+            self.model.set_freeze(policy)
+            self.model.make_train_function(force=True)
+            trainable = sum(int(np.prod(w.shape)) for w in self.model.trainable_weights)
+            self.log(f"epoch {epoch + 1}: freeze {policy}, {trainable:,} trainable parameters")

@@ -17,6 +17,7 @@ from keras.src.losses.loss import scale_loss_for_distribution, unscale_loss_for_
 from tfxfer.backbones import create_backbone, get_backbone
 from tfxfer.backbones.registry import feature_pool, set_bn_momentum
 from tfxfer.freezing import apply_freeze, parse_freeze
+from tfxfer.optim import regrow
 from tfxfer.penalties import L2SP
 
 __all__ = ["Preprocess", "TransferModel", "build_model"]
@@ -107,15 +108,27 @@ class TransferModel(keras.Model):
         self.built = True
 
     def set_freeze(self, freeze, train_bn=None):
-        """Apply another freeze policy. Nothing about the trainable set is fixed
-        at build time: the L2-SP pairs, the optimizer groups and the weight-decay
-        exclusion follow `trainable` when the step is traced, so the training
-        step is traced again, and the optimizers must get slots for weights that
-        start training (`compile` again, or extend them)."""
+        """Apply another freeze policy, mid-training if need be.
+
+        Nothing about the trainable set is fixed at build time: the L2-SP
+        pairs, the optimizer groups and the weight-decay exclusion follow
+        `trainable` when the step is traced, so the step is traced again. A
+        compiled model's optimizers are regrown (`tfxfer.optim.regrow`):
+        weights that were training keep their optimizer state and step count,
+        weights that start training get fresh slots. BatchNorm stays as
+        `train_bn` says, and the L2-SP anchors stay the starting weights.
+        """
         if train_bn is not None:
             self.train_bn = bool(train_bn)
         self.freeze = str(parse_freeze(freeze))
         self.trained_layers = apply_freeze(self.backbone, get_backbone(self.backbone_name), self.freeze, self.train_bn)
+        if getattr(self, "optimizer", None) is not None and self.optimizer.built:
+            if self.backbone_optimizer is None:
+                self.optimizer = regrow(self.optimizer, self.trainable_weights)
+            else:
+                head_weights, backbone_weights = self._by_group(self.trainable_weights)
+                self.optimizer = regrow(self.optimizer, head_weights)
+                self.backbone_optimizer = regrow(self.backbone_optimizer, backbone_weights)
         self.train_function = self.test_function = self.predict_function = None
         return self.trained_layers
 
@@ -174,7 +187,12 @@ class TransferModel(keras.Model):
         else:
             head, backbone = self._by_group(list(zip(gradients, weights)), weight_of=lambda pair: pair[1])
             self.optimizer.apply_gradients(head)
-            self.backbone_optimizer.apply_gradients(backbone)
+            if backbone:
+                self.backbone_optimizer.apply_gradients(backbone)
+            else:
+                # A frozen backbone (the probe of LP-FT) still counts the steps,
+                # so its schedule is where the head's is when it starts training.
+                self.backbone_optimizer.iterations.assign_add(1)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         # A penalty that is off is not logged: a column of zeros says nothing.
         if not self.penalty.alpha:

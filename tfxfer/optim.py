@@ -2,7 +2,7 @@
 
 import keras
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "make_schedule", "make_optimizer", "make_optimizers"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "make_schedule", "make_optimizer", "make_optimizers", "regrow"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -61,3 +61,46 @@ def make_optimizer_for(optim, steps_per_epoch, lr=None, weight_decay=None):
     warmup = optim.warmup_epochs * steps_per_epoch
     schedule = make_schedule(optim.lr if lr is None else lr, optim.schedule, total, warmup)
     return make_optimizer(optim.optimizer, schedule, optim.weight_decay if weight_decay is None else weight_decay)
+
+
+def regrow(optimizer, variables):
+    """A copy of a built `optimizer`, built on `variables` instead.
+
+    For a freeze policy that changes mid-run: the copy has the same
+    hyperparameters, schedule, step count and weight-decay exclusions; weights
+    that were already training keep their slots (momentum, Adam's moments),
+    weights that start training get fresh ones, and weights that stop
+    training drop theirs. A Keras optimizer cannot take new variables once
+    built, hence the copy.
+    """
+    fresh = optimizer.__class__.from_config(optimizer.get_config())
+    for attribute in ("_exclude_from_weight_decay", "_exclude_from_weight_decay_pattern"):
+        if hasattr(optimizer, attribute):
+            setattr(fresh, attribute, getattr(optimizer, attribute))
+    fresh.build(list(variables))
+    fresh._iterations.assign(optimizer._iterations)
+    old_index = {id(v): i for i, v in enumerate(optimizer._trainable_variables)}
+    for name, old_slots in _slot_lists(optimizer):
+        new_slots = getattr(fresh, name)
+        for j, variable in enumerate(fresh._trainable_variables):
+            i = old_index.get(id(variable))
+            if i is not None and old_slots[i] is not None:
+                new_slots[j].assign(old_slots[i])
+    return fresh
+
+
+def _slot_lists(optimizer):
+    """`(attribute, slots)` for each per-weight slot list of a built optimizer
+    (`momentums` of SGD, `_momentums` and `_velocities` of Adam, ...): a list of
+    optimizer variables, one per trained weight, in the order it was built on."""
+    count = len(optimizer._trainable_variables)
+    if not count:
+        return []
+    own = {id(v) for v in optimizer.variables}
+    found = []
+    for name, value in vars(optimizer).items():
+        if name in ("_variables", "_trainable_variables") or not isinstance(value, (list, tuple)):
+            continue
+        if len(value) == count and all(v is None or id(v) in own for v in value):
+            found.append((name, value))
+    return found

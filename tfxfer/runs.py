@@ -173,7 +173,8 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     Args:
         run_dir: the run folder.
-        trackables: `{name: object}` for `tf.train.Checkpoint`.
+        trackables: `{name: object}` for `tf.train.Checkpoint`, or a function
+            returning it (when the optimizers are replaced mid-run).
         save_best: called with a path when `monitor` improves; it writes
             the best weights there (`best_path`).
         monitor: a key of the epoch's logs; missing, every epoch is the best.
@@ -188,13 +189,23 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.monitor, self.mode = monitor, mode
         self.state_path = os.path.join(run_dir, CHECKPOINT_STATE)
         self.best_value, self.best_epoch = None, None
-        self._checkpoint = tf.train.Checkpoint(**trackables)
+        self._trackables = trackables if callable(trackables) else (lambda: trackables)
+
+    def _checkpoint(self):
+        return tf.train.Checkpoint(**self._trackables())
+
+    def _state(self):
+        with open(self.state_path) as f:
+            return json.load(f)
+
+    def saved_epoch(self):
+        """The number of epochs the last checkpoint has done."""
+        return self._state()["epoch"]
 
     def restore(self):
         """Load the last checkpoint; return the number of epochs already done."""
-        with open(self.state_path) as f:
-            state = json.load(f)
-        self._checkpoint.read(state["checkpoint"]).assert_existing_objects_matched()
+        state = self._state()
+        self._checkpoint().read(state["checkpoint"]).assert_existing_objects_matched()
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         return state["epoch"]
 
@@ -209,7 +220,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         if self._improved(value):
             self.best_value, self.best_epoch = value, epoch + 1
             self.save_best(self.best_path)
-        path = self._checkpoint.write(os.path.join(self.run_dir, "checkpoint", "last"))
+        path = self._checkpoint().write(os.path.join(self.run_dir, "checkpoint", "last"))
         write_json(self.state_path, {
             "epoch": epoch + 1, "checkpoint": path, "monitor": self.monitor,
             "best_value": self.best_value, "best_epoch": self.best_epoch,

@@ -17,6 +17,7 @@ The run folder, seeding, checkpoints and the time budget are `tfxfer.runs`.
 import dataclasses
 import os
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -27,6 +28,7 @@ from tfxfer.backbones.pretrained import backbone_spec, save_backbone
 from tfxfer.config import FinetuneConfig
 from tfxfer.errors import TfxferError
 from tfxfer.evaluation import classification_report, format_report
+from tfxfer.freezing import UnfreezeSchedule, parse_unfreeze, phase_at, resolve_phases
 from tfxfer.export import export_saved_model, next_version_dir
 from tfxfer.model import build_model
 from tfxfer.optim import make_optimizers
@@ -71,7 +73,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
             num_classes=info.num_classes,
             weights=config.model.weights,
             image_size=image_size,
-            freeze=config.transfer.freeze,
+            freeze=config.first_policy(),
             train_bn=config.transfer.train_bn,
             bn_momentum=config.model.bn_momentum,
             dropout=config.transfer.dropout,
@@ -81,10 +83,17 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
             class_names=info.class_names,
         )
         _compile(model, config, steps_per_epoch)
+        phases = parse_unfreeze(config.transfer.unfreeze) if config.transfer.unfreeze else None
         if config.optim.time_budget and not resume:
             val_steps = -(-info.num_examples["val"] // config.optim.batch_size)
+            if phases:  # plan with the slowest step: the last phase's
+                model.set_freeze(phases[-1].policy)
             runs.apply_time_budget(config, model, train, steps_per_epoch, val_steps, started, log)
+            model.set_freeze(config.first_policy())
             _compile(model, config, steps_per_epoch)  # the schedule spans the epochs picked
+        schedule = resolve_phases(phases, config.optim.epochs) if phases else [(0, config.first_policy())]
+        if phases:
+            log("unfreeze: " + ", ".join(f"{policy} from epoch {start + 1}" for start, policy in schedule))
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     frozen = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
     log(
@@ -95,15 +104,16 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         log("note: random-init weights with frozen BatchNorm rarely train well; consider --train-bn")
 
     if not resume:
+        config.transfer.freeze = str(config.first_policy())  # the saved config says what the run starts with
         runs.create_run_dir(run_dir, config)
-    trackables = {"model": model, "optimizer": model.optimizer}
-    if model.backbone_optimizer is not None:
-        trackables["backbone_optimizer"] = model.backbone_optimizer
     best_path = os.path.join(run_dir, "best.weights.h5")
-    checkpoint = runs.RunCheckpoint(run_dir, trackables, model.save_weights, best_path, monitor="val_accuracy")
-    initial_epoch = checkpoint.restore() if resume else 0
-    if initial_epoch:
-        log(f"resuming {config.run.run_name} after epoch {initial_epoch}")
+    checkpoint = runs.RunCheckpoint(run_dir, lambda: _trackables(model), model.save_weights, best_path, monitor="val_accuracy")
+    initial_epoch = 0
+    if resume:
+        # The checkpoint holds the optimizer slots of its phase's weights.
+        model.set_freeze(phase_at(schedule, checkpoint.saved_epoch()))
+        initial_epoch = checkpoint.restore()
+        log(f"resuming {config.run.run_name} after epoch {initial_epoch}, freeze {model.freeze}")
     timer = runs.ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
     history = model.fit(
         train,
@@ -111,14 +121,18 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         epochs=config.optim.epochs,
         initial_epoch=initial_epoch,
         callbacks=[
-            checkpoint, timer, *runs.budget_callbacks(config, started, resume, log),
-            keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=resume), *callbacks,
+            UnfreezeSchedule(schedule, log), checkpoint, timer, *runs.budget_callbacks(config, started, resume, log),
+            PhaseLogger(os.path.join(run_dir, "history.csv"), append=resume), *callbacks,
         ],
         verbose=verbose,
     )
 
     if os.path.exists(best_path):
-        model.load_weights(best_path)
+        with warnings.catch_warnings():
+            # Keras's weights file carries the optimizers too; a best epoch from an
+            # earlier phase had fewer slots, and only the model's weights matter here.
+            warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+            model.load_weights(best_path)
     metrics = {
         "run": config.run.run_name,
         "best_epoch": checkpoint.best_epoch,
@@ -134,7 +148,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         metrics["test"] = classification_report(*predict_dataset(model.predict, test), info.class_names)
         log(format_report(metrics["test"], "test"))
     model.save(os.path.join(run_dir, "model.keras"))
-    settings = {"freeze": config.transfer.freeze, "l2sp": config.transfer.l2sp, "train_bn": config.transfer.train_bn}
+    settings = {"freeze": config.transfer.freeze, "unfreeze": config.transfer.unfreeze, "l2sp": config.transfer.l2sp, "train_bn": config.transfer.train_bn}
     spec_metrics = {"val_accuracy": metrics["val"]["accuracy"], "best_epoch": checkpoint.best_epoch}
     if test is not None:
         spec_metrics["test_accuracy"] = metrics["test"]["accuracy"]
@@ -150,6 +164,21 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         summary += f", test accuracy {metrics['test']['accuracy']:.4f}"
     log(f"{summary}; run folder {run_dir}, SavedModel {export_dir} ({metrics['wall_time_seconds']} s)")
     return RunResult(run_dir, export_dir, _history_dict(history), metrics, model)
+
+
+def _trackables(model):
+    """What a checkpoint holds; the optimizers change when a phase begins."""
+    trackables = {"model": model, "optimizer": model.optimizer}
+    if model.backbone_optimizer is not None:
+        trackables["backbone_optimizer"] = model.backbone_optimizer
+    return trackables
+
+
+class PhaseLogger(keras.callbacks.CSVLogger):
+    """`history.csv`, with the freeze policy each epoch trained under (`phase`)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, {**(logs or {}), "phase": self.model.freeze})
 
 
 def _compile(model, config, steps_per_epoch):
