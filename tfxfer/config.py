@@ -60,6 +60,8 @@ class DataConfig:
     classes: Optional[str] = option(None, "Comma-separated class names: use only these classes, in this order.")
     labels_per_class: Optional[int] = option(None, "Seeded, stratified sample of N labelled training images per class.")
     max_train_examples: Optional[int] = option(None, "Train on a seeded sample of this many images.")
+    folds: Optional[int] = option(None, "K: validate on one fold of a seeded, stratified K-fold split of the labelled training images.")
+    fold: int = option(0, "With --folds: which fold (0..K-1) is the validation set.")
     augment: str = option("none", "Training augmentation.", AUGMENTATIONS)
 
     def validate(self):
@@ -70,6 +72,8 @@ class DataConfig:
         for key in ("labels_per_class", "max_train_examples"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise TfxferError(f"{key} must be at least 1, got {getattr(self, key)}.")
+        if self.folds is not None and not (self.folds >= 2 and 0 <= self.fold < self.folds):
+            raise TfxferError(f"--folds must be at least 2 and --fold in 0..folds-1, got folds {self.folds}, fold {self.fold}.")
 
     def source_name(self):
         return self.dataset or os.path.basename(os.path.normpath(self.data_dir or "data"))
@@ -91,6 +95,10 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class TransferConfig:
+    strategy: Optional[str] = option(
+        None, "Named strategy: scratch, head, full, stages:N, lp-ft or l2sp@ALPHA, each with an optional +bn; it sets "
+        "freeze, unfreeze, l2sp and train_bn (scratch also weights: none)."
+    )
     freeze: str = option("full", "head, full, stages:N or from:LAYER.")
     unfreeze: Optional[str] = option(
         None, "Freeze schedule by epoch, e.g. head@0,full@5 or head@0,full@25% (LP-FT); its first policy replaces --freeze."
@@ -276,7 +284,10 @@ class FinetuneConfig(CommandConfig):
 
     def default_run_name(self):
         """`<data>-<backbone>-<policy>[-l2sp]`, e.g. `cifar10-resnet50-stages2-l2sp`
-        (with --unfreeze, the phases' policies: `digits-resnet50-head-full`)."""
+        (with --unfreeze, the phases' policies: `digits-resnet50-head-full`;
+        with --strategy, its name: `digits-resnet50-l2sp0.01`)."""
+        if self.transfer.strategy:
+            return _clean(f"{self.data.source_name()}-{self.model.backbone}-{self.transfer.strategy.replace('@', '').replace('+', '-')}")
         policy = self.transfer.freeze
         if self.transfer.unfreeze:
             from tfxfer.freezing import parse_unfreeze
@@ -346,6 +357,8 @@ def load_config(path=None, kind=FinetuneConfig, validate=True, **overrides):
 def config_from_flat(values, kind=FinetuneConfig, validate=True):
     """A validated `kind` from `{option: value}`; unknown options get a "did you mean"."""
     fields = kind.fields()
+    if values.get("strategy") and "strategy" in fields:
+        values = _with_strategy(values, fields)
     grouped = {}
     for key, value in values.items():
         if key not in fields:
@@ -355,6 +368,22 @@ def config_from_flat(values, kind=FinetuneConfig, validate=True):
     config = kind(**{g.name: dataclasses.replace(g.default_factory(), **grouped.get(g.name, {})) for g in dataclasses.fields(kind)})
     config.explicit = frozenset(values)
     return config.validate() if validate else config
+
+
+def _with_strategy(values, fields):
+    """`values` plus the options its `strategy` sets; setting one of them to
+    something else as well is a conflict."""
+    from tfxfer.strategies import expand
+
+    values = dict(values)
+    for key, value in expand(values["strategy"]).items():
+        if values.get(key) is not None and _coerce(key, values[key], fields[key][2]) != value:
+            raise TfxferError(
+                f"--{key.replace('_', '-')} {values[key]} conflicts with --strategy {values['strategy']}, "
+                f"which sets it to {value}; drop one of them."
+            )
+        values[key] = value
+    return values
 
 
 def _read_yaml(path):

@@ -95,7 +95,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         callbacks=[
             *method.callbacks(model, run_dir, val, info, config), checkpoint, timer,
             *runs.budget_callbacks(config, started, resume, log),
-            keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=resume), *callbacks,
+            keras.callbacks.CSVLogger(os.path.join(run_dir, runs.HISTORY_FILE), append=resume), *callbacks,
         ],
         verbose=verbose,
     )

@@ -8,6 +8,7 @@ budget.
 """
 
 import contextlib
+import csv
 import json
 import os
 import random
@@ -38,6 +39,8 @@ __all__ = [
     "apply_time_budget",
     "BudgetGuard",
     "write_json",
+    "write_npz",
+    "read_history",
 ]
 
 CONFIG_FILE = "config.yaml"
@@ -112,7 +115,7 @@ def load_data(config, log=print, augment=None):
         val_fraction=data.val_fraction, seed=config.run.seed, tfds_data_dir=data.tfds_data_dir,
         train_split=data.train_split, val_split=data.val_split, test_split=data.test_split,
         max_train_examples=data.max_train_examples, augment=data.augment if augment is None else augment,
-        classes=data.classes, labels_per_class=data.labels_per_class,
+        classes=data.classes, labels_per_class=data.labels_per_class, folds=data.folds, fold=data.fold,
     )
     counts = ", ".join(f"{k} {v}" for k, v in info.num_examples.items())
     log(f"data: {info.name}, {info.num_classes} classes, {counts} images at {image_size}px")
@@ -141,6 +144,30 @@ def write_json(path, data):
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=2)
     os.replace(path + ".tmp", path)
+
+
+def write_npz(path, **arrays):
+    """`np.savez` atomically."""
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(path + ".tmp", path)
+
+
+HISTORY_FILE = "history.csv"
+
+
+def read_history(run_dir):
+    """`{column: [value per epoch]}` of a run's history.csv; numbers as floats."""
+    with open(os.path.join(run_dir, HISTORY_FILE), newline="") as f:
+        rows = list(csv.DictReader(f))
+    history = {}
+    for key in rows[0] if rows else []:
+        values = [row[key] for row in rows]
+        try:
+            history[key] = [float(v) for v in values]
+        except ValueError:
+            history[key] = values
+    return history
 
 
 def seed_everything(seed, deterministic=False):

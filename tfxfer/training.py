@@ -7,6 +7,8 @@ A run folder `saved_models/<run>/` holds:
     best.weights.h5    the weights of the best epoch on validation accuracy
     history.csv        per-epoch training and validation metrics
     model.keras        the best model, for continued training with tfxfer
+    learning_curves.png, confusion_matrix.png
+    test_predictions.npz  test labels and probabilities of the best model
     export/<version>/  the SavedModel to serve (needs only TensorFlow)
     metrics.json       validation and test reports of the best model
 
@@ -122,7 +124,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         initial_epoch=initial_epoch,
         callbacks=[
             UnfreezeSchedule(schedule, log), checkpoint, timer, *runs.budget_callbacks(config, started, resume, log),
-            PhaseLogger(os.path.join(run_dir, "history.csv"), append=resume), *callbacks,
+            PhaseLogger(os.path.join(run_dir, runs.HISTORY_FILE), append=resume), *callbacks,
         ],
         verbose=verbose,
     )
@@ -145,8 +147,11 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     metrics["val"] = classification_report(*predict_dataset(model.predict, val), info.class_names)
     log(format_report(metrics["val"], "validation (best epoch)"))
     if test is not None:
-        metrics["test"] = classification_report(*predict_dataset(model.predict, test), info.class_names)
+        labels, probabilities = predict_dataset(model.predict, test)
+        metrics["test"] = classification_report(labels, probabilities, info.class_names)
         log(format_report(metrics["test"], "test"))
+        runs.write_npz(os.path.join(run_dir, PREDICTIONS), labels=labels, probabilities=probabilities)
+    _plot_run(run_dir, config.run.run_name, metrics, info.class_names)
     model.save(os.path.join(run_dir, "model.keras"))
     settings = {"freeze": config.transfer.freeze, "unfreeze": config.transfer.unfreeze, "l2sp": config.transfer.l2sp, "train_bn": config.transfer.train_bn}
     spec_metrics = {"val_accuracy": metrics["val"]["accuracy"], "best_epoch": checkpoint.best_epoch}
@@ -164,6 +169,22 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         summary += f", test accuracy {metrics['test']['accuracy']:.4f}"
     log(f"{summary}; run folder {run_dir}, SavedModel {export_dir} ({metrics['wall_time_seconds']} s)")
     return RunResult(run_dir, export_dir, _history_dict(history), metrics, model)
+
+
+PREDICTIONS = "test_predictions.npz"  # labels and probabilities of the test split, in its order
+
+
+def _plot_run(run_dir, run_name, metrics, class_names):
+    """`learning_curves.png` from history.csv, `confusion_matrix.png` of test (else validation)."""
+    from tfxfer.reporting import plots
+
+    plots.learning_curves({run_name: [runs.read_history(run_dir)]}, os.path.join(run_dir, "learning_curves.png"), run_name)
+    split = "test" if "test" in metrics else "val"
+    report = metrics[split]
+    plots.confusion_matrix(
+        report["confusion_matrix"], class_names, os.path.join(run_dir, "confusion_matrix.png"),
+        f"{run_name}: {split}, accuracy {report['accuracy']:.3f} ({report['num_examples']} images)",
+    )
 
 
 def _trackables(model):

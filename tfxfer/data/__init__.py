@@ -14,7 +14,7 @@ from typing import Optional
 from tfxfer.data.digits import digits
 from tfxfer.data.folders import image_folder
 from tfxfer.data.pipeline import AUGMENTATIONS, build_pipeline
-from tfxfer.data.splits import carve, sample, sample_per_class, select_classes
+from tfxfer.data.splits import carve, kfold, sample, sample_per_class, select_classes
 from tfxfer.data.tfds import tfds_dataset
 from tfxfer.errors import TfxferError, did_you_mean
 
@@ -54,6 +54,8 @@ def load_dataset(
     cache=None,
     classes=None,
     labels_per_class=None,
+    folds=None,
+    fold=0,
 ):
     """Load a dataset as batched `tf.data` pipelines.
 
@@ -79,6 +81,9 @@ def load_dataset(
             the order of the new labels; every split keeps only those.
         labels_per_class: a seeded, stratified sample of this many labelled
             training images per class, taken before validation is carved.
+        folds, fold: validation is fold `fold` of a seeded, stratified
+            `folds`-fold split of the (selected) training images; a source's
+            own validation split is then not used.
 
     Returns:
         `(train, val, test, info)`; `test` is `None` when there is no test split.
@@ -87,7 +92,7 @@ def load_dataset(
         raise did_you_mean(augment, AUGMENTATIONS, "augmentation")
     splits, info = load_splits(
         name, data_dir, image_size, val_fraction, seed, tfds_data_dir, train_split, val_split, test_split,
-        max_train_examples, classes, labels_per_class,
+        max_train_examples, classes, labels_per_class, folds, fold,
     )
     pipelines = {
         key: build_pipeline(split, image_size, batch_size, training=key == "train", seed=seed, augment=augment, cache=cache)
@@ -98,7 +103,7 @@ def load_dataset(
 
 def load_splits(
     name=None, data_dir=None, image_size=32, val_fraction=0.1, seed=0, tfds_data_dir=None, train_split="train",
-    val_split=None, test_split=None, max_train_examples=None, classes=None, labels_per_class=None,
+    val_split=None, test_split=None, max_train_examples=None, classes=None, labels_per_class=None, folds=None, fold=0,
 ):
     """The unbatched `Split`s after selection, and the `DatasetInfo`."""
     if (name is None) == (data_dir is None):
@@ -116,7 +121,7 @@ def load_splits(
     else:
         splits, class_names = tfds_dataset(
             name, tfds_data_dir, train_split, val_split, test_split,
-            slice_fraction=None if selecting else val_fraction, known=BUILTIN_DATASETS,
+            slice_fraction=None if selecting or folds else val_fraction, known=BUILTIN_DATASETS,
         )
         label = name
 
@@ -124,7 +129,10 @@ def load_splits(
         splits, class_names = select_classes(splits, class_names, classes)
     if labels_per_class is not None:
         splits["train"] = sample_per_class(splits["train"], labels_per_class, seed)
-    if "val" not in splits:
+    if folds:
+        splits.pop("val", None)  # cross-validation is on train; a source's own validation split is left out
+        splits["train"], splits["val"] = kfold(splits["train"], folds, fold, seed)
+    elif "val" not in splits:
         splits["train"], splits["val"] = carve(splits["train"], val_fraction, seed)
     if max_train_examples:
         splits["train"] = sample(splits["train"], max_train_examples, seed)

@@ -5,7 +5,8 @@ is decoded, in the order `load_dataset` applies it:
 
 1. `select_classes`: a subset of the classes, relabelled 0..K-1 (`--classes`);
 2. `sample_per_class`: N labelled training images per class, seeded (`--labels-per-class`);
-3. `carve`: validation carved from train, per class, when the source has none;
+3. `carve`: validation carved from train, per class, when the source has none,
+   or `kfold`: validation is one fold of a stratified K-fold split of train;
 4. `sample`: a seeded sample of train (`--max-train-examples`).
 
 Nothing is copied: folder splits keep file paths, tfds splits keep the positions
@@ -20,7 +21,7 @@ import tensorflow as tf
 
 from tfxfer.errors import TfxferError, did_you_mean
 
-__all__ = ["Split", "select_classes", "sample_per_class", "carve", "sample"]
+__all__ = ["Split", "select_classes", "sample_per_class", "carve", "kfold", "sample"]
 
 
 @dataclasses.dataclass
@@ -141,6 +142,24 @@ def carve(split, fraction, seed):
     val = np.concatenate(val) if val else np.array([], np.int64)
     train = np.setdiff1d(np.arange(split.count), val)
     return split.subset(train), split.subset(val)
+
+
+def kfold(split, folds, fold, seed):
+    """`(train, val)`: val is fold `fold` of a seeded, stratified `folds`-fold
+    split: each class's examples, shuffled, are dealt into `folds` near-equal
+    parts, so the K validation sets are disjoint and cover every example once."""
+    split = split.with_labels()
+    rng = np.random.default_rng(seed)
+    val = []
+    for label in np.unique(split.labels):
+        idx = np.flatnonzero(split.labels == label)
+        if len(idx) < folds:
+            raise TfxferError(
+                f"Class {label} has {len(idx)} labelled training images, fewer than --folds {folds}; use fewer folds."
+            )
+        val.append(np.array_split(rng.permutation(idx), folds)[fold])
+    val = np.concatenate(val)
+    return split.subset(np.setdiff1d(np.arange(split.count), val)), split.subset(val)
 
 
 def sample(split, count, seed):

@@ -1,0 +1,1 @@
+"""Reading results honestly: statistics over runs (`stats`) and PNG plots (`plots`)."""

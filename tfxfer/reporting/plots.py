@@ -1,0 +1,123 @@
+"""PNG plots of runs and studies, drawn with matplotlib's Agg backend (no display).
+
+Every function takes plain data (lists, arrays, dicts) and a path, writes one
+PNG atomically and returns the path, so a killed process never leaves half an
+image behind.
+"""
+
+import os
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["learning_curves", "confusion_matrix", "bar_chart", "top_losses"]
+
+DPI = 100
+
+
+def _save(figure, path):
+    temporary = path + ".tmp.png"
+    figure.savefig(temporary, dpi=DPI, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
+
+def learning_curves(curves, path, title="learning curves"):
+    """Train and validation loss and accuracy per epoch.
+
+    Args:
+        curves: `{label: [history, ...]}`, a history being `{metric: [value per
+            epoch]}` with `loss`, `val_loss`, `accuracy`, `val_accuracy`. With
+            several histories per label, the line is their mean and the band
+            their minimum to maximum (runs of unequal length use the epochs
+            all of them reached).
+    """
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, histories) in enumerate(curves.items()):
+        color = colors[i % len(colors)]
+        for ax, metric in zip(axes, ("loss", "accuracy")):
+            for prefix, style in (("", "-"), ("val_", "--")):
+                series = [h[prefix + metric] for h in histories if h.get(prefix + metric)]
+                if not series:
+                    continue
+                length = min(len(s) for s in series)
+                values = np.array([s[:length] for s in series], dtype=float)
+                epochs = np.arange(1, length + 1)
+                name = f"{label} ({'val' if prefix else 'train'})"
+                ax.plot(epochs, values.mean(axis=0), style, color=color, label=name)
+                if len(values) > 1:
+                    ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=color, alpha=0.15)
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right", ncol=2 if len(curves) > 4 else 1)
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
+def confusion_matrix(matrix, class_names, path, title="confusion matrix"):
+    """Counts, rows the true class and columns the predicted one, with the
+    row-normalized share as the colour."""
+    matrix = np.asarray(matrix)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.6 * len(class_names) + 2)
+    figure, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(class_names) <= 20:
+        for r in range(matrix.shape[0]):
+            for c in range(matrix.shape[1]):
+                ax.text(c, r, str(matrix[r, c]), ha="center", va="center", fontsize=8,
+                        color="white" if shares[r, c] > 0.6 else "black")
+    figure.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    ax.set_title(title)
+    return _save(figure, path)
+
+
+def bar_chart(labels, means, lows, highs, path, ylabel="test accuracy", title="strategies"):
+    """One bar per label at its mean, with an error bar from `lows` to `highs`."""
+    means, lows, highs = (np.asarray(v, dtype=float) for v in (means, lows, highs))
+    figure, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 4.5))
+    x = np.arange(len(labels))
+    errors = np.nan_to_num(np.vstack([means - lows, highs - means]), nan=0.0)
+    ax.bar(x, means, yerr=errors, capsize=4, color="#4C72B0", alpha=0.85)
+    for xi, m in zip(x, means):
+        ax.text(xi, m, f"{m:.3f}", ha="center", va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    finite = np.concatenate([lows[np.isfinite(lows)], means])
+    ax.set_ylim(max(0.0, float(finite.min()) - 0.1), min(1.0, float(np.nanmax(np.append(highs, means))) + 0.05))
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title)
+    return _save(figure, path)
+
+
+def top_losses(images, true, predicted, probabilities, losses, class_names, path, title="top losses", columns=4):
+    """A grid of images with their true and predicted class, the predicted
+    probability and the loss, in the order given (largest loss first)."""
+    count = len(images)
+    rows = max(1, -(-count // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= count:
+            continue
+        ax.imshow(np.asarray(images[i], dtype=np.uint8), interpolation="nearest")
+        ax.set_title(
+            f"true {class_names[true[i]]}\npred {class_names[predicted[i]]} {probabilities[i]:.2f}\nloss {losses[i]:.2f}",
+            fontsize=8,
+        )
+    figure.suptitle(title)
+    return _save(figure, path)

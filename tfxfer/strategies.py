@@ -1,0 +1,88 @@
+"""Named fine-tuning strategies, each a shorthand for ordinary finetune options.
+
+    scratch      the same backbone from random initialization (BatchNorm trains)
+    head         feature extraction: the backbone is frozen
+    full         every backbone layer trains
+    stages:N     the last N stages train
+    lp-ft        a linear probe for the first quarter of the epochs, then full
+                 fine-tuning (Kumar et al., ICLR 2022): `--unfreeze head@0,full@25%`
+    l2sp@ALPHA   full fine-tuning with the L2-SP pull toward the starting weights
+
+Any of them may end in `+bn`: BatchNorm statistics and parameters train too.
+
+`expand` gives the options; `FinetuneConfig(strategy=...)`, `--strategy` and
+`tfxfer study --strategies` all go through it, and a study prints each run's
+options as a plain `tfxfer finetune` command, so any run can be repeated alone.
+"""
+
+import shlex
+
+from tfxfer.errors import TfxferError, did_you_mean
+
+__all__ = ["BASES", "LP_FT_SCHEDULE", "expand", "parse_strategies", "command_line"]
+
+BASES = ("scratch", "head", "full", "stages:N", "lp-ft", "l2sp@ALPHA")
+LP_FT_SCHEDULE = "head@0,full@25%"
+
+# Every option a strategy sets, so a strategy fully decides them (nothing leaks
+# from the study's shared options into one strategy and not another).
+_NEUTRAL = {"freeze": "full", "unfreeze": None, "l2sp": 0.0, "train_bn": False}
+
+
+def expand(strategy):
+    """The finetune options of a strategy name: `{option: value}`.
+
+    `weights` appears only for `scratch` (`"none"`); the others keep the
+    run's weights.
+    """
+    name = str(strategy).strip()
+    base, plus, extra = name.partition("+")
+    if plus and extra != "bn":
+        raise TfxferError(f"Strategy {name!r} ends in {'+' + extra!r}; the only suffix is +bn.")
+    options = dict(_NEUTRAL, train_bn=bool(plus))
+    if base == "scratch":
+        # Random BatchNorm statistics are worthless: from scratch, BN always trains.
+        options.update(weights="none", train_bn=True)
+    elif base in ("head", "full"):
+        options["freeze"] = base
+    elif base.startswith("stages:") and base[7:].isdigit() and int(base[7:]) > 0:
+        options["freeze"] = base
+    elif base == "lp-ft":
+        options.update(freeze="head", unfreeze=LP_FT_SCHEDULE)
+    elif base.startswith("l2sp@"):
+        try:
+            alpha = float(base[5:])
+        except ValueError:
+            alpha = float("nan")
+        if not alpha > 0:
+            raise TfxferError(f"Strategy {name!r} needs a positive number after l2sp@, e.g. l2sp@0.01.")
+        options["l2sp"] = alpha
+    else:
+        raise did_you_mean(base, ("scratch", "head", "full", "stages:2", "lp-ft", "l2sp@0.01"), "strategy")
+    return options
+
+
+def parse_strategies(text):
+    """`"scratch,full,l2sp@0.01"` (or a list) -> the names, each checked, no repeats."""
+    names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if str(s).strip()]
+    if not names:
+        raise TfxferError("Give at least one strategy, e.g. --strategies scratch,full,l2sp@0.01.")
+    for name in names:
+        expand(name)
+    if len(set(names)) != len(names):
+        raise TfxferError(f"Strategy list {','.join(names)!r} names one strategy twice.")
+    return names
+
+
+def command_line(flat, defaults, command="finetune"):
+    """`tfxfer finetune --opt value ...` for the options of `flat` that differ from `defaults`."""
+    parts = ["tfxfer", command]
+    for key, value in flat.items():
+        if value == defaults.get(key) or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        else:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
