@@ -23,6 +23,7 @@ def test_schedules_parse_and_resolve():
     assert [str(phase_at(resolved, e)) for e in (0, 4, 5, 9, 10, 19)] == ["head", "head", "stages:2", "stages:2", "full", "full"]
     lpft = resolve_phases(parse_unfreeze("head@0,full@25%"), 12)
     assert [start for start, _ in lpft] == [0, 3]
+    assert [start for start, _ in resolve_phases(parse_unfreeze("head@0,full@25%"), 2)] == [0, 1]  # not 0.5 -> 0
 
 
 @pytest.mark.parametrize(
@@ -42,7 +43,7 @@ def test_bad_schedules_fail_in_one_sentence(text, message):
 
 def test_phases_that_collapse_in_a_short_run_fail():
     with pytest.raises(tfxfer.TfxferError, match="increasing epochs"):
-        resolve_phases(parse_unfreeze("head@0,full@10%"), 4)
+        resolve_phases(parse_unfreeze("head@0,stages:1@10%,full@20%"), 4)
 
 
 def _fit(model, epochs=1):
@@ -125,12 +126,13 @@ def test_finetune_logs_phases_and_resume_restores_the_phase(tmp_path, folder, mo
     assert _phases(tmp_path / "runs" / "whole") == ["head", "stages:1", "full", "full"]
 
     original = tfxfer.training.finetune
-    monkeypatch.setattr(tfxfer.training, "finetune", lambda *a, **k: original(*a, callbacks=[_StopAfter(3)], **k))
+    monkeypatch.setattr(tfxfer.training, "finetune", lambda *a, **k: original(*a, callbacks=[_StopAfter(2)], **k))
     assert _finetune(tmp_path, folder, *options, "--run-name", "cut").exit_code == 1
     monkeypatch.setattr(tfxfer.training, "finetune", original)
     resumed = _finetune(tmp_path, folder, "--resume", "--run-name", "cut")
     assert resumed.exit_code == 0, resumed.output
-    assert "resuming cut after epoch 3, freeze full" in resumed.output
+    # Killed at a phase boundary: the checkpoint has the stages:1 optimizers, and full begins on resume.
+    assert "resuming cut after epoch 2, freeze stages:1" in resumed.output and "epoch 3: freeze full" in resumed.output
     assert _phases(tmp_path / "runs" / "cut") == ["head", "stages:1", "full", "full"]
 
 

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from tfxfer.config import FinetuneConfig, PretrainConfig, load_config
+from tfxfer.config import FinetuneConfig, PretrainConfig, StudyConfig, load_config
 from tfxfer.errors import TfxferError
 
 def config_options(kind, names=None):
@@ -91,6 +91,28 @@ finetune = _run_command("finetune", FinetuneConfig, "tfxfer.training.finetune",
                         "Fine-tune a backbone on a dataset and export a SavedModel.")
 pretrain = _run_command("pretrain", PretrainConfig, "tfxfer.pretraining.pretrain",
                         "Pretrain a backbone (supervised, simclr or autoencoder) for `finetune --weights RUN`.")
+
+
+STUDY_OPTIONS = [k for k in StudyConfig.fields() if k not in StudyConfig.OWNED]
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(), help="YAML config file; flags override it.")
+@config_options(StudyConfig, STUDY_OPTIONS)
+@_friendly
+def study(config_path, **flags):
+    """Compare strategies over seeds (and folds): results.csv, report.md, plots.
+
+    Each run is an ordinary finetune run folder under studies/NAME/runs/; running
+    the same command again skips finished runs and resumes an interrupted one.
+    """
+    from tfxfer.study import study as run_study
+
+    config = load_config(config_path, StudyConfig, **flags)
+    try:
+        run_study(config, log=click.echo)
+    except KeyboardInterrupt:
+        raise click.ClickException("Interrupted; run the same command again to continue the study (finished runs are kept).") from None
 
 
 @main.command()

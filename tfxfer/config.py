@@ -35,6 +35,8 @@ __all__ = [
     "FinetuneConfig",
     "PretextConfig",
     "PretrainConfig",
+    "StudyOptions",
+    "StudyConfig",
     "load_config",
     "option",
     "parse_duration",
@@ -333,6 +335,61 @@ class PretrainConfig(CommandConfig):
     def default_run_name(self):
         """`<data>-<backbone>-<method>`, e.g. `cifar10-resnet9-simclr`."""
         return _clean(f"{self.data.source_name()}-{self.model.backbone}-{self.pretext.method}")
+
+
+@dataclasses.dataclass
+class StudyOptions:
+    strategies: str = option(
+        "scratch,head,full,lp-ft,l2sp@0.01", "Comma-separated strategies (scratch, head, full, stages:N, lp-ft, l2sp@ALPHA, +bn)."
+    )
+    seeds: str = option("0,1,2", "Comma-separated seeds; each varies the labelled sample, the head's initialization and the data order.")
+    name: Optional[str] = option(None, "Study folder under --output-dir (default: <data>-<backbone>).")
+
+    def validate(self):
+        from tfxfer.strategies import parse_strategies
+
+        parse_strategies(self.strategies)
+        self.seed_list()
+
+    def seed_list(self):
+        try:
+            seeds = [int(s) for s in str(self.seeds).split(",") if s.strip()]
+        except ValueError:
+            raise TfxferError(f"--seeds must be whole numbers separated by commas, got {self.seeds!r}.") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise TfxferError(f"--seeds must name at least one seed, none twice, got {self.seeds!r}.")
+        return seeds
+
+
+@dataclasses.dataclass
+class StudyConfig(CommandConfig):
+    """A study: every strategy x seed (x fold) as an ordinary finetune run, with
+    the options of `FinetuneConfig` shared by all runs, except the ones each
+    run sets (`OWNED`)."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    transfer: TransferConfig = dataclasses.field(default_factory=TransferConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(output_dir="studies"))
+    study: StudyOptions = dataclasses.field(default_factory=StudyOptions)
+
+    COMMAND = "study"
+    # Options each run sets: from its strategy, seed and fold, and its own folder.
+    OWNED = ("strategy", "freeze", "unfreeze", "l2sp", "train_bn", "seed", "fold", "run_name")
+
+    def validate(self):
+        super().validate()
+        explicit = self.explicit_options() & set(self.OWNED)
+        if explicit:
+            key = sorted(explicit)[0]
+            raise TfxferError(
+                f"--{key.replace('_', '-')} is set by each run of a study (from --strategies, --seeds and --folds); drop it."
+            )
+        return self
+
+    def default_run_name(self):
+        return _clean(f"{self.data.source_name()}-{self.model.backbone}")
 
 
 def _clean(name):

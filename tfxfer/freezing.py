@@ -17,6 +17,7 @@ BN layers that are trainable but called with `training=False`).
 """
 
 import dataclasses
+import math
 
 import keras
 import numpy as np
@@ -111,7 +112,11 @@ class Phase:
 
     def first_epoch(self, epochs):
         """The 0-based epoch the phase begins at, in a run of `epochs` epochs."""
-        return round(self.start * epochs / 100) if self.percent else int(self.start)
+        if not self.percent:
+            return int(self.start)
+        # Rounded half up; a phase after 0% starts after at least one epoch.
+        first = math.floor(self.start * epochs / 100 + 0.5)
+        return max(first, 1) if self.start > 0 else 0
 
 
 def parse_unfreeze(text):

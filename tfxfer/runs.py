@@ -39,6 +39,7 @@ __all__ = [
     "apply_time_budget",
     "BudgetGuard",
     "write_json",
+    "read_json",
     "write_npz",
     "read_history",
 ]
@@ -144,6 +145,11 @@ def write_json(path, data):
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=2)
     os.replace(path + ".tmp", path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_npz(path, **arrays):

@@ -112,8 +112,9 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     checkpoint = runs.RunCheckpoint(run_dir, lambda: _trackables(model), model.save_weights, best_path, monitor="val_accuracy")
     initial_epoch = 0
     if resume:
-        # The checkpoint holds the optimizer slots of its phase's weights.
-        model.set_freeze(phase_at(schedule, checkpoint.saved_epoch()))
+        # The checkpoint holds the optimizers of the phase of its last epoch; the
+        # next phase, if one begins now, regrows them as an unbroken run does.
+        model.set_freeze(phase_at(schedule, checkpoint.saved_epoch() - 1))
         initial_epoch = checkpoint.restore()
         log(f"resuming {config.run.run_name} after epoch {initial_epoch}, freeze {model.freeze}")
     timer = runs.ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
@@ -138,6 +139,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     metrics = {
         "run": config.run.run_name,
         "best_epoch": checkpoint.best_epoch,
+        "epochs": len(runs.read_history(run_dir).get("epoch", [])),
         "trainable_params": trainable,
         "frozen_params": frozen,
         "num_examples": info.num_examples,

@@ -94,7 +94,7 @@ def bar_chart(labels, means, lows, highs, path, ylabel="test accuracy", title="s
     errors = np.nan_to_num(np.vstack([means - lows, highs - means]), nan=0.0)
     ax.bar(x, means, yerr=errors, capsize=4, color="#4C72B0", alpha=0.85)
     for xi, m in zip(x, means):
-        ax.text(xi, m, f"{m:.3f}", ha="center", va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+        ax.annotate(f"{m:.3f}", (xi, m), ha="center", va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
     ax.set_xticks(x, labels, rotation=30, ha="right")
     finite = np.concatenate([lows[np.isfinite(lows)], means])
     ax.set_ylim(max(0.0, float(finite.min()) - 0.1), min(1.0, float(np.nanmax(np.append(highs, means))) + 0.05))
