@@ -17,3 +17,19 @@ def test_readme_python_example_runs(tmp_path):
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", result.stdout).group(1))
     assert 0.0 <= accuracy <= 1.0
     assert (tmp_path / "saved_models" / "digits-api" / "export" / "1" / "saved_model.pb").exists()
+
+
+def _bash_lines(readme):
+    return [line for block in re.findall(r"```bash\n(.*?)```", readme, re.S) for line in block.splitlines()]
+
+
+def test_readme_first_finetune_line_works_on_its_own(tmp_path):
+    """The first line that runs `tfxfer finetune` runs offline, from a fresh folder, as written."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    line = next(line for line in _bash_lines(readme) if re.match(r"\s*(\.venv/bin/)?tfxfer finetune ", line))
+    command = line.split("#")[0].strip().replace(".venv/bin/", "")
+    tfxfer = os.path.join(os.path.dirname(sys.executable), "tfxfer")
+    result = subprocess.run(command.replace("tfxfer", tfxfer, 1), shell=True, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, (command, result.stderr[-3000:])
+    assert "test accuracy" in result.stdout and list(tmp_path.glob("saved_models/*/export/1/saved_model.pb"))

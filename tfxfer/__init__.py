@@ -11,7 +11,7 @@ from tfxfer import runtime as _runtime  # noqa: E402
 _runtime.enable_onednn()
 
 from tfxfer.backbones import BackboneSpec, create_backbone, get_backbone, list_backbones, register_backbone  # noqa: E402
-from tfxfer.config import FinetuneConfig, PretrainConfig, load_config  # noqa: E402
+from tfxfer.config import FinetuneConfig, PretrainConfig, StudyConfig, load_config  # noqa: E402
 from tfxfer.data import DatasetInfo, load_dataset  # noqa: E402
 from tfxfer.errors import TfxferError  # noqa: E402
 from tfxfer.evaluation import classification_report  # noqa: E402
@@ -20,6 +20,7 @@ from tfxfer.freezing import apply_freeze, parse_freeze  # noqa: E402
 from tfxfer.model import TransferModel, build_model  # noqa: E402
 from tfxfer.penalties import L2SP  # noqa: E402
 from tfxfer.pretraining import pretrain  # noqa: E402
+from tfxfer.study import study  # noqa: E402
 from tfxfer.training import finetune  # noqa: E402
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "FinetuneConfig",
     "L2SP",
     "PretrainConfig",
+    "StudyConfig",
     "TfxferError",
     "TransferModel",
     "apply_freeze",
@@ -45,4 +47,5 @@ __all__ = [
     "parse_freeze",
     "pretrain",
     "register_backbone",
+    "study",
 ]

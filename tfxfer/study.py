@@ -74,7 +74,8 @@ def study(config, log=print, verbose=2):
     with open(os.path.join(study_dir, "commands.txt"), "w") as f:
         f.write("\n".join(commands) + "\n")
     _write_csv(os.path.join(study_dir, "results.csv"), rows)
-    report_path = write_report(study_dir, rows, strategies, seeds, config, name, log)
+    report_path, summary = write_report(study_dir, rows, strategies, seeds, config, name, log)
+    log("\n".join(summary))
     log(f"study {name}: results.csv, report.md and plots in {study_dir}")
     return StudyResult(study_dir, rows, report_path)
 
@@ -189,7 +190,8 @@ def _pct(x):
 
 
 def write_report(study_dir, rows, strategies, seeds, config, name, log=print):
-    """`report.md` and the PNGs from the rows of `results.csv`."""
+    """`report.md` and the PNGs from the rows of `results.csv`; returns the
+    report's path and its table and plain-language lines, for the console."""
     by_strategy = {s: sorted((r for r in rows if r["strategy"] == s), key=lambda r: (r["seed"], str(r["fold"]))) for s in strategies}
     folds = config.data.folds
     runs_text = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}" + (f" × {folds} folds" if folds else "")
@@ -233,9 +235,9 @@ def write_report(study_dir, rows, strategies, seeds, config, name, log=print):
         cells.append(f"{np.mean(epochs):.0f}" if epochs else "–")
         cells.append(f"{np.mean([r['wall_time_seconds'] for r in by_strategy[s]]):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## In plain words", ""]
-    for (s, b), c in comparisons.items():
-        lines.append(f"- {describe(s, b, c, runs_text)}")
+    table_end = len(lines)
+    plain = [f"- {describe(s, b, c, runs_text)}" for (s, b), c in comparisons.items()]
+    lines += ["", "## In plain words", "", *plain]
     lines += [
         "",
         f"Best mean test accuracy: **{best}**. Differences are in accuracy points (mean ± sd of the paired "
@@ -263,7 +265,7 @@ def write_report(study_dir, rows, strategies, seeds, config, name, log=print):
         f.write("\n".join(lines))
     os.replace(path + ".tmp", path)
     _plot_study(study_dir, by_strategy, summaries, best, config, log)
-    return path
+    return path, lines[table_end - len(strategies) - 2:table_end] + [""] + plain
 
 
 def _plot_study(study_dir, by_strategy, summaries, best, config, log):
