@@ -111,6 +111,10 @@ class TransferConfig:
     l2sp_scope: str = option("kernels", "Weights L2-SP pulls: kernels (as the paper) or all.", SCOPES)
     head_l2: float = option(0.0, "Plain L2 beta on the new head's kernel.")
     backbone_lr_mult: float = option(1.0, "Backbone learning rate = lr * this, through its own optimizer.")
+    feature_cache: str = option(
+        "auto", "While the backbone is frozen, train the head on features computed once: auto (when not augmenting), "
+        "memory, a folder (kept across runs), or off."
+    )
 
     def validate(self):
         from tfxfer.freezing import parse_freeze, parse_unfreeze

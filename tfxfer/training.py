@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfxfer import runs
+from tfxfer import feature_cache, runs
 from tfxfer.backbones.pretrained import backbone_spec, save_backbone
 from tfxfer.config import FinetuneConfig
 from tfxfer.errors import TfxferError
@@ -118,17 +118,24 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         initial_epoch = checkpoint.restore()
         log(f"resuming {config.run.run_name} after epoch {initial_epoch}, freeze {model.freeze}")
     timer = runs.ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
-    history = model.fit(
-        train,
-        validation_data=val,
-        epochs=config.optim.epochs,
-        initial_epoch=initial_epoch,
-        callbacks=[
-            UnfreezeSchedule(schedule, log), checkpoint, timer, *runs.budget_callbacks(config, started, resume, log),
-            PhaseLogger(os.path.join(run_dir, runs.HISTORY_FILE), append=resume), *callbacks,
-        ],
-        verbose=verbose,
-    )
+    logger = PhaseLogger(os.path.join(run_dir, runs.HISTORY_FILE), append=resume)
+    fit_callbacks = [
+        UnfreezeSchedule(schedule, log), checkpoint, timer, *runs.budget_callbacks(config, started, resume, log),
+        logger, *callbacks,
+    ]
+    histories = []
+    cached_epochs = 0
+    if feature_cache.use_feature_cache(config.transfer.feature_cache, config.first_policy(), config.data.augment, log):
+        cached_epochs = schedule[1][0] if len(schedule) > 1 else config.optim.epochs
+    if initial_epoch < cached_epochs:
+        histories.append(_fit_cached(model, config, train, val, initial_epoch, cached_epochs, fit_callbacks, verbose, log))
+        initial_epoch = cached_epochs
+        logger.append = True  # the next fit adds to the same history.csv
+    if initial_epoch < config.optim.epochs and not (histories and histories[-1].model.stop_training):
+        histories.append(model.fit(
+            train, validation_data=val, epochs=config.optim.epochs, initial_epoch=initial_epoch,
+            callbacks=fit_callbacks, verbose=verbose,
+        ))
 
     if os.path.exists(best_path):
         with warnings.catch_warnings():
@@ -170,7 +177,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     if test is not None:
         summary += f", test accuracy {metrics['test']['accuracy']:.4f}"
     log(f"{summary}; run folder {run_dir}, SavedModel {export_dir} ({metrics['wall_time_seconds']} s)")
-    return RunResult(run_dir, export_dir, _history_dict(history), metrics, model)
+    return RunResult(run_dir, export_dir, _history_dict(histories), metrics, model)
 
 
 PREDICTIONS = "test_predictions.npz"  # labels and probabilities of the test split, in its order
@@ -186,6 +193,29 @@ def _plot_run(run_dir, run_name, metrics, class_names):
     plots.confusion_matrix(
         report["confusion_matrix"], class_names, os.path.join(run_dir, "confusion_matrix.png"),
         f"{run_name}: {split}, accuracy {report['accuracy']:.3f} ({report['num_examples']} images)",
+    )
+
+
+def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, verbose, log):
+    """Epochs `initial_epoch..epochs` of a frozen backbone: the head trains on
+    features computed once (`tfxfer.feature_cache`)."""
+    started = time.time()
+    setting = config.transfer.feature_cache
+    if config.data.augment != "none":
+        train = runs.load_data(config, log=lambda message: None, augment="none")[0]
+    train_features, train_labels = feature_cache.cached_features(model, train, setting, "train", log)
+    val_features, val_labels = feature_cache.cached_features(model, val, setting, "validation", log)
+    log(f"feature cache: {len(train_labels):,} train and {len(val_labels):,} validation features of size "
+        f"{train_features.shape[1]} in {time.time() - started:.1f} s; the head trains on them for epochs "
+        f"{initial_epoch + 1}-{epochs}")
+    head = feature_cache.HeadModel(model)
+    head.compile(optimizer=model.optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                 jit_compile=config.run.jit_compile)
+    batch_size, seed = config.optim.batch_size, config.run.seed
+    return head.fit(
+        feature_cache.feature_dataset(train_features, train_labels, batch_size, True, seed),
+        validation_data=feature_cache.feature_dataset(val_features, val_labels, batch_size, False, seed),
+        epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
     )
 
 
@@ -231,5 +261,9 @@ def _round_trip(model, export_dir, dataset):
     return float(np.abs(served["probabilities"].numpy() - model.predict(images, verbose=0)).max())
 
 
-def _history_dict(history):
-    return {k: [float(v) for v in values] for k, values in history.history.items()}
+def _history_dict(histories):
+    merged = {}
+    for history in histories:
+        for key, values in history.history.items():
+            merged.setdefault(key, []).extend(float(v) for v in values)
+    return merged

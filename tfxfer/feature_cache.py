@@ -1,0 +1,152 @@
+"""Feature caching: while the backbone is frozen, train the head on its features.
+
+With `freeze=head` (and the first phase of `lp-ft`) the backbone is a fixed
+function, so `pool(backbone(preprocess(image)))` is computed once per image and
+the head trains on those vectors: an epoch is a pass over `[N, D]` floats, not
+through the backbone.
+
+What the cache keeps and what it does not:
+
+* the features are those of the un-augmented images, computed in inference
+  mode. With `--augment`, a cached phase does not augment (the run says so);
+  layers inside the backbone that are random in training (EfficientNet's
+  dropout) do not run either. Dropout before the head still does.
+* the exported model is the whole `TransferModel`: the head trained on the
+  cache is the same layer object, so the backbone is always in the export.
+
+`--feature-cache DIR` keeps the features on disk, keyed by the backbone's name,
+a digest of its weights, the image size and a fingerprint of the images and
+labels (order-independent), so a second run on the same data and weights skips
+the extraction.
+"""
+
+import hashlib
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.losses.loss import unscale_loss_for_distribution
+
+from tfxfer.errors import TfxferError
+
+__all__ = ["FEATURE_CACHE", "HeadModel", "use_feature_cache", "extract_features", "cached_features", "feature_dataset"]
+
+FEATURE_CACHE = ("auto", "off", "memory")  # or a folder
+
+
+def use_feature_cache(setting, first_policy, augment, log=print):
+    """Whether the run's first (frozen-backbone) phase trains on cached features."""
+    if setting == "off" or str(first_policy) != "head":
+        return False
+    if setting == "auto" and augment != "none":
+        return False  # auto never changes what training sees
+    if augment != "none":
+        log(f"feature cache: the head trains on features of un-augmented images; --augment {augment} applies "
+            "only to phases that train the backbone")
+    return True
+
+
+@keras.saving.register_keras_serializable(package="tfxfer")
+class HeadModel(keras.Model):
+    """The head of a `TransferModel` (dropout + dense), on cached features.
+
+    It shares the layers, and so the weights, of `transfer`; its training step
+    adds the same head penalty and logs the same keys, so a run's history reads
+    the same with or without the cache.
+    """
+
+    def __init__(self, transfer, **kwargs):
+        super().__init__(name="cached_head", **kwargs)
+        self.drop, self.head = transfer.drop, transfer.head
+        self._transfer = [transfer]  # a list: not tracked as a sub-model
+        self.freeze = "head"
+
+    def call(self, features, training=False):
+        return self.head(self.drop(features, training=training))
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        penalty = self._transfer[0].penalty
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            head_l2 = penalty.head()
+            scaled = self.optimizer.scale_loss(tf.cast(loss, tf.float32) + head_l2)
+        self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=tf.shape(x)[0])
+        weights = self.trainable_weights
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, weights), weights))
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if penalty.alpha:
+            logs["l2sp"] = tf.constant(0.0)  # the backbone is frozen: nothing is pulled
+        if penalty.beta:
+            logs["head_l2"] = head_l2
+        return logs
+
+
+def _extractor(model):
+    @tf.function
+    def features(images):
+        x = model.preprocess(images)
+        return tf.cast(model.pool(model.backbone(x, training=False)), tf.float32)
+
+    return features
+
+
+def extract_features(model, dataset):
+    """`(features [N, D] float32, labels [N])` of a batched `(images, labels)` dataset."""
+    features, labels = [], []
+    extract = _extractor(model)
+    for images, batch_labels in dataset:
+        features.append(extract(images).numpy())
+        labels.append(batch_labels.numpy())
+    if not features:
+        raise TfxferError("No images to compute features of.")
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def weights_digest(model):
+    digest = hashlib.sha256()
+    for weight in model.backbone.weights:
+        digest.update(weight.path.encode())
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(dataset):
+    """A digest of the images and labels of `dataset`, whatever their order."""
+    digests = []
+    for images, labels in dataset.as_numpy_iterator():
+        for image, label in zip(images, labels):
+            digests.append(hashlib.sha1(image.tobytes() + int(label).to_bytes(8, "little")).digest())
+    return hashlib.sha256(b"".join(sorted(digests))).hexdigest()
+
+
+def cached_features(model, dataset, setting, split, log=print):
+    """Features and labels of `dataset` for the run's model: computed, or read
+    from the folder `setting` when it holds them for these weights and images."""
+    if setting in ("auto", "memory"):
+        return extract_features(model, dataset)
+    key = hashlib.sha256(
+        f"{model.backbone_name}|{model.image_size}|{weights_digest(model)}|{data_fingerprint(dataset)}".encode()
+    ).hexdigest()[:24]
+    path = os.path.join(setting, f"{model.backbone_name}-{model.image_size}px-{key}.npz")
+    if os.path.exists(path):
+        with np.load(path) as saved:
+            log(f"feature cache: {split} features read from {path}")
+            return saved["features"], saved["labels"]
+    features, labels = extract_features(model, dataset)
+    os.makedirs(setting, exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, features=features, labels=labels)
+    os.replace(path + ".tmp", path)
+    log(f"feature cache: {split} features written to {path}")
+    return features, labels
+
+
+def feature_dataset(features, labels, batch_size, training, seed):
+    """Batched `(features, labels)`, reshuffled every epoch for training."""
+    ds = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.int32)))
+    if training:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
