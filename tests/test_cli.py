@@ -148,3 +148,11 @@ def test_backbones_lists_sizes_parameters_and_stages():
     assert result.exit_code == 0
     assert "resnet50" in result.output and "224" in result.output and "23,587,712" in result.output
     assert "stem conv2 conv3 conv4 conv5" in result.output
+
+
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "tfxfer", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Usage: tfxfer" in result.stdout and "study" in result.stdout
