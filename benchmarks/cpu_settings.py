@@ -1,4 +1,4 @@
-"""What oneDNN and TF op determinism cost a tfxfer training step, on this CPU.
+"""What oneDNN, TF op determinism, XLA and thread counts do to a tfxfer training step, on this CPU.
 
 oneDNN is fixed when TensorFlow loads, so every measurement runs in its own
 process. Settings alternate in one run, `--repeats` times; each measurement is
@@ -23,10 +23,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SETTINGS = [  # (label, TF_ENABLE_ONEDNN_OPTS, op determinism)
-    ("oneDNN on, determinism off (tfxfer default)", "1", False),
-    ("oneDNN on, determinism on (--deterministic)", "1", True),
-    ("oneDNN off, determinism off (TensorFlow's default on AVX2)", "0", False),
+SETTINGS = [  # (label, TF_ENABLE_ONEDNN_OPTS, extra child flags)
+    ("oneDNN on, determinism off (tfxfer default)", "1", []),
+    ("oneDNN on, determinism on (--deterministic)", "1", ["--deterministic"]),
+    ("oneDNN off, determinism off (TensorFlow's default on AVX2)", "0", []),
+    ("XLA (--jit-compile)", "1", ["--jit"]),
+    ("intra-op threads 2, inter-op 1", "1", ["--intra", "2", "--inter", "1"]),
+    ("intra-op threads 1, inter-op 2", "1", ["--intra", "1", "--inter", "2"]),
 ]
 
 
@@ -40,11 +43,16 @@ def measure(args):
 
     from tfxfer.runs import seed_everything
 
+    if args.intra:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra)
+    if args.inter:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter)
+
     seed_everything(0, deterministic=args.deterministic)
     model = tfxfer.build_model(
         args.backbone, num_classes=10, weights=None, image_size=args.size, freeze="full", l2sp=0.01
     )
-    model.compile(keras.optimizers.SGD(0.001, momentum=0.9), "sparse_categorical_crossentropy")
+    model.compile(keras.optimizers.SGD(0.001, momentum=0.9), "sparse_categorical_crossentropy", jit_compile=args.jit)
     images = np.random.default_rng(0).integers(0, 256, (args.batch_size, args.size, args.size, 3), np.uint8)
     labels = np.arange(args.batch_size) % 10
     data = tf.data.Dataset.from_tensors((images, labels)).repeat().take(args.steps + 2).cache()
@@ -66,6 +74,9 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "cpu_settings.md"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--deterministic", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--jit", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--intra", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--inter", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return measure(args)
@@ -74,10 +85,9 @@ def main():
 
     results = {label: [] for label, _, _ in SETTINGS}
     for repeat in range(args.repeats):
-        for label, onednn, deterministic in SETTINGS:
+        for label, onednn, extra in SETTINGS:
             command = [sys.executable, __file__, "--child", "--backbone", args.backbone, "--size", str(args.size),
-                       "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
-            command += ["--deterministic"] if deterministic else []
+                       "--batch-size", str(args.batch_size), "--steps", str(args.steps), *extra]
             env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn}
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
@@ -90,7 +100,7 @@ def main():
     command = " ".join(["python", "benchmarks/cpu_settings.py", "--backbone", args.backbone, "--size", str(args.size),
                         "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--repeats", str(args.repeats)])
     lines = [
-        f"# oneDNN and op determinism: {args.backbone}, {args.size} px, batch {args.batch_size}",
+        f"# CPU settings (oneDNN, op determinism, XLA, threads): {args.backbone}, {args.size} px, batch {args.batch_size}",
         "",
         f"CPU: {cpu_name()} ({os.cpu_count()} cores; flags: {flags}).",
         f"Full fine-tune, BN frozen, L2-SP 0.01, SGD momentum, float32; median step of {args.steps} after warm-up,",
