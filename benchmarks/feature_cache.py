@@ -12,22 +12,12 @@ Writes benchmarks/feature_cache.md (or --out).
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-
-def cpu():
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{fields.get('Model name', platform.processor()).strip()} ({', '.join(wanted)}), {os.cpu_count()} cores"
 
 
 def main():
@@ -47,6 +37,7 @@ def main():
     import tensorflow as tf
 
     from tfxfer.feature_cache import HeadModel, extract_features, feature_dataset
+    from tfxfer.runtime import describe_cpu
 
     keras.utils.set_random_seed(0)
     model = tfxfer.build_model(args.backbone, num_classes=10, weights=None, image_size=args.size, freeze="head")
@@ -81,7 +72,7 @@ def main():
     ]
     lines = [
         "# Feature caching (`freeze=head`)", "",
-        f"Machine: {cpu()}; TensorFlow {tf.__version__}, Keras {keras.__version__}.", "",
+        f"Machine: {describe_cpu()}; TensorFlow {tf.__version__}, Keras {keras.__version__}.", "",
         f"{args.backbone}, {args.size} px, batch {args.batch_size}, {args.images} images, float32.", "",
         "| what | time | throughput |", "|---|---|---|",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows], "",

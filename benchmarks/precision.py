@@ -20,9 +20,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, ROOT)
 
-from feature_cache import cpu  # noqa: E402
+from tfxfer.runtime import describe_cpu  # noqa: E402
 
 PRECISIONS = ("float32", "mixed_bfloat16")
 
@@ -56,7 +56,7 @@ def main():
     strategies = list(results[PRECISIONS[0]][0])
     lines = [
         "# bfloat16 against float32 on the quickstart", "",
-        f"Machine: {cpu()}.", "",
+        f"Machine: {describe_cpu()}.", "",
         "README command 1 (pretrain + study, 5 seeds), once per `--precision`. Test accuracy on the 180 test "
         "images of the digits 5-9, mean over seeds (each seed's value in brackets).", "",
         "| strategy | " + " | ".join(PRECISIONS) + " | bf16 − fp32 (points) |", "|---|---|---|---|",

@@ -19,7 +19,6 @@ Contenders:
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -34,13 +33,6 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 CONTENDERS = ("tfxfer head", "tfxfer full", "tfxfer full+L2-SP", "keras fit full", "torch eager full", "torch eager full+L2-SP")
 SETTINGS = ((32, 64, 15), (224, 16, 5))  # (image size, batch, timed steps)
 WARMUP = 3
-
-
-def cpu_info():
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    return fields.get("Model name", platform.processor()).strip(), flags
 
 
 def has_bf16(flags):
@@ -232,7 +224,9 @@ def main():
     if args.child:
         return child(args)
 
-    model_name, flags = cpu_info()
+    from tfxfer.runtime import cpu_flags, describe_cpu
+
+    machine, flags = describe_cpu(), cpu_flags()
     try:
         import torch  # noqa: F401
         contenders = CONTENDERS
@@ -261,18 +255,17 @@ def main():
         jpeg_folder(folder)
         pipeline = {size: run_child("pipeline", "--size", str(size), "--batch", str(batch), "--folder", folder)
                     for size, batch, _ in SETTINGS}
-    write(args.out, model_name, flags, peak, results, small, pipeline, contenders, precisions, args.repeats,
+    write(args.out, machine, peak, results, small, pipeline, contenders, precisions, args.repeats,
           time.time() - started)
 
 
-def write(path, model_name, flags, peak, results, small, pipeline, contenders, precisions, repeats, seconds):
+def write(path, machine, peak, results, small, pipeline, contenders, precisions, repeats, seconds):
     import keras
     import tensorflow as tf
 
     def rate(key):
         return statistics.median(r["images_per_second"] for r in results[key])
 
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     try:
         import torch
         torch_version = torch.__version__
@@ -280,7 +273,7 @@ def write(path, model_name, flags, peak, results, small, pipeline, contenders, p
         torch_version = "not installed"
     lines = [
         "# Benchmarks", "",
-        f"Machine: **{model_name}**, flags {' '.join(wanted)}, {os.cpu_count()} cores. TensorFlow {tf.__version__} "
+        f"Machine: **{machine}**. TensorFlow {tf.__version__} "
         f"(oneDNN on), Keras {keras.__version__}, PyTorch {torch_version}.", "",
         f"Command: `python benchmarks/suite.py` ({repeats} repeats, contenders alternating, {seconds / 60:.0f} min). "
         "Each figure: images/s = batch / median step time after "

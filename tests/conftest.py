@@ -74,6 +74,23 @@ def write_class_folder(root, classes=("cat", "dog"), per_class=6, size=40, seed=
                 f.write(_encode(base, fmt, mode))
 
 
+def write_splits(root, train=12, test=4, classes=("cat", "dog", "owl")):
+    """root/train/<class>/ and root/test/<class>/ with `train` and `test` images per class."""
+    for split, n, seed in (("train", train, 0), ("test", test, 1)):
+        write_class_folder(os.path.join(root, split), classes=classes, per_class=n, seed=seed)
+    return str(root)
+
+
+def run_cli(*args):
+    """`tfxfer ARGS` in-process, in a fresh Keras session; a click `Result`."""
+    from click.testing import CliRunner
+
+    from tfxfer.cli import main
+
+    keras.backend.clear_session()
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A single class folder with every image kind, one corrupt JPEG and one text file."""

@@ -4,14 +4,11 @@ import csv
 import json
 import os
 
-import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from tfxfer.cli import main
 from tfxfer.feature_cache import HeadModel, extract_features
-from tests.conftest import random_images, write_class_folder
+from tests.conftest import random_images, run_cli, write_splits
 
 
 def test_cached_path_gives_the_logits_of_the_full_model(tiny_model_factory):
@@ -29,9 +26,7 @@ def test_cached_path_gives_the_logits_of_the_full_model(tiny_model_factory):
 
 @pytest.fixture
 def folder(tmp_path):
-    for split, n, seed in (("train", 8, 0), ("test", 4, 1)):
-        write_class_folder(str(tmp_path / "data" / split), classes=("cat", "dog", "owl"), per_class=n, seed=seed)
-    return str(tmp_path / "data")
+    return write_splits(tmp_path / "data", train=8, test=4)
 
 
 def _finetune(tmp_path, folder, name, *extra):
@@ -39,8 +34,7 @@ def _finetune(tmp_path, folder, name, *extra):
     args = ["finetune", "--data-dir", folder, "--backbone", "tiny", "--weights", "none", "--image-size", "32",
             "--freeze", "head", "--epochs", "3", "--batch-size", "64", "--lr", "0.05", "--head-l2", "0.001",
             "--output-dir", str(tmp_path / "runs"), "--run-name", name, *extra]
-    keras.backend.clear_session()
-    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    result = run_cli(*args)
     assert result.exit_code == 0, result.output
     return result.output, tmp_path / "runs" / name
 

@@ -8,16 +8,14 @@ import os
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 from scipy import stats as scipy_stats
 
 import tfxfer
-from tfxfer.cli import main
 from tfxfer.config import StudyConfig, load_config
 from tfxfer.reporting.stats import describe, paired, summarize
 from tfxfer.strategies import LP_FT_SCHEDULE, expand, parse_strategies
-from tests.conftest import write_class_folder
+from tests.conftest import run_cli, write_splits
 
 
 def test_summary_matches_scipy():
@@ -79,17 +77,14 @@ def test_study_refuses_options_each_run_sets():
 
 @pytest.fixture
 def folder(tmp_path):
-    for split, n, seed in (("train", 10, 0), ("test", 4, 1)):
-        write_class_folder(str(tmp_path / "data" / split), classes=("cat", "dog", "owl"), per_class=n, seed=seed)
-    return str(tmp_path / "data")
+    return write_splits(tmp_path / "data", train=10, test=4)
 
 
 def _study(tmp_path, folder, *extra):
     args = ["study", "--data-dir", folder, "--backbone", "simplecnn", "--weights", "none", "--image-size", "32",
             "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--output-dir", str(tmp_path / "studies"),
             "--name", "s", *extra]
-    keras.backend.clear_session()
-    return CliRunner().invoke(main, args, catch_exceptions=False)
+    return run_cli(*args)
 
 
 class _KillIn(keras.callbacks.Callback):

@@ -6,13 +6,11 @@ import os
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import tfxfer
-from tfxfer.cli import main
 from tfxfer.freezing import parse_unfreeze, phase_at, resolve_phases
 from tfxfer.optim import _slot_lists
-from tests.conftest import random_images, write_class_folder
+from tests.conftest import random_images, run_cli, write_splits
 
 
 def test_schedules_parse_and_resolve():
@@ -89,16 +87,13 @@ def test_switching_phase_keeps_slots_anchors_and_bn_statistics(tiny_model_factor
 
 @pytest.fixture
 def folder(tmp_path):
-    for split, n, seed in (("train", 12, 0), ("test", 3, 1)):
-        write_class_folder(str(tmp_path / "data" / split), classes=("cat", "dog", "owl"), per_class=n, seed=seed)
-    return str(tmp_path / "data")
+    return write_splits(tmp_path / "data", train=12, test=3)
 
 
 def _finetune(tmp_path, folder, *extra):
     args = ["finetune", "--data-dir", folder, "--backbone", "tiny", "--weights", "none", "--image-size", "32",
             "--batch-size", "8", "--lr", "0.01", "--output-dir", str(tmp_path / "runs"), *extra]
-    keras.backend.clear_session()
-    return CliRunner().invoke(main, args, catch_exceptions=False)
+    return run_cli(*args)
 
 
 def _phases(run_dir):

@@ -78,6 +78,13 @@ def cpu_flags():
     return frozenset()
 
 
+def describe_cpu():
+    """`"MODEL (flags avx2 fma ...), N cores"`: what every benchmark figure is reported beside."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    flags = [f for f in wanted if f in cpu_flags()]
+    return f"{cpu_name()} (flags {' '.join(flags) or 'none of ' + ' '.join(wanted)}), {os.cpu_count()} cores"
+
+
 def cpu_name():
     """The CPU model name, for reports."""
     try:
