@@ -38,8 +38,14 @@ def test_finetune_writes_a_complete_run(tmp_path, folder):
     run = tmp_path / "runs" / "data-tiny-stages2-l2sp"
     assert "trainable and" in result.output and "frozen parameters" in result.output
     assert "test accuracy" in result.output and "skipped 1 unreadable files" in result.output
-    for name in ("config.yaml", "history.csv", "best.weights.h5", "model.keras", "metrics.json", "export/1/saved_model.pb"):
+    for name in ("config.yaml", "history.csv", "best.weights.h5", "model.keras", "metrics.json", "export/1/saved_model.pb",
+                 "learning_curves.png", "confusion_matrix.png", "test_predictions.npz"):
         assert (run / name).exists(), name
+    from PIL import Image
+
+    for name in ("learning_curves.png", "confusion_matrix.png"):
+        with Image.open(run / name) as image:
+            assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 250, (name, image.size)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["skipped_files"]["count"] == 1
     assert metrics["export_max_abs_diff"] < 1e-5
