@@ -255,6 +255,9 @@ def main():
         jpeg_folder(folder)
         pipeline = {size: run_child("pipeline", "--size", str(size), "--batch", str(batch), "--folder", folder)
                     for size, batch, _ in SETTINGS}
+    with open(os.path.join(ROOT, "benchmarks", "suite.json"), "w") as f:  # the raw measurements of the table
+        json.dump({"peak": peak, "pipeline": pipeline, "small": small,
+                   "results": [[list(k), v] for k, v in results.items()]}, f, indent=1)
     write(args.out, machine, peak, results, small, pipeline, contenders, precisions, args.repeats,
           time.time() - started)
 
@@ -298,7 +301,8 @@ def write(path, machine, peak, results, small, pipeline, contenders, precisions,
                 r = rate(key)
                 memory = max(x["peak_mb"] for x in results[key])
                 train_flops = flops * (1 if contender.endswith("head") else 3) if flops else None
-                achieved = f"{train_flops * r / batch / 1e9:.0f} GFLOP/s ({train_flops * r / batch / peak:.0%})" if train_flops else "–"
+                # forward_flops is per image: FLOP/s = FLOPs per image x images per second.
+                achieved = f"{train_flops * r / 1e9:.0f} GFLOP/s ({train_flops * r / peak:.0%})" if train_flops else "–"
                 lines.append(f"| {contender} | {r:.1f} | {memory:,.0f} | {mine / r:.2f} | {achieved} |")
             lines.append("")
             overhead = rate((size, batch, precision, "tfxfer full")) / mine
