@@ -74,7 +74,7 @@ def study(config, log=print, verbose=2):
     with open(os.path.join(study_dir, "commands.txt"), "w") as f:
         f.write("\n".join(commands) + "\n")
     _write_csv(os.path.join(study_dir, "results.csv"), rows)
-    report_path, summary = write_report(study_dir, rows, strategies, seeds, config, name, log)
+    report_path, summary = write_report(study_dir, rows, commands, strategies, seeds, config, name)
     log("\n".join(summary))
     log(f"study {name}: results.csv, report.md and plots in {study_dir}")
     return StudyResult(study_dir, rows, report_path)
@@ -189,9 +189,10 @@ def _pct(x):
     return "–" if x is None or not np.isfinite(x) else f"{100 * x:.1f}"
 
 
-def write_report(study_dir, rows, strategies, seeds, config, name, log=print):
-    """`report.md` and the PNGs from the rows of `results.csv`; returns the
-    report's path and its table and plain-language lines, for the console."""
+def write_report(study_dir, rows, commands, strategies, seeds, config, name):
+    """`report.md` and the PNGs from the rows of `results.csv` (and each row's
+    `tfxfer finetune` command in `commands`); returns the report's path and its
+    table and plain-language lines, for the console."""
     by_strategy = {s: sorted((r for r in rows if r["strategy"] == s), key=lambda r: (r["seed"], str(r["fold"]))) for s in strategies}
     folds = config.data.folds
     runs_text = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}" + (f" × {folds} folds" if folds else "")
@@ -255,7 +256,6 @@ def write_report(study_dir, rows, strategies, seeds, config, name, log=print):
         "Every run is a plain `tfxfer finetune` command, listed in `commands.txt`; the first of each strategy:", "",
         "```bash",
     ]
-    commands = open(os.path.join(study_dir, "commands.txt")).read().splitlines()
     for s in strategies:
         index = next(i for i, r in enumerate(rows) if r["strategy"] == s)
         lines.append(commands[index])
@@ -264,11 +264,11 @@ def write_report(study_dir, rows, strategies, seeds, config, name, log=print):
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines))
     os.replace(path + ".tmp", path)
-    _plot_study(study_dir, by_strategy, summaries, best, config, log)
+    _plot_study(study_dir, by_strategy, summaries, best)
     return path, lines[table_end - len(strategies) - 2:table_end] + [""] + plain
 
 
-def _plot_study(study_dir, by_strategy, summaries, best, config, log):
+def _plot_study(study_dir, by_strategy, summaries, best):
     strategies = list(by_strategy)
     m = [summaries[s] for s in strategies]
     plots.bar_chart(
