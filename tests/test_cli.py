@@ -2,6 +2,8 @@ import csv
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from tfxfer.cli import main
-from tests.conftest import write_class_folder
+from tests.conftest import run_cli, write_class_folder
 
 
 @pytest.fixture
@@ -61,7 +63,7 @@ def test_checkpoint_holds_weights_and_optimizer_state_but_no_anchors(tmp_path, f
     assert model.compiled and model.penalty.alpha == 1.0  # ready for continued training
     weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
     trainable_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.trainable_weights)
-    checkpoint = sum(os.path.getsize(f) for f in glob.glob(str(tmp_path / "runs" / "r" / "checkpoint" / "last*")))
+    checkpoint = sum(os.path.getsize(f) for f in glob.glob(str(tmp_path / "runs" / "r" / "checkpoint" / "epoch-*")))
     # weights + SGD momentum (one slot per trainable weight); anchors would add another weight_bytes.
     assert weight_bytes < checkpoint < weight_bytes + trainable_bytes + 0.5 * weight_bytes
 
@@ -91,7 +93,7 @@ def test_interrupted_run_resumes(tmp_path, folder, monkeypatch):
     original = tfxfer.training.finetune
     monkeypatch.setattr(tfxfer.training, "finetune", lambda *a, **k: original(*a, callbacks=[_Interrupt()], **k))
     stopped = _finetune(tmp_path, folder, "--run-name", "crash", "--epochs", "3")
-    assert stopped.exit_code == 1 and "tfxfer finetune --resume --run-name crash" in stopped.output
+    assert stopped.exit_code == 130 and "tfxfer finetune --resume --run-name crash" in stopped.output
     monkeypatch.setattr(tfxfer.training, "finetune", original)
 
     resumed = _finetune(tmp_path, folder, "--run-name", "crash", "--resume", "--epochs", "3")
@@ -162,3 +164,43 @@ def test_python_dash_m_runs_the_command():
 
     result = subprocess.run([sys.executable, "-m", "tfxfer", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "Usage: tfxfer" in result.stdout and "study" in result.stdout
+
+
+def _fresh_python(code):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["finetune", "--help"], ["study", "--help"], ["pretrain", "--help"]])
+def test_help_does_not_import_tensorflow(argv):
+    done = _fresh_python(
+        "import sys\nfrom tfxfer.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "heavy = sorted(m for m in ('tensorflow', 'keras', 'tensorflow_datasets', 'matplotlib') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert "HEAVY []" in done.stdout and "Usage:" in done.stdout
+
+
+def test_shell_completion_answers_without_tensorflow():
+    done = _fresh_python(
+        "import os, sys\n"
+        "os.environ.update(_TFXFER_COMPLETE='bash_complete', COMP_WORDS='tfxfer finetune --backb', COMP_CWORD='2')\n"
+        "from tfxfer.cli import main\n"
+        "try:\n    main(prog_name='tfxfer')\nexcept SystemExit:\n    pass\n"
+        "print('TF', 'tensorflow' in sys.modules)\n"
+    )
+    assert "--backbone" in done.stdout and "TF False" in done.stdout, done.stdout + done.stderr[-1500:]
+
+
+def test_exit_codes_usage_2_user_error_1(tmp_path):
+    assert run_cli("finetune", "--no-such-flag").exit_code == 2
+    assert run_cli("finetune", "--epochs", "many").exit_code == 2
+    mistake = run_cli("finetune", "--dataset", "cifar1O", "--tfds-data-dir", tmp_path)
+    assert mistake.exit_code == 1 and "did you mean" in mistake.output
+
+
+def test_python_dash_m_tfxfer_works():
+    done = subprocess.run([sys.executable, "-m", "tfxfer", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "version" in done.stdout

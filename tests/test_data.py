@@ -6,6 +6,7 @@ import tensorflow as tf
 
 import tfxfer
 from tests.conftest import write_class_folder
+from tfxfer.data import load_splits
 
 
 def _all(ds):
@@ -168,7 +169,7 @@ def test_labels_per_class_is_seeded(tmp_path):
     write_class_folder(str(tmp_path), per_class=12)
 
     def chosen(seed):
-        splits, _ = tfxfer.data.load_splits(data_dir=str(tmp_path), labels_per_class=5, seed=seed)
+        splits, _ = load_splits(data_dir=str(tmp_path), labels_per_class=5, seed=seed)
         return sorted(splits["train"].items.tolist() + splits["val"].items.tolist())
 
     assert chosen(1) == chosen(1) and chosen(1) != chosen(2) and len(chosen(1)) == 10
@@ -194,3 +195,20 @@ def test_tfds_class_selection_reads_labels_without_copying():
 def test_bad_selection_fails_clearly(image_folder, kwargs, message):
     with pytest.raises(tfxfer.TfxferError, match=message):
         tfxfer.load_dataset(data_dir=image_folder, **kwargs)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_each_epoch_has_its_own_order_and_set_epoch_replays_it(image_folder, cache):
+    """What a resumed run relies on: epoch e's batches depend on the seed and e
+    only, not on how many passes this pipeline (or process) made before."""
+    from tfxfer.data.pipeline import set_epoch
+
+    def passes(n, start=0):
+        train = tfxfer.load_dataset(data_dir=image_folder, image_size=16, batch_size=4, seed=3, augment="flip_crop", cache=cache)[0]
+        set_epoch(train, start)
+        return [np.concatenate([x for x, _ in train.as_numpy_iterator()]) for _ in range(n)]
+
+    first = passes(3)
+    assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2])
+    resumed = passes(1, start=2)  # a new pipeline, as after a restart
+    np.testing.assert_array_equal(resumed[0], first[2])

@@ -7,7 +7,7 @@ import yaml
 from click.testing import CliRunner
 
 import tfxfer
-from tfxfer import runs
+from tfxfer import atomic, runs
 from tfxfer.cli import main
 from tfxfer.config import FinetuneConfig, load_config, parse_duration
 from tfxfer.data.pipeline import AUGMENTATIONS
@@ -147,3 +147,35 @@ def test_resume_does_not_silently_drop_a_new_time_budget(tmp_path, folder):
     tfxfer.finetune(_config(tmp_path, folder), verbose=0, log=lambda *_: None)
     with pytest.raises(tfxfer.TfxferError, match=r"--time-budget 10m \(saved: None\) conflicts"):
         tfxfer.finetune(_config(tmp_path, folder, time_budget="10m"), resume=True, verbose=0)
+
+
+def test_a_nan_loss_stops_the_run_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, folder):
+    class Poison(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.epoch == 1 and batch == 1:
+                self.model.head.kernel.assign(self.model.head.kernel * float("nan"))
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+    with pytest.raises(tfxfer.TfxferError, match=r"loss became nan at epoch 2, step 2; .*last finished epoch") as info:
+        tfxfer.finetune(_config(tmp_path, folder, epochs=3), callbacks=[Poison()], verbose=0, log=lambda *_: None)
+    assert "\n" not in str(info.value)
+    run_dir = tmp_path / "runs" / "r"
+    assert atomic.read_json(run_dir / "checkpoint" / "state.json")["epoch"] == 1
+    assert [row["epoch"] for row in _rows(run_dir)] == ["0"]
+    keras.backend.clear_session()
+    # The kept checkpoint is good: resuming trains on to the end.
+    result = tfxfer.finetune(load_config(run_name="r", output_dir=str(tmp_path / "runs"), validate=False),
+                             resume=True, verbose=0, log=lambda *_: None)
+    assert [row["epoch"] for row in _rows(result.run_dir)] == ["0", "1", "2"]
+
+
+def test_history_rows_past_the_checkpoint_are_dropped_on_resume(tmp_path):
+    from tfxfer.callbacks import HistoryLogger
+
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss\n0,1.5\n1,1.25\n2,1.0\n")  # epoch 2 logged, then killed before its checkpoint
+    logger = HistoryLogger(str(path), keep_epochs=2)
+    logger.on_epoch_end(2, {"loss": 0.75})
+    assert path.read_text() == "epoch,loss\n0,1.5\n1,1.25\n2,0.75\n"

@@ -122,7 +122,7 @@ def test_finetune_logs_phases_and_resume_restores_the_phase(tmp_path, folder, mo
 
     original = tfxfer.training.finetune
     monkeypatch.setattr(tfxfer.training, "finetune", lambda *a, **k: original(*a, callbacks=[_StopAfter(2)], **k))
-    assert _finetune(tmp_path, folder, *options, "--run-name", "cut").exit_code == 1
+    assert _finetune(tmp_path, folder, *options, "--run-name", "cut").exit_code == 130
     monkeypatch.setattr(tfxfer.training, "finetune", original)
     resumed = _finetune(tmp_path, folder, "--resume", "--run-name", "cut")
     assert resumed.exit_code == 0, resumed.output

@@ -1,5 +1,11 @@
-"""tfxfer: transfer learning of image classifiers with TensorFlow/Keras."""
+"""tfxfer: transfer learning of image classifiers with TensorFlow/Keras.
 
+The public names load on first use, so `tfxfer --help` (and `import tfxfer`)
+does not pay for TensorFlow until something needs it.
+"""
+
+import importlib
+import importlib.metadata
 import os
 
 # Quieter TensorFlow start-up for command-line users; an explicit setting wins.
@@ -10,42 +16,44 @@ from tfxfer import runtime as _runtime  # noqa: E402
 
 _runtime.enable_onednn()
 
-from tfxfer.backbones import BackboneSpec, create_backbone, get_backbone, list_backbones, register_backbone  # noqa: E402
-from tfxfer.config import FinetuneConfig, PretrainConfig, StudyConfig, load_config  # noqa: E402
-from tfxfer.data import DatasetInfo, load_dataset  # noqa: E402
-from tfxfer.errors import TfxferError  # noqa: E402
-from tfxfer.evaluation import classification_report  # noqa: E402
-from tfxfer.export import export_saved_model  # noqa: E402
-from tfxfer.freezing import apply_freeze, parse_freeze  # noqa: E402
-from tfxfer.model import TransferModel, build_model  # noqa: E402
-from tfxfer.penalties import L2SP  # noqa: E402
-from tfxfer.pretraining import pretrain  # noqa: E402
-from tfxfer.study import study  # noqa: E402
-from tfxfer.training import finetune  # noqa: E402
+__version__ = importlib.metadata.version("tfxfer")
 
-__version__ = "0.1.0"
+# Public name -> the module that defines it.
+_PUBLIC = {
+    "BackboneSpec": "tfxfer.backbones",
+    "create_backbone": "tfxfer.backbones",
+    "get_backbone": "tfxfer.backbones",
+    "list_backbones": "tfxfer.backbones",
+    "register_backbone": "tfxfer.backbones",
+    "FinetuneConfig": "tfxfer.config",
+    "PretrainConfig": "tfxfer.config",
+    "StudyConfig": "tfxfer.config",
+    "load_config": "tfxfer.config",
+    "DatasetInfo": "tfxfer.data",
+    "load_dataset": "tfxfer.data",
+    "TfxferError": "tfxfer.errors",
+    "classification_report": "tfxfer.evaluation",
+    "export_saved_model": "tfxfer.export",
+    "apply_freeze": "tfxfer.freezing",
+    "parse_freeze": "tfxfer.freezing",
+    "TransferModel": "tfxfer.model",
+    "build_model": "tfxfer.model",
+    "L2SP": "tfxfer.penalties",
+    "pretrain": "tfxfer.pretraining",
+    "study": "tfxfer.study",
+    "finetune": "tfxfer.training",
+}
 
-__all__ = [
-    "BackboneSpec",
-    "DatasetInfo",
-    "FinetuneConfig",
-    "L2SP",
-    "PretrainConfig",
-    "StudyConfig",
-    "TfxferError",
-    "TransferModel",
-    "apply_freeze",
-    "build_model",
-    "classification_report",
-    "create_backbone",
-    "export_saved_model",
-    "finetune",
-    "get_backbone",
-    "list_backbones",
-    "load_config",
-    "load_dataset",
-    "parse_freeze",
-    "pretrain",
-    "register_backbone",
-    "study",
-]
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'tfxfer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -7,8 +7,9 @@ import os
 
 import click
 
+from tfxfer import atomic
 from tfxfer.config import FinetuneConfig, PretrainConfig, StudyConfig, load_config
-from tfxfer.errors import TfxferError
+from tfxfer.errors import TfxferError, write_failure
 
 def config_options(kind, names=None):
     """Click options for the fields of the command config `kind` (or only
@@ -28,7 +29,7 @@ def config_options(kind, names=None):
 def _option(name, field, type_, default):
     flag = "--" + name.replace("_", "-")
     text = field.metadata["help"]
-    if field.metadata.get("choices"):
+    if field.metadata.get("choices") and not callable(field.metadata["choices"]):
         text += " One of: " + ", ".join(field.metadata["choices"]) + "."
     if default is not None:
         text += f" [default: {default}]"
@@ -43,6 +44,11 @@ EVALUATE_OPTIONS = (
 )
 
 
+# Exit codes: 0 done, 1 a user's mistake (one sentence), 2 a usage error
+# (click's own), 130 interrupted with Ctrl-C (128 + SIGINT, as shells do).
+INTERRUPTED = 130
+
+
 def _friendly(command):
     """Turn a user's mistake (`TfxferError`) into one line on stderr and exit 1."""
 
@@ -52,8 +58,19 @@ def _friendly(command):
             return command(*args, **kwargs)
         except TfxferError as e:
             raise click.ClickException(str(e)) from None
+        except Exception as e:
+            failure = write_failure(e)
+            if failure is None:
+                raise
+            raise click.ClickException(str(failure)) from None
 
     return wrapper
+
+
+def _interrupted(message):
+    """After Ctrl-C: say how to continue, on stderr, and exit 130."""
+    click.echo(f"Interrupted; {message}", err=True)
+    raise SystemExit(INTERRUPTED)
 
 
 @click.group()
@@ -79,9 +96,7 @@ def _run_command(name, kind, engine, summary):
             run(config, resume=resume, overwrite=overwrite)
         except KeyboardInterrupt:
             run_name = config.run.run_name or config.default_run_name()
-            raise click.ClickException(
-                f"Interrupted; continue with: tfxfer {name} --resume --run-name {run_name} --output-dir {config.run.output_dir}"
-            ) from None
+            _interrupted(f"continue with: tfxfer {name} --resume --run-name {run_name} --output-dir {config.run.output_dir}")
 
     command.__doc__ = summary
     return main.command(name)(command)
@@ -112,7 +127,7 @@ def study(config_path, **flags):
     try:
         run_study(config, log=click.echo)
     except KeyboardInterrupt:
-        raise click.ClickException("Interrupted; run the same command again to continue the study (finished runs are kept).") from None
+        _interrupted("run the same command again to continue the study (finished runs are kept).")
 
 
 @main.command()
@@ -134,8 +149,7 @@ def evaluate(model_path, split, **data):
         with open(metrics_path) as f:
             metrics = json.load(f)
     metrics.setdefault("evaluations", {})[f"{report['data']}:{split}"] = report
-    with open(metrics_path, "w") as f:
-        json.dump(metrics, f, indent=2)
+    atomic.write_json(metrics_path, metrics)
     click.echo(f"written to {metrics_path}")
 
 
@@ -153,18 +167,39 @@ def _metrics_path(model_path, export_dir):
 @click.option("--backbone", help="Instead of --model: a backbone with its 1000-class ImageNet head.")
 @click.option("--weights", default="imagenet", show_default=True, help="With --backbone: imagenet or a weights file with the top.")
 @click.option("--top", default=5, show_default=True, help="How many classes to print.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list of {file, top: [{class, probability}]} or {file, error}.")
 @_friendly
-def predict(images, model_path, backbone, weights, top):
-    """Print the top classes of each IMAGE with their probabilities."""
-    from tfxfer.inference import predict_files, predict_imagenet
+def predict(images, model_path, backbone, weights, top, as_json):
+    """Print the top classes of each IMAGE (files, folders or quoted globs).
+
+    A file that is not an image is reported and the others are still
+    predicted; the exit code is then 1.
+    """
+    from tfxfer.inference import expand_inputs, predict_files, predict_imagenet
 
     if bool(model_path) == bool(backbone):
         raise TfxferError("Give exactly one of --model (a fine-tuned run) or --backbone (ImageNet head).")
-    results = predict_files(model_path, images, top) if model_path else predict_imagenet(backbone, weights, images, top)
-    for path, ranked in zip(images, results):
-        click.echo(path)
-        for name, probability in ranked:
-            click.echo(f"  {probability:8.4f}  {name}")
+    if model_path:
+        results = predict_files(model_path, images, top)
+    else:
+        files = expand_inputs(images)
+        results = [{"file": f, "top": ranked} for f, ranked in zip(files, predict_imagenet(backbone, weights, files, top))]
+    if as_json:
+        click.echo(json.dumps([
+            {"file": r["file"], "error": r["error"]} if "error" in r else
+            {"file": r["file"], "top": [{"class": name, "probability": p} for name, p in r["top"]]}
+            for r in results
+        ], indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                click.echo(f"error: {r['error']}", err=True)
+                continue
+            click.echo(r["file"])
+            for name, probability in r["top"]:
+                click.echo(f"  {probability:8.4f}  {name}")
+    if any("error" in r for r in results):
+        raise SystemExit(1)
 
 
 @main.command()

@@ -19,11 +19,7 @@ from typing import Optional
 
 import yaml
 
-from tfxfer.data.pipeline import AUGMENTATIONS
 from tfxfer.errors import TfxferError, did_you_mean
-from tfxfer.optim import OPTIMIZERS, SCHEDULES
-from tfxfer.penalties import SCOPES
-from tfxfer.pretext.registry import METHODS
 from tfxfer.runtime import PRECISIONS
 
 __all__ = [
@@ -42,7 +38,20 @@ __all__ = [
     "parse_duration",
 ]
 
+# The names a user can type, declared here so that `tfxfer --help` and the
+# config need no TensorFlow; the modules that implement them import these.
+AUGMENTATIONS = ("none", "flip", "flip_crop")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+SCOPES = ("kernels", "all")  # L2-SP: kernels (as the paper) or all weights
 DISTRIBUTE = ("none", "mirrored")
+
+
+def _pretext_methods():
+    # A registry users can add to, so read when a config is validated.
+    from tfxfer.pretext import METHODS
+
+    return METHODS
 
 
 def option(default, help, choices=None):
@@ -189,6 +198,7 @@ class CommandConfig:
         for group in self.groups().values():
             for f in dataclasses.fields(group):
                 choices = f.metadata.get("choices")
+                choices = choices() if callable(choices) else choices
                 value = getattr(group, f.name)
                 if choices and value not in choices:
                     raise did_you_mean(value, choices, f.name.replace("_", "-"))
@@ -307,7 +317,7 @@ class FinetuneConfig(CommandConfig):
 
 @dataclasses.dataclass
 class PretextConfig:
-    method: str = option("supervised", "Pretext task.", METHODS)
+    method: str = option("supervised", "Pretext task: supervised, simclr, autoencoder or a registered one.", _pretext_methods)
     temperature: float = option(0.2, "SimCLR: temperature of the NT-Xent loss.")
     projection_dim: int = option(128, "SimCLR: output size of the projection head.")
     denoise: float = option(0.0, "Autoencoder: std of Gaussian input noise, in [0, 1] pixel units.")

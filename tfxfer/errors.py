@@ -1,6 +1,8 @@
 """The one exception type a user can cause, and the "did you mean" helper."""
 
 import difflib
+import errno
+import os
 
 # What a failed download looks like from Keras's get_file (a plain Exception with
 # this text), urllib, requests and tensorflow-datasets.
@@ -21,6 +23,27 @@ def did_you_mean(name, choices, what):
     else:
         hint = "choose one of: " + ", ".join(choices) + "."
     return TfxferError(f"Unknown {what} {name!r}; {hint}")
+
+
+# errno values of a folder that cannot be written or a disk that is full.
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+
+
+def write_failure(error):
+    """A one-sentence `TfxferError` when `error` is a failed write (no permission,
+    read-only or full disk, a file where a folder should be), else `None`.
+    TensorFlow's own writers raise their errors with the OS's message in them."""
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+        where = f" {os.fsdecode(error.filename)!r}" if error.filename else ""
+        reason = error.strerror
+    elif "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+        where, reason = "", "No space left on device"
+    else:
+        return None
+    return TfxferError(
+        f"Cannot write{where}: {reason}; free space or choose a writable --output-dir, "
+        "then run again (add --resume to continue a run from its last finished epoch)."
+    )
 
 
 def is_network_failure(error):

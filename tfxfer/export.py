@@ -9,14 +9,16 @@ Both resize to the model's input size with `tfxfer.data.images.resize_uint8`, th
 function the training pipeline uses.
 """
 
-import json
 import os
 
 import tensorflow as tf
 
+from tfxfer import atomic
 from tfxfer.data.images import decode_image, resize_uint8
 
 __all__ = ["export_saved_model", "next_version_dir", "versions"]
+
+METADATA_FILE = "tfxfer.json"
 
 
 def export_saved_model(model, path, class_names=None):
@@ -57,11 +59,11 @@ def export_saved_model(model, path, class_names=None):
     module.serving_default = tf.function(predict, input_signature=[images_spec])
     module.serve_bytes = tf.function(from_bytes, input_signature=[bytes_spec])
     signatures = {"serving_default": module.serving_default, "serve_bytes": module.serve_bytes}
-    tf.saved_model.save(module, path, signatures=signatures)
-    # Serving ignores this file; `tfxfer evaluate` and `predict` read it.
+    # Serving ignores tfxfer.json; `tfxfer evaluate` and `predict` read it.
     metadata = {"image_size": size, "class_names": names, "backbone": getattr(model, "backbone_name", None)}
-    with open(os.path.join(path, "tfxfer.json"), "w") as f:
-        json.dump(metadata, f, indent=2)
+    with atomic.replacing(path) as temporary:  # a killed export leaves no version folder
+        tf.saved_model.save(module, temporary, signatures=signatures)
+        atomic.write_json(os.path.join(temporary, METADATA_FILE), metadata)
     return path
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.losses.loss import unscale_loss_for_distribution
 
+from tfxfer.data.pipeline import batched, epoch_passes
 from tfxfer.errors import TfxferError
 
 __all__ = ["FEATURE_CACHE", "HeadModel", "use_feature_cache", "extract_features", "cached_features", "feature_dataset"]
@@ -145,8 +146,10 @@ def cached_features(model, dataset, setting, split, log=print):
 
 
 def feature_dataset(features, labels, batch_size, training, seed):
-    """Batched `(features, labels)`, reshuffled every epoch for training."""
+    """Batched `(features, labels)`; for training, in an order set by `seed`
+    and the epoch (`tfxfer.data.pipeline.set_epoch`)."""
     ds = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.int32)))
-    if training:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if not training:
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    passes = epoch_passes(lambda pass_seed: ds.shuffle(len(labels), seed=pass_seed), len(labels), seed)
+    return batched(passes, batch_size)

@@ -4,6 +4,7 @@ Everything here goes through the exported SavedModel, the artifact that is
 served, so a reported number is the number a client would get.
 """
 
+import glob
 import json
 import os
 
@@ -11,11 +12,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfxfer.errors import TfxferError, is_network_failure
-from tfxfer.export import versions
+from tfxfer.export import METADATA_FILE, versions
 
-__all__ = ["find_export", "load_export", "predict_files", "predict_imagenet", "evaluate_export"]
-
-METADATA = "tfxfer.json"
+__all__ = ["find_export", "load_export", "expand_inputs", "predict_files", "predict_imagenet", "evaluate_export"]
 
 
 def find_export(path):
@@ -29,30 +28,79 @@ def find_export(path):
     raise TfxferError(f"No SavedModel under {path!r}; pass a run folder (saved_models/<run>) or an export folder.")
 
 
-def load_export(path):
-    """`(loaded SavedModel, metadata dict)` for `path` (see `find_export`)."""
+def load_export(path, need_tfxfer=False):
+    """`(loaded SavedModel, metadata dict)` for `path` (see `find_export`).
+    With `need_tfxfer`, a SavedModel without tfxfer's metadata and signatures
+    is refused in one sentence."""
     export_dir = find_export(path)
-    loaded = tf.saved_model.load(export_dir)
-    metadata_path = os.path.join(export_dir, METADATA)
+    metadata_path = os.path.join(export_dir, METADATA_FILE)
     metadata = {}
     if os.path.exists(metadata_path):
         with open(metadata_path) as f:
             metadata = json.load(f)
+    if need_tfxfer and "class_names" not in metadata:
+        raise TfxferError(f"{export_dir} has no {METADATA_FILE}: it was not exported by tfxfer; pass a run folder of tfxfer finetune.")
+    loaded = tf.saved_model.load(export_dir)
+    if need_tfxfer and not {"serving_default", "serve_bytes"} <= set(loaded.signatures):
+        raise TfxferError(f"{export_dir} lacks the serve_bytes signature: it was not exported by tfxfer; pass a run folder of tfxfer finetune.")
     metadata["export_dir"] = export_dir
     return loaded, metadata
 
 
-def predict_files(model_path, files, top=5):
-    """Top-`top` `(class name, probability)` lists for image `files`, one per file."""
-    loaded, metadata = load_export(model_path)
+def expand_inputs(inputs):
+    """Files from `inputs`: files as given, folders walked (sorted, no hidden
+    files), glob patterns (`**` too) matched. A pattern that matches nothing
+    stays, so that it is reported."""
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for root, dirs, names in os.walk(item):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
+        elif not os.path.exists(item) and glob.has_magic(item):
+            files.extend(sorted(glob.glob(item, recursive=True)) or [item])
+        else:
+            files.append(item)
+    return files
+
+
+# Files sent to serve_bytes at once; a batch with a bad file is retried one by one.
+PREDICT_BATCH = 32
+
+
+def predict_files(model_path, inputs, top=5):
+    """One dict per file of `inputs` (see `expand_inputs`): `{"file", "top":
+    [(class name, probability), ...]}`, or `{"file", "error"}` for a file
+    that cannot be read or is not an image. The other files are predicted."""
+    loaded, metadata = load_export(model_path, need_tfxfer=True)
     serve = loaded.signatures["serve_bytes"]
-    names = metadata.get("class_names")
-    results = []
-    for path in files:
-        probabilities = serve(image_bytes=tf.constant([_read(path)]))["probabilities"].numpy()[0]
+    names = metadata["class_names"]
+
+    def ranked(path, probabilities):
         order = np.argsort(probabilities)[::-1][:top]
-        results.append([(names[i] if names else str(i), float(probabilities[i])) for i in order])
-    return results
+        return {"file": path, "top": [(names[i], float(probabilities[i])) for i in order]}
+
+    results = []
+    files = expand_inputs(inputs)
+    for start in range(0, len(files), PREDICT_BATCH):
+        chunk, data = [], []
+        for path in files[start:start + PREDICT_BATCH]:
+            try:
+                data.append(_read(path))
+                chunk.append(path)
+            except TfxferError as e:
+                results.append({"file": path, "error": str(e)})
+        try:
+            batch = serve(image_bytes=tf.constant(data))["probabilities"].numpy() if data else []
+            results.extend(ranked(p, row) for p, row in zip(chunk, batch))
+        except tf.errors.InvalidArgumentError:
+            for path, one in zip(chunk, data):
+                try:
+                    results.append(ranked(path, serve(image_bytes=tf.constant([one]))["probabilities"].numpy()[0]))
+                except tf.errors.InvalidArgumentError:
+                    results.append({"file": path, "error": f"{path} is not an image (JPEG, PNG, BMP or GIF)."})
+    order = {path: i for i, path in enumerate(files)}
+    return sorted(results, key=lambda r: order.get(r["file"], len(files)))
 
 
 def predict_imagenet(backbone, weights, files, top=5):
@@ -88,9 +136,7 @@ def evaluate_export(model_path, dataset=None, data_dir=None, split="test", batch
     from tfxfer.data import load_dataset
     from tfxfer.evaluation import classification_report
 
-    loaded, metadata = load_export(model_path)
-    if "image_size" not in metadata:
-        raise TfxferError(f"{metadata['export_dir']} has no {METADATA}; it was not exported by tfxfer.")
+    loaded, metadata = load_export(model_path, need_tfxfer=True)
     train, val, test, info = load_dataset(
         dataset, data_dir, image_size=metadata["image_size"], batch_size=batch_size, **data_args
     )

@@ -2,10 +2,9 @@
 
 import keras
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "make_schedule", "make_optimizer", "make_optimizers", "regrow"]
+from tfxfer.config import OPTIMIZERS, SCHEDULES
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine")
+__all__ = ["OPTIMIZERS", "SCHEDULES", "make_schedule", "make_optimizer", "make_optimizers", "regrow"]
 
 
 def make_schedule(lr, schedule="constant", total_steps=None, warmup_steps=0):

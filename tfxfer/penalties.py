@@ -14,9 +14,9 @@ every trainable backbone weight).
 
 import tensorflow as tf
 
-__all__ = ["L2SP", "is_kernel"]
+from tfxfer.config import SCOPES
 
-SCOPES = ("kernels", "all")
+__all__ = ["L2SP", "is_kernel"]
 
 
 def is_kernel(variable):

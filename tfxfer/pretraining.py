@@ -21,6 +21,7 @@ import time
 import keras
 
 from tfxfer import runs
+from tfxfer.callbacks import DataEpoch, HistoryLogger, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state
 from tfxfer.backbones.pretrained import backbone_spec, save_backbone
 from tfxfer.config import PretrainConfig
 from tfxfer.errors import TfxferError
@@ -79,13 +80,13 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     monitor, mode = method.monitor(info)
     best_path = os.path.join(run_dir, "checkpoint", "best_backbone.weights.h5")
     os.makedirs(os.path.dirname(best_path), exist_ok=True)
-    checkpoint = runs.RunCheckpoint(
-        run_dir, {"model": model, "optimizer": model.optimizer}, model.backbone.save_weights, best_path, monitor, mode
+    checkpoint = RunCheckpoint(
+        run_dir, {"model": model, "optimizer": model.optimizer, "random": random_state(model)}, model.backbone.save_weights, best_path, monitor, mode
     )
     initial_epoch = checkpoint.restore() if resume else 0
     if initial_epoch:
         log(f"resuming {config.run.run_name} after epoch {initial_epoch}")
-    timer = runs.ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
+    timer = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
     history = model.fit(
         train,
         validation_data=validation,
@@ -93,9 +94,9 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         initial_epoch=initial_epoch,
         # The method's callbacks add metrics (kNN accuracy) that the checkpoint and the log read.
         callbacks=[
-            *method.callbacks(model, run_dir, val, info, config), checkpoint, timer,
-            *runs.budget_callbacks(config, started, resume, log),
-            keras.callbacks.CSVLogger(os.path.join(run_dir, runs.HISTORY_FILE), append=resume), *callbacks,
+            DataEpoch(train), StopOnNonFinite(), *method.callbacks(model, run_dir, val, info, config),
+            HistoryLogger(os.path.join(run_dir, runs.HISTORY_FILE), initial_epoch), checkpoint, timer,
+            *runs.budget_callbacks(config, started, resume, log), *callbacks,
         ],
         verbose=verbose,
     )

@@ -3,13 +3,12 @@
 A run is a folder `<output_dir>/<run_name>/` that is never overwritten silently.
 It holds the resolved `config.yaml` and a `checkpoint/` to resume from, plus what
 each command writes. Here: the folder and its rules, resuming with the saved
-config, seeding, the checkpoint callback, the throughput timer and the time
-budget.
+config, seeding, the distribution strategy and the time budget; the run's
+callbacks are `tfxfer.callbacks`.
 """
 
 import contextlib
 import csv
-import json
 import os
 import random
 import shutil
@@ -20,7 +19,9 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
+from tfxfer import atomic
 from tfxfer.config import config_from_flat, parse_duration
+from tfxfer.callbacks import CHECKPOINT_STATE, BudgetGuard
 from tfxfer.errors import TfxferError
 from tfxfer.runtime import onednn_enabled, set_precision
 
@@ -32,20 +33,13 @@ __all__ = [
     "seed_everything",
     "set_op_determinism",
     "make_strategy",
-    "RunCheckpoint",
-    "ThroughputTimer",
     "plan_epochs",
     "measure_seconds_per_step",
     "apply_time_budget",
-    "BudgetGuard",
-    "write_json",
-    "read_json",
-    "write_npz",
     "read_history",
 ]
 
 CONFIG_FILE = "config.yaml"
-CHECKPOINT_STATE = "checkpoint/state.json"
 
 
 def prepare_run(config, resume=False, overwrite=False):
@@ -122,6 +116,9 @@ def load_data(config, log=print, augment=None):
     log(f"data: {info.name}, {info.num_classes} classes, {counts} images at {image_size}px")
     if info.skipped_files:
         log(f"skipped {len(info.skipped_files)} unreadable files (listed in metrics.json)")
+    if config.optim.batch_size > info.num_examples["train"]:
+        log(f"note: --batch-size {config.optim.batch_size} is more than the {info.num_examples['train']} training "
+            "images; each epoch is one smaller batch")
     return train, val, test, info, image_size
 
 
@@ -134,29 +131,7 @@ def create_run_dir(run_dir, config):
 
 
 def save_config(run_dir, config):
-    path = os.path.join(run_dir, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-    os.replace(path + ".tmp", path)
-
-
-def write_json(path, data):
-    """Write `data` as JSON, atomically: never a half-written file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_npz(path, **arrays):
-    """`np.savez` atomically."""
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(path + ".tmp", path)
+    atomic.write_text(os.path.join(run_dir, CONFIG_FILE), yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 HISTORY_FILE = "history.csv"
@@ -200,91 +175,6 @@ def make_strategy(distribute):
     return tf.distribute.MirroredStrategy() if distribute == "mirrored" else tf.distribute.get_strategy()
 
 
-class RunCheckpoint(keras.callbacks.Callback):
-    """After each epoch: keep the best on `monitor`, then save `trackables`
-    (model, optimizers) and progress, so an interrupted run can resume.
-
-    Args:
-        run_dir: the run folder.
-        trackables: `{name: object}` for `tf.train.Checkpoint`, or a function
-            returning it (when the optimizers are replaced mid-run).
-        save_best: called with a path when `monitor` improves; it writes
-            the best weights there (`best_path`).
-        monitor: a key of the epoch's logs; missing, every epoch is the best.
-        mode: `"max"` or `"min"`.
-    """
-
-    def __init__(self, run_dir, trackables, save_best, best_path, monitor="val_accuracy", mode="max"):
-        super().__init__()
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
-        self.run_dir, self.save_best, self.best_path = run_dir, save_best, best_path
-        self.monitor, self.mode = monitor, mode
-        self.state_path = os.path.join(run_dir, CHECKPOINT_STATE)
-        self.best_value, self.best_epoch = None, None
-        self._trackables = trackables if callable(trackables) else (lambda: trackables)
-
-    def _checkpoint(self):
-        return tf.train.Checkpoint(**self._trackables())
-
-    def _state(self):
-        with open(self.state_path) as f:
-            return json.load(f)
-
-    def saved_epoch(self):
-        """The number of epochs the last checkpoint has done."""
-        return self._state()["epoch"]
-
-    def restore(self):
-        """Load the last checkpoint; return the number of epochs already done."""
-        state = self._state()
-        self._checkpoint().read(state["checkpoint"]).assert_existing_objects_matched()
-        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
-        return state["epoch"]
-
-    def _improved(self, value):
-        if value is None or self.best_value is None:
-            return True
-        return value > self.best_value if self.mode == "max" else value < self.best_value
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        value = None if value is None else float(value)
-        if self._improved(value):
-            self.best_value, self.best_epoch = value, epoch + 1
-            self.save_best(self.best_path)
-        path = self._checkpoint().write(os.path.join(self.run_dir, "checkpoint", "last"))
-        write_json(self.state_path, {
-            "epoch": epoch + 1, "checkpoint": path, "monitor": self.monitor,
-            "best_value": self.best_value, "best_epoch": self.best_epoch,
-        })
-
-
-class ThroughputTimer(keras.callbacks.Callback):
-    """Training images per second of the last epoch, without validation and
-    without the epoch's first step (which includes tracing and warm-up)."""
-
-    def __init__(self, images_per_epoch, batch_size):
-        super().__init__()
-        self.images_per_epoch = images_per_epoch
-        self.batch_size = batch_size
-        self.images_per_second = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = self._end = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        if batch == 0:
-            self._start = time.perf_counter()
-        else:
-            self._end = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self._end is not None:
-            timed_images = self.images_per_epoch - self.batch_size
-            self.images_per_second = round(timed_images / (self._end - self._start), 1)
-
-
 # Evaluating a batch costs about a third of a training step (forward only).
 EVAL_STEP_SHARE = 1 / 3
 
@@ -319,28 +209,6 @@ def measure_seconds_per_step(model, dataset, seconds=30.0, max_steps=500):
     # The mean, not the median: wall time includes the occasional slow step
     # (measured: the median under-read a 20-minute run's steps by 30%).
     return (ends[-1] - ends[1]) / (len(ends) - 2) if len(ends) > 2 else ends[-1] - ends[0]
-
-
-class BudgetGuard(keras.callbacks.Callback):
-    """Stop after an epoch when the next one would end more than half an epoch
-    past the deadline: the plan came from ~30 s of steps, and a machine that
-    slows down later must still finish (nearly) on time."""
-
-    def __init__(self, deadline, log=print):
-        super().__init__()
-        self.deadline, self.log = deadline, log
-        self.stopped_after = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._began = time.time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        now = time.time()
-        last = epoch + 1 >= self.params.get("epochs", epoch + 2)
-        if not last and now + 0.5 * (now - self._began) > self.deadline and not self.model.stop_training:
-            self.model.stop_training = True
-            self.stopped_after = epoch + 1
-            self.log(f"time budget: stopping after epoch {epoch + 1}, the next one would end past the budget")
 
 
 def budget_callbacks(config, started, resume, log=print):

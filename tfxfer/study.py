@@ -17,6 +17,7 @@ the epoch in progress.
 """
 
 import csv
+import io
 import dataclasses
 import os
 
@@ -24,7 +25,7 @@ import keras
 import numpy as np
 import yaml
 
-from tfxfer import runs
+from tfxfer import atomic, runs
 from tfxfer.config import FinetuneConfig, StudyConfig, config_from_flat
 from tfxfer.errors import TfxferError
 from tfxfer.reporting import plots
@@ -71,8 +72,7 @@ def study(config, log=print, verbose=2):
         log(f"[{i}/{len(planned)}] {run_config.run.run_name}: {command}")
         run_dir = os.path.join(run_config.run.output_dir, run_config.run.run_name)
         rows.append(_row(strategy, seed, fold, _run_once(run_config, run_dir, log, verbose), os.path.relpath(run_dir, study_dir)))
-    with open(os.path.join(study_dir, "commands.txt"), "w") as f:
-        f.write("\n".join(commands) + "\n")
+    atomic.write_text(os.path.join(study_dir, "commands.txt"), "\n".join(commands) + "\n")
     _write_csv(os.path.join(study_dir, "results.csv"), rows)
     report_path, summary = write_report(study_dir, rows, commands, strategies, seeds, config, name)
     log("\n".join(summary))
@@ -103,9 +103,7 @@ def _check_saved(study_dir, shared):
             )
         return
     os.makedirs(study_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        yaml.safe_dump(shared, f, sort_keys=False)
-    os.replace(path + ".tmp", path)
+    atomic.write_text(path, yaml.safe_dump(shared, sort_keys=False))
 
 
 def _require_test_split(config):
@@ -146,7 +144,7 @@ def _run_once(run_config, run_dir, log, verbose):
         resume = os.path.exists(os.path.join(run_dir, runs.CHECKPOINT_STATE))
         keras.backend.clear_session()
         finetune(run_config, resume=resume, overwrite=not resume, verbose=verbose, log=lambda m: log("  " + m))
-    return runs.read_json(metrics_path)
+    return atomic.read_json(metrics_path)
 
 
 def _row(strategy, seed, fold, metrics, run):
@@ -175,11 +173,11 @@ def _row(strategy, seed, fold, metrics, run):
 
 
 def _write_csv(path, rows):
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(path + ".tmp", path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(path, text.getvalue())
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -261,9 +259,7 @@ def write_report(study_dir, rows, commands, strategies, seeds, config, name):
         lines.append(commands[index])
     lines += ["```", ""]
     path = os.path.join(study_dir, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    atomic.write_text(path, "\n".join(lines))
     _plot_study(study_dir, by_strategy, summaries, best)
     return path, lines[table_end - len(strategies) - 2:table_end] + [""] + plain
 
@@ -280,9 +276,9 @@ def _plot_study(study_dir, by_strategy, summaries, best):
     plots.learning_curves(histories, os.path.join(study_dir, "learning_curves.png"),
                           "mean over seeds (band: min to max); solid train, dashed validation")
     best_rows = by_strategy[best]
-    first = runs.read_json(os.path.join(study_dir, best_rows[0]["run"], "metrics.json"))
+    first = atomic.read_json(os.path.join(study_dir, best_rows[0]["run"], "metrics.json"))
     class_names = first["test"]["class_names"]
-    matrix = sum(np.array(runs.read_json(os.path.join(study_dir, r["run"], "metrics.json"))["test"]["confusion_matrix"])
+    matrix = sum(np.array(atomic.read_json(os.path.join(study_dir, r["run"], "metrics.json"))["test"]["confusion_matrix"])
                  for r in best_rows)
     plots.confusion_matrix(matrix, class_names, os.path.join(study_dir, "confusion_matrix.png"),
                            f"{best}: test, summed over {len(best_rows)} runs")

@@ -25,7 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfxfer import feature_cache, runs
+from tfxfer import atomic, feature_cache, runs
+from tfxfer.callbacks import DataEpoch, HistoryLogger, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state
 from tfxfer.backbones.pretrained import backbone_spec, save_backbone
 from tfxfer.config import FinetuneConfig
 from tfxfer.errors import TfxferError
@@ -109,7 +110,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         config.transfer.freeze = str(config.first_policy())  # the saved config says what the run starts with
         runs.create_run_dir(run_dir, config)
     best_path = os.path.join(run_dir, "best.weights.h5")
-    checkpoint = runs.RunCheckpoint(run_dir, lambda: _trackables(model), model.save_weights, best_path, monitor="val_accuracy")
+    checkpoint = RunCheckpoint(run_dir, lambda: _trackables(model), model.save_weights, best_path, monitor="val_accuracy")
     initial_epoch = 0
     if resume:
         # The checkpoint holds the optimizers of the phase of its last epoch; the
@@ -117,11 +118,11 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         model.set_freeze(phase_at(schedule, checkpoint.saved_epoch() - 1))
         initial_epoch = checkpoint.restore()
         log(f"resuming {config.run.run_name} after epoch {initial_epoch}, freeze {model.freeze}")
-    timer = runs.ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
-    logger = PhaseLogger(os.path.join(run_dir, runs.HISTORY_FILE), append=resume)
+    timer = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
+    logger = HistoryLogger(os.path.join(run_dir, runs.HISTORY_FILE), initial_epoch, extra=lambda m: {"phase": m.freeze})
     fit_callbacks = [
-        UnfreezeSchedule(schedule, log), checkpoint, timer, *runs.budget_callbacks(config, started, resume, log),
-        logger, *callbacks,
+        UnfreezeSchedule(schedule, log), StopOnNonFinite(), logger, checkpoint, timer,
+        *runs.budget_callbacks(config, started, resume, log), *callbacks,
     ]
     histories = []
     cached_epochs = 0
@@ -130,11 +131,10 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     if initial_epoch < cached_epochs:
         histories.append(_fit_cached(model, config, train, val, initial_epoch, cached_epochs, fit_callbacks, verbose, log))
         initial_epoch = cached_epochs
-        logger.append = True  # the next fit adds to the same history.csv
     if initial_epoch < config.optim.epochs and not (histories and histories[-1].model.stop_training):
         histories.append(model.fit(
             train, validation_data=val, epochs=config.optim.epochs, initial_epoch=initial_epoch,
-            callbacks=fit_callbacks, verbose=verbose,
+            callbacks=[DataEpoch(train), *fit_callbacks], verbose=verbose,
         ))
 
     if os.path.exists(best_path):
@@ -159,9 +159,10 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         labels, probabilities = predict_dataset(model.predict, test)
         metrics["test"] = classification_report(labels, probabilities, info.class_names)
         log(format_report(metrics["test"], "test"))
-        runs.write_npz(os.path.join(run_dir, PREDICTIONS), labels=labels, probabilities=probabilities)
+        atomic.write_npz(os.path.join(run_dir, PREDICTIONS), labels=labels, probabilities=probabilities)
     _plot_run(run_dir, config.run.run_name, metrics, info.class_names)
-    model.save(os.path.join(run_dir, "model.keras"))
+    with atomic.replacing(os.path.join(run_dir, "model.keras")) as temporary:
+        model.save(temporary)
     settings = {"freeze": config.transfer.freeze, "unfreeze": config.transfer.unfreeze, "l2sp": config.transfer.l2sp, "train_bn": config.transfer.train_bn}
     spec_metrics = {"val_accuracy": metrics["val"]["accuracy"], "best_epoch": checkpoint.best_epoch}
     if test is not None:
@@ -172,7 +173,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     metrics["export_max_abs_diff"] = _round_trip(model, export_dir, test if test is not None else val)
     log(f"SavedModel round trip: max |probability difference| {metrics['export_max_abs_diff']:.2e} on one batch")
     metrics["wall_time_seconds"] = round(time.time() - started, 1)
-    runs.write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    atomic.write_json(os.path.join(run_dir, "metrics.json"), metrics)
     summary = f"validation accuracy {metrics['val']['accuracy']:.4f}"
     if test is not None:
         summary += f", test accuracy {metrics['test']['accuracy']:.4f}"
@@ -212,26 +213,19 @@ def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, ver
     head.compile(optimizer=model.optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                  jit_compile=config.run.jit_compile)
     batch_size, seed = config.optim.batch_size, config.run.seed
+    features = feature_cache.feature_dataset(train_features, train_labels, batch_size, True, seed)
     return head.fit(
-        feature_cache.feature_dataset(train_features, train_labels, batch_size, True, seed),
-        validation_data=feature_cache.feature_dataset(val_features, val_labels, batch_size, False, seed),
-        epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
+        features, validation_data=feature_cache.feature_dataset(val_features, val_labels, batch_size, False, seed),
+        epochs=epochs, initial_epoch=initial_epoch, callbacks=[DataEpoch(features), *callbacks], verbose=verbose,
     )
 
 
 def _trackables(model):
     """What a checkpoint holds; the optimizers change when a phase begins."""
-    trackables = {"model": model, "optimizer": model.optimizer}
+    trackables = {"model": model, "optimizer": model.optimizer, "random": random_state(model)}
     if model.backbone_optimizer is not None:
         trackables["backbone_optimizer"] = model.backbone_optimizer
     return trackables
-
-
-class PhaseLogger(keras.callbacks.CSVLogger):
-    """`history.csv`, with the freeze policy each epoch trained under (`phase`)."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, {**(logs or {}), "phase": self.model.freeze})
 
 
 def _compile(model, config, steps_per_epoch):

@@ -47,6 +47,7 @@ class BackboneSpec:
         stage_of: maps a layer name to its stage, or `None` to keep the stage of
             the layer before it (padding, pooling and other glue layers).
         sizes: the input sizes it suits, as `tfxfer backbones` shows them.
+        min_size: the smallest input size it builds at.
     """
 
     name: str
@@ -56,6 +57,7 @@ class BackboneSpec:
     stages: tuple
     stage_of: Callable
     sizes: str = ""
+    min_size: int = 32  # keras.applications' floor
 
 
 _REGISTRY = {}
@@ -98,6 +100,8 @@ def create_backbone(name, weights="imagenet", image_size=None):
     """
     spec = get_backbone(name)
     size = image_size or spec.default_size
+    if size < spec.min_size:
+        raise TfxferError(f"{name} needs images of at least {spec.min_size} px, got {size}; pass --image-size {spec.min_size} or more.")
     shape = (size, size, 3)
     if weights in (None, "none"):
         return spec.builder(weights=None, include_top=False, input_shape=shape)

@@ -33,5 +33,6 @@ register_backbone(
         ("conv1", "conv2", "dense"),
         lambda layer: {"conv1": "conv1", "conv2": "conv2", "dense": "dense"}.get(layer),
         sizes="28-32 px (the dense layer fixes the input size)",
+        min_size=28,
     )
 )

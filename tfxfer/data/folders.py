@@ -58,7 +58,15 @@ def _scan(folder, class_names, skipped):
     if unknown:
         raise TfxferError(f"{folder!r} has class folders that train/ lacks: {', '.join(unknown)}.")
     folders = [(os.path.join(folder, name), label) for label, name in enumerate(class_names)]
-    return _scan_files([(d, label) for d, label in folders if os.path.isdir(d)], skipped)
+    split = _scan_files([(d, label) for d, label in folders if os.path.isdir(d)], skipped)
+    if os.path.basename(folder) not in VAL_FOLDERS + ("test",):
+        empty = [name for label, name in enumerate(class_names) if not np.any(split.labels == label)]
+        if empty:
+            raise TfxferError(
+                f"Class folder(s) {', '.join(map(repr, empty))} under {folder!r} hold no readable images; "
+                "add images or remove the folder."
+            )
+    return split
 
 
 def _is_flat(folder):
@@ -69,27 +77,47 @@ def _is_flat(folder):
 
 def _scan_files(labelled_dirs, skipped, recurse=True):
     """The decodable images in `(folder, label)` pairs as a `Split`; bad files go to `skipped`."""
+    # Paths as bytes (os.fsencode): a file name that is not UTF-8 still reads.
+    # os.walk does not follow symlinked folders, so a symlink loop ends.
     paths, labels = [], []
     for class_dir, label in labelled_dirs:
-        for root, dirs, files in os.walk(class_dir):
+        for root, dirs, files in os.walk(os.fsencode(class_dir)):
             dirs.sort()
             if not recurse:
                 dirs.clear()
             for f in sorted(files):
-                if not f.startswith("."):
+                if not f.startswith(b"."):
                     paths.append(os.path.join(root, f))
                     labels.append(label)
     good = _decodable(paths)
-    skipped.extend(p for p in paths if p not in good)
+    skipped.extend(os.fsdecode(p) for p in paths if p not in good)
     keep = [i for i, p in enumerate(paths) if p in good]
-    return Split(len(keep), np.asarray([labels[i] for i in keep], np.int32), np.asarray([paths[i] for i in keep], dtype=object).astype(str))
+    return Split(len(keep), np.asarray([labels[i] for i in keep], np.int32), np.asarray([paths[i] for i in keep], dtype=object))
+
+
+# Scans of more files than this show a progress bar.
+PROGRESS_FILES = 5000
 
 
 def _decodable(paths):
-    """The subset of `paths` that decode as images, checked in parallel by tf.data."""
+    """The subset of `paths` (bytes) that decode as images, checked in parallel by tf.data."""
     if not paths:
         return set()
     ds = tf.data.Dataset.from_tensor_slices(paths)
     ds = ds.map(lambda p: (p, tf.shape(decode_image(tf.io.read_file(p)))), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.ignore_errors().batch(4096)
-    return {p.decode() for batch, _ in ds.as_numpy_iterator() for p in batch}
+    # The bar counts the readable files as they pass; it completes at the end.
+    ds = ds.map(lambda p, shape: p).ignore_errors()
+    progress = None
+    if len(paths) > PROGRESS_FILES:
+        import keras
+
+        progress = keras.utils.Progbar(len(paths), unit_name="file")
+        print(f"checking {len(paths):,} image files")
+    good = set()
+    for batch in ds.batch(2048).as_numpy_iterator():
+        good.update(batch.tolist())
+        if progress:
+            progress.add(len(batch))
+    if progress:
+        progress.update(len(paths), finalize=True)
+    return good

@@ -6,12 +6,12 @@ the decode and resize of `tfxfer.data.images`, which the SavedModel uses too.
 
 import tensorflow as tf
 
+from tfxfer.config import AUGMENTATIONS
 from tfxfer.data.images import decode_image, resize_uint8
 
-__all__ = ["AUGMENTATIONS", "build_pipeline", "augment_examples", "augment_batches", "flip_crop"]
+__all__ = ["AUGMENTATIONS", "build_pipeline", "epoch_passes", "batched", "set_epoch", "augment_examples", "augment_batches", "flip_crop"]
 
 AUTOTUNE = tf.data.AUTOTUNE
-AUGMENTATIONS = ("none", "flip", "flip_crop")
 # Decoded uint8 images are cached in memory when they fit in this many bytes.
 CACHE_BYTES = 4 * 2**30
 # Uncached sources of large items (tfds records) shuffle through this many bytes.
@@ -23,30 +23,91 @@ def build_pipeline(split, size, batch_size, training, seed, augment="none", cach
 
     `augment` (training only) is a name of `AUGMENTATIONS` or a function
     `fn(image, seed) -> image` (or a tuple of images) given a seed pair per
-    example, as pretext methods need."""
-    ds = split.examples()
+    example, as pretext methods need.
+
+    A training pipeline's order and augmentations are functions of `seed` and
+    the pass (epoch) number, which `set_epoch` sets: a resumed run sees exactly
+    the batches the unbroken run would have seen."""
     image_bytes = size * size * 3
     if cache is None:
         cache = split.count * image_bytes <= CACHE_BYTES
-    if training and split.small_items and not cache:
+
+    def decoded(ds):
+        if split.from_paths:
+            ds = ds.map(lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
+            # The folder scan already dropped undecodable files. No ignore_errors()
+            # here: it would hide the epoch length from Keras's progress bar.
+            ds = ds.map(lambda data, label: (decode_image(data), label), num_parallel_calls=AUTOTUNE)
+        return ds.map(lambda image, label: (resize_uint8(image, size), label), num_parallel_calls=AUTOTUNE)
+
+    if not training:
+        ds = decoded(split.examples())
+        return (ds.cache() if cache else ds).batch(batch_size).prefetch(AUTOTUNE)
+    if split.small_items and not cache:
         # Shuffle the small items (paths, 8x8 arrays) fully, before the decode.
-        ds = ds.shuffle(split.count, seed=seed, reshuffle_each_iteration=True)
-    if split.from_paths:
-        ds = ds.map(lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=AUTOTUNE)
-        # The folder scan already dropped undecodable files. No ignore_errors()
-        # here: it would hide the epoch length from Keras's progress bar.
-        ds = ds.map(lambda data, label: (decode_image(data), label), num_parallel_calls=AUTOTUNE)
-    ds = ds.map(lambda image, label: (resize_uint8(image, size), label), num_parallel_calls=AUTOTUNE)
-    if cache:
-        ds = ds.cache()
-    if training and (cache or not split.small_items):
+        source, buffer, after_shuffle = split.examples(), split.count, decoded
+    else:
         # Resized images: the whole split when cached, else a buffer of bounded memory.
-        buffer = split.count if cache else max(1, min(split.count, SHUFFLE_BYTES // image_bytes))
-        ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
-    if training and augment != "none":
+        source = decoded(split.examples())
+        source = source.cache() if cache else source
+        buffer = split.count if cache else min(split.count, SHUFFLE_BYTES // image_bytes)
+        after_shuffle = None
+    fn = None
+    if augment != "none":
         fn = augment if callable(augment) else flip_crop(size, crop=augment == "flip_crop")
-        ds = augment_examples(ds, fn, seed)
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+    def one_pass(pass_seed):
+        ds = source.shuffle(max(buffer, 1), seed=pass_seed)
+        ds = after_shuffle(ds) if after_shuffle else ds
+        if fn is not None:
+            ds = ds.enumerate().map(
+                lambda i, example: (fn(example[0], tf.stack([pass_seed, i])), example[1]), num_parallel_calls=AUTOTUNE
+            )
+        return ds
+
+    return batched(epoch_passes(one_pass, split.count, seed), batch_size)
+
+
+def epoch_passes(one_pass, count, seed):
+    """A dataset whose every pass (iterator) is `one_pass(pass seed)`, `count`
+    examples long. The pass seed comes from `seed` and a pass counter that each
+    new iterator reads and advances; `set_epoch` sets it."""
+    counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
+
+    def next_pass(_):
+        # tf.data takes a tensor seed, but TF's get_seed compares it with 0 in
+        # Python when the global seed is 0; a graph seed of None skips that, and
+        # the op seed (this tensor) still fixes the order.
+        tf.compat.v1.get_default_graph().seed = None
+        epoch = counter.assign_add(1) - 1
+        return one_pass(tf.constant(seed, tf.int64) * PASS_STRIDE + epoch)
+
+    ds = tf.data.Dataset.from_tensors(0).flat_map(next_pass)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(count))
+    ds._tfxfer_epoch = counter
+    return ds
+
+
+def batched(passes, batch_size):
+    """`passes` (of `epoch_passes`) batched and prefetched; `set_epoch` still works."""
+    ds = passes.batch(batch_size).prefetch(AUTOTUNE)
+    ds._tfxfer_epoch = passes._tfxfer_epoch
+    return ds
+
+
+# Pass seeds of neighbouring run seeds never meet: seed * PASS_STRIDE + epoch.
+PASS_STRIDE = 1_000_003
+
+
+def set_epoch(dataset, epoch):
+    """Make the next pass over a training pipeline epoch `epoch`'s (0-based)
+    order and augmentations, as PyTorch's `DistributedSampler.set_epoch`.
+    `dataset` is a training pipeline of `build_pipeline`, `epoch_passes` or
+    `batched`."""
+    counter = getattr(dataset, "_tfxfer_epoch", None)
+    if counter is None:
+        raise ValueError("set_epoch() needs a training pipeline of tfxfer.data (build_pipeline, epoch_passes or batched).")
+    counter.assign(epoch)
 
 
 def augment_examples(ds, fn, seed, rerandomize=True):

@@ -39,6 +39,8 @@ def tfds_dataset(name, data_dir, train_split="train", val_split=None, test_split
     image_key, label_key = _image_and_label(builder.info, name)
     class_names = list(builder.info.features[label_key].names)
     available = set(builder.info.splits.keys())
+    for split in (train_split, val_split, test_split):
+        _check_split(split, available, name)
 
     if val_split is None and "validation" in available:
         val_split = "validation"
@@ -62,6 +64,14 @@ def tfds_dataset(name, data_dir, train_split="train", val_split=None, test_split
             _count(builder, split, ds), records=records, read_labels=_label_reader(builder, split, image_key, label_key)
         )
     return splits, class_names
+
+
+def _check_split(split, available, name):
+    """A split name (with tfds slicing or `+`) whose every part names a split of the dataset."""
+    for part in (split or "").split("+"):
+        base = part.split("[")[0].strip()
+        if base and available and base not in available:
+            raise TfxferError(f"{name!r} has no split {base!r}; its splits are: {', '.join(sorted(available))}.")
 
 
 def _label_reader(builder, split, image_key, label_key):

@@ -5,7 +5,6 @@ PNG atomically and returns the path, so a killed process never leaves half an
 image behind.
 """
 
-import os
 
 import matplotlib
 import matplotlib.ticker
@@ -14,16 +13,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tfxfer import atomic  # noqa: E402
+
 __all__ = ["learning_curves", "confusion_matrix", "bar_chart", "top_losses"]
 
 DPI = 100
 
 
 def _save(figure, path):
-    temporary = path + ".tmp.png"
-    figure.savefig(temporary, dpi=DPI, bbox_inches="tight")
+    with atomic.replacing(path) as temporary:
+        figure.savefig(temporary, dpi=DPI, bbox_inches="tight")
     plt.close(figure)
-    os.replace(temporary, path)
     return path
 
 

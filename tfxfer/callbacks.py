@@ -1,0 +1,212 @@
+"""The Keras callbacks of a run: checkpoint and best weights, history.csv,
+the data epoch, the NaN guard, throughput and the time budget's guard.
+
+Their order in `fit` matters at the end of an epoch: `HistoryLogger` before
+`RunCheckpoint`, whose state.json is the one record of what is finished.
+"""
+
+import csv
+import io
+import math
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from tfxfer import atomic
+from tfxfer.data.pipeline import set_epoch
+from tfxfer.errors import TfxferError
+
+__all__ = ["random_state", "RunCheckpoint", "HistoryLogger", "DataEpoch", "StopOnNonFinite", "ThroughputTimer", "BudgetGuard"]
+
+CHECKPOINT_STATE = "checkpoint/state.json"
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """After each epoch: keep the best on `monitor`, then save `trackables`
+    (model, optimizers) and progress, so an interrupted run can resume.
+
+    Args:
+        run_dir: the run folder.
+        trackables: `{name: object}` for `tf.train.Checkpoint`, or a function
+            returning it (when the optimizers are replaced mid-run).
+        save_best: called with a path when `monitor` improves; it writes
+            the best weights there (`best_path`).
+        monitor: a key of the epoch's logs; missing, every epoch is the best.
+        mode: `"max"` or `"min"`.
+    """
+
+    def __init__(self, run_dir, trackables, save_best, best_path, monitor="val_accuracy", mode="max"):
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
+        self.run_dir, self.save_best, self.best_path = run_dir, save_best, best_path
+        self.monitor, self.mode = monitor, mode
+        self.state_path = os.path.join(run_dir, CHECKPOINT_STATE)
+        self.best_value, self.best_epoch = None, None
+        self._trackables = trackables if callable(trackables) else (lambda: trackables)
+
+    def _checkpoint(self):
+        return tf.train.Checkpoint(**self._trackables())
+
+    def _state(self):
+        return atomic.read_json(self.state_path)
+
+    def saved_epoch(self):
+        """The number of epochs the last checkpoint has done."""
+        return self._state()["epoch"]
+
+    def restore(self):
+        """Load the last checkpoint; return the number of epochs already done."""
+        state = self._state()
+        self._checkpoint().read(state["checkpoint"]).assert_existing_objects_matched()
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        return state["epoch"]
+
+    def _improved(self, value):
+        if value is None or self.best_value is None:
+            return True
+        return value > self.best_value if self.mode == "max" else value < self.best_value
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        value = None if value is None else float(value)
+        if self._improved(value):
+            self.best_value, self.best_epoch = value, epoch + 1
+            with atomic.replacing(self.best_path) as temporary:
+                self.save_best(temporary)
+        # A new prefix per epoch, and state.json switched to it in one rename:
+        # a kill while the checkpoint's files are written leaves the last one whole.
+        folder = os.path.join(self.run_dir, "checkpoint")
+        path = self._checkpoint().write(os.path.join(folder, f"epoch-{epoch + 1}"))
+        atomic.write_json(self.state_path, {
+            "epoch": epoch + 1, "checkpoint": path, "monitor": self.monitor,
+            "best_value": self.best_value, "best_epoch": self.best_epoch,
+        })
+        keep = os.path.basename(path)
+        for name in os.listdir(folder):
+            if name.startswith("epoch-") and name.split(".")[0] != keep:
+                os.remove(os.path.join(folder, name))
+
+
+def random_state(model):
+    """The state variables of `model`'s random generators (Dropout's). Keras 3
+    lists them among the model's variables but a `tf.train.Checkpoint` of the
+    model does not save them (measured with Keras 3.15), and a resumed run
+    must continue their streams."""
+    return [v.value for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
+
+
+class HistoryLogger(keras.callbacks.Callback):
+    """`history.csv`: a row per epoch (`epoch`, then the logs' keys sorted),
+    rewritten whole after each epoch. Put it before `RunCheckpoint`: on resume
+    the rows past the checkpoint's epoch are dropped, so a row is never lost
+    or doubled whenever the run was killed.
+
+    Args:
+        path: the CSV file.
+        keep_epochs: rows of an earlier run to keep (the checkpoint's epochs);
+            `None` starts an empty file.
+        extra: a function of the model returning more columns (`{"phase": ...}`).
+    """
+
+    def __init__(self, path, keep_epochs=None, extra=None):
+        super().__init__()
+        self.path, self.extra = path, extra
+        self.rows = []
+        if keep_epochs and os.path.exists(path):
+            with open(path, newline="") as f:
+                self.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) < keep_epochs]
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {key: float(value) for key, value in (logs or {}).items()}
+        if self.extra is not None:
+            row.update(self.extra(self.model))
+        self.rows.append({"epoch": epoch, **dict(sorted(row.items()))})
+        columns = list(dict.fromkeys(key for row in self.rows for key in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic.write_text(self.path, text.getvalue())
+
+
+class DataEpoch(keras.callbacks.Callback):
+    """Before each epoch, set the training pipeline's epoch (`set_epoch`), so
+    epoch e sees the same order and augmentations in a resumed run."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def on_epoch_begin(self, epoch, logs=None):
+        set_epoch(self.dataset, epoch)
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Stop at the first NaN or infinite loss with one sentence naming the
+    epoch and step. Nothing is saved after it: the last checkpoint and best
+    weights stay those of the last good epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TfxferError(
+                f"The training loss became {float(loss)} at epoch {self._epoch + 1}, step {batch + 1}; the run stopped "
+                "and kept the checkpoint of its last finished epoch (try a lower --lr or --l2sp)."
+            )
+
+
+class ThroughputTimer(keras.callbacks.Callback):
+    """Training images per second of the last epoch, without validation and
+    without the epoch's first step (which includes tracing and warm-up)."""
+
+    def __init__(self, images_per_epoch, batch_size):
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+        self.batch_size = batch_size
+        self.images_per_second = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = self._end = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0:
+            self._start = time.perf_counter()
+        else:
+            self._end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._end is not None:
+            timed_images = self.images_per_epoch - self.batch_size
+            self.images_per_second = round(timed_images / (self._end - self._start), 1)
+
+
+class BudgetGuard(keras.callbacks.Callback):
+    """Stop after an epoch when the next one would end more than half an epoch
+    past the deadline: the plan came from ~30 s of steps, and a machine that
+    slows down later must still finish (nearly) on time."""
+
+    def __init__(self, deadline, log=print):
+        super().__init__()
+        self.deadline, self.log = deadline, log
+        self.stopped_after = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._began = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.time()
+        last = epoch + 1 >= self.params.get("epochs", epoch + 2)
+        if not last and now + 0.5 * (now - self._began) > self.deadline and not self.model.stop_training:
+            self.model.stop_training = True
+            self.stopped_after = epoch + 1
+            self.log(f"time budget: stopping after epoch {epoch + 1}, the next one would end past the budget")
