@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import tfxfer
 from tfxfer.cli import main
 from tests.conftest import run_cli, write_class_folder
 
@@ -120,6 +121,34 @@ def test_predict_and_evaluate_use_the_export(tmp_path, folder):
     assert evaluation["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     assert np.array(evaluation["confusion_matrix"]).shape == (3, 3)
 
+    # predictions.csv: every test image by file, agreeing with the report and with predict.
+    with open(os.path.join(run, "predictions.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    test_files = sorted(glob.glob(os.path.join(folder, "test", "*", "*")))
+    assert sorted(r["file"] for r in rows) == test_files
+    assert np.mean([r["true"] == r["predicted"] for r in rows]) == pytest.approx(evaluation["accuracy"])
+    assert np.mean([float(r["loss"]) for r in rows]) == pytest.approx(evaluation["loss"], rel=1e-4)
+    assert all(r["true"] == os.path.basename(os.path.dirname(r["file"])) for r in rows)
+    row = next(r for r in rows if r["file"] == image)
+    assert float(row["probability"]) == pytest.approx(float(lines[1].split()[0]), abs=1e-4)
+    assert row["predicted"] == lines[1].split()[1]
+    wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["probability"]))
+    if wrong:
+        assert "most confidently wrong" in evaluated.output and wrong[0]["file"] in evaluated.output
+
+
+def test_predict_takes_folders_and_globs_and_prints_json(tmp_path, folder):
+    assert _finetune(tmp_path, folder, "--run-name", "p", "--epochs", "1").exit_code == 0
+    owl = os.path.join(folder, "test", "owl")
+    result = CliRunner().invoke(main, ["predict", "--model", str(tmp_path / "runs" / "p"), "--top", "2", "--json",
+                                       owl, os.path.join(folder, "test", "c*", "*.png")])
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.output)
+    expected = sorted(glob.glob(os.path.join(owl, "*"))) + sorted(glob.glob(os.path.join(folder, "test", "c*", "*.png")))
+    assert [a["file"] for a in answers] == expected
+    assert all(len(a["top"]) == 2 and a["top"][0]["probability"] >= a["top"][1]["probability"] for a in answers)
+    assert {a["top"][0]["class"] for a in answers} <= {"cat", "dog", "owl"}
+
 
 def test_config_file_and_unknown_keys(tmp_path, folder):
     config = tmp_path / "c.yaml"
@@ -166,32 +195,40 @@ def test_python_dash_m_runs_the_command():
     assert result.returncode == 0 and "Usage: tfxfer" in result.stdout and "study" in result.stdout
 
 
-def _fresh_python(code):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+def _as_the_command(code, env=()):
+    """Run `code` in a fresh Python whose argv[0] is the `tfxfer` console script,
+    as when a user types `tfxfer ...`; `code` prints what it found."""
+    script = os.path.join(os.path.dirname(sys.executable), "tfxfer")
+    wrapped = f"import sys\nsys.argv[0] = {script!r}\n{code}"
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **dict(env)}
+    return subprocess.run([sys.executable, "-c", wrapped], env=environment, capture_output=True, text=True, timeout=120)
+
+
+HEAVY = "print('HEAVY', sorted(m for m in ('tensorflow', 'keras', 'tensorflow_datasets', 'matplotlib') if m in sys.modules))"
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["finetune", "--help"], ["study", "--help"], ["pretrain", "--help"]])
 def test_help_does_not_import_tensorflow(argv):
-    done = _fresh_python(
-        "import sys\nfrom tfxfer.cli import main\n"
-        f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "heavy = sorted(m for m in ('tensorflow', 'keras', 'tensorflow_datasets', 'matplotlib') if m in sys.modules)\n"
-        "print('HEAVY', heavy)\n"
+    done = _as_the_command(
+        f"from tfxfer.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n{HEAVY}"
     )
     assert done.returncode == 0, done.stderr[-1500:]
     assert "HEAVY []" in done.stdout and "Usage:" in done.stdout
 
 
 def test_shell_completion_answers_without_tensorflow():
-    done = _fresh_python(
-        "import os, sys\n"
-        "os.environ.update(_TFXFER_COMPLETE='bash_complete', COMP_WORDS='tfxfer finetune --backb', COMP_CWORD='2')\n"
-        "from tfxfer.cli import main\n"
-        "try:\n    main(prog_name='tfxfer')\nexcept SystemExit:\n    pass\n"
-        "print('TF', 'tensorflow' in sys.modules)\n"
-    )
-    assert "--backbone" in done.stdout and "TF False" in done.stdout, done.stdout + done.stderr[-1500:]
+    completing = {"_TFXFER_COMPLETE": "bash_complete", "COMP_WORDS": "tfxfer finetune --backb", "COMP_CWORD": "2"}
+    done = _as_the_command(f"from tfxfer.cli import main\ntry:\n    main(prog_name='tfxfer')\nexcept SystemExit:\n    pass\n{HEAVY}", completing)
+    assert "--backbone" in done.stdout and "HEAVY []" in done.stdout, done.stdout + done.stderr[-1500:]
+
+
+def test_import_tfxfer_registers_transfer_model_for_keras_load_model(tmp_path):
+    path = str(tmp_path / "m.keras")
+    tfxfer.build_model("simplecnn", num_classes=2, weights=None, image_size=32).save(path)
+    # A fresh Python that only imports tfxfer, as a user's script would.
+    code = f"import tfxfer, keras\nprint(type(keras.models.load_model({path!r})).__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().endswith("TransferModel"), done.stderr[-1500:]
 
 
 def test_exit_codes_usage_2_user_error_1(tmp_path):

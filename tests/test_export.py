@@ -67,3 +67,70 @@ def test_saved_model_serves_in_a_tensorflow_only_process(tmp_path, backbone):
     weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
     assert len(model.penalty.anchors) > 0
     assert _dir_bytes(os.path.join(export_dir, "variables")) < 1.1 * weight_bytes
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from tests.conftest import run_cli, write_splits
+
+    root = tmp_path_factory.mktemp("export")
+    data = write_splits(root / "data", train=6, test=3, classes=("cat", "dog", "owl"))
+    result = run_cli("finetune", "--data-dir", data, "--backbone", "resnet9", "--weights", "none", "--image-size", "32",
+                     "--epochs", "1", "--train-bn", "--output-dir", root / "runs", "--run-name", "r")
+    assert result.exit_code == 0, result.output
+    return root / "runs" / "r"
+
+
+def test_onnx_and_litert_match_the_saved_model_on_real_images(run_dir):
+    import json
+
+    import onnxruntime
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tests.conftest import run_cli
+    from tfxfer.data.images import decode_image, resize_uint8
+
+    result = run_cli("export", run_dir, "--format", "onnx,litert")
+    assert result.exit_code == 0, result.output
+    assert "onnx: " in result.output and "litert: " in result.output
+
+    # The client's side of the contract: resize as training did, then uint8 in.
+    files = sorted(glob.glob(str(run_dir.parent.parent / "data" / "test" / "*" / "*")))
+    images = np.stack([resize_uint8(decode_image(open(f, "rb").read()), 32).numpy() for f in files])
+    served = tf.saved_model.load(str(run_dir / "export" / "1")).signatures["serving_default"]
+    expected = served(images=tf.constant(images))["probabilities"].numpy()
+
+    session = onnxruntime.InferenceSession(str(run_dir / "export" / "onnx" / "model.onnx"))
+    by_onnx = session.run(None, {session.get_inputs()[0].name: images})[0]
+    np.testing.assert_allclose(by_onnx, expected, atol=1e-4, rtol=0)
+    assert session.get_modelmeta().custom_metadata_map["class_names"] == "cat,dog,owl"
+
+    interpreter = Interpreter(model_path=str(run_dir / "export" / "litert" / "model.tflite"))
+    entry = interpreter.get_input_details()[0]
+    assert entry["dtype"] == np.uint8
+    interpreter.resize_tensor_input(entry["index"], images.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(entry["index"], images)
+    interpreter.invoke()
+    by_litert = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(by_litert, expected, atol=1e-4, rtol=0)
+
+    for name in ("onnx", "litert"):
+        metadata = json.loads((run_dir / "export" / name / "tfxfer.json").read_text())
+        assert metadata["class_names"] == ["cat", "dog", "owl"] and metadata["max_abs_difference"] <= 1e-4
+
+
+def test_export_saved_model_again_and_bad_requests(run_dir, monkeypatch):
+    import sys
+
+    from tests.conftest import run_cli
+
+    result = run_cli("export", run_dir)
+    assert result.exit_code == 0 and (run_dir / "export" / "2" / "saved_model.pb").exists()
+    unknown = run_cli("export", run_dir, "--format", "onxx")
+    assert unknown.exit_code == 1 and "did you mean 'onnx'" in unknown.output
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as when the extra is not installed
+    missing = run_cli("export", run_dir, "--format", "onnx", "--output", run_dir.parent / "elsewhere")
+    assert missing.exit_code == 1 and "pip install 'tfxfer[onnx]'" in missing.output
+    assert not (run_dir.parent / "elsewhere").exists()  # nothing half-written is left

@@ -14,7 +14,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from tests.conftest import write_splits

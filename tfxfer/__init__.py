@@ -1,12 +1,14 @@
 """tfxfer: transfer learning of image classifiers with TensorFlow/Keras.
 
-The public names load on first use, so `tfxfer --help` (and `import tfxfer`)
-does not pay for TensorFlow until something needs it.
+`import tfxfer` loads the library, which also registers `TransferModel` for
+`keras.models.load_model`. The `tfxfer` command loads only what a command
+needs, so `tfxfer --help` and shell completion answer without TensorFlow.
 """
 
 import importlib
 import importlib.metadata
 import os
+import sys
 
 # Quieter TensorFlow start-up for command-line users; an explicit setting wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -57,3 +59,12 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_PUBLIC))
+
+
+def _run_as_command():
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) in ("tfxfer", "tfxfer.exe")
+
+
+if not _run_as_command():
+    for _name in _PUBLIC:
+        __getattr__(_name)

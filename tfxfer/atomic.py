@@ -19,21 +19,25 @@ __all__ = ["replacing", "write_text", "write_json", "write_npz", "read_json"]
 def replacing(path):
     """Yield a temporary path beside `path`, with the same suffix, for a file
     or a folder; when the block succeeds it becomes `path`, else it is removed.
-    A folder target must not exist yet (an existing folder cannot be replaced
-    in one step)."""
+    A folder that exists is moved aside first and deleted after: in between
+    there is briefly no folder, never a half-written one."""
     directory, name = os.path.split(os.path.abspath(path))
     temporary = os.path.join(directory, f"tmp-{os.getpid()}-{name}")
+    old = os.path.join(directory, f"tmp-{os.getpid()}-old-{name}")
     try:
         yield temporary
         if os.path.isdir(temporary):
+            if os.path.isdir(path):
+                os.rename(path, old)
             os.rename(temporary, path)
         else:
             os.replace(temporary, path)
     finally:
-        if os.path.isdir(temporary):
-            shutil.rmtree(temporary, ignore_errors=True)
-        elif os.path.exists(temporary):
-            os.remove(temporary)
+        for leftover in (temporary, old):
+            if os.path.isdir(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif os.path.exists(leftover):
+                os.remove(leftover)
 
 
 def write_text(path, text):

@@ -18,7 +18,7 @@ from tfxfer import atomic
 from tfxfer.data.pipeline import set_epoch
 from tfxfer.errors import TfxferError
 
-__all__ = ["random_state", "RunCheckpoint", "HistoryLogger", "DataEpoch", "StopOnNonFinite", "ThroughputTimer", "BudgetGuard"]
+__all__ = ["random_state", "RunCheckpoint", "EarlyStop", "LearningRateLog", "tensorboard_callbacks", "HistoryLogger", "DataEpoch", "StopOnNonFinite", "ThroughputTimer", "BudgetGuard"]
 
 CHECKPOINT_STATE = "checkpoint/state.json"
 
@@ -210,3 +210,59 @@ class BudgetGuard(keras.callbacks.Callback):
             self.model.stop_training = True
             self.stopped_after = epoch + 1
             self.log(f"time budget: stopping after epoch {epoch + 1}, the next one would end past the budget")
+
+
+
+class EarlyStop(keras.callbacks.Callback):
+    """Stop when `checkpoint`'s monitored value has not improved for `patience`
+    epochs. It reads the best epoch from the checkpoint, which a resumed run
+    restores, so a resumed run stops where the unbroken one would have."""
+
+    def __init__(self, checkpoint, patience, log=print):
+        super().__init__()
+        self.checkpoint, self.patience, self.log = checkpoint, patience, log
+        self.stopped_after = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        best = self.checkpoint.best_epoch
+        if best is not None and epoch + 1 - best >= self.patience and not self.model.stop_training:
+            self.model.stop_training = True
+            self.stopped_after = epoch + 1
+            self.log(f"early stopping after epoch {epoch + 1}: no better {self.checkpoint.monitor} for "
+                     f"{self.patience} epochs (best: epoch {best}, {self.checkpoint.best_value:.4f})")
+
+
+class LearningRateLog(keras.callbacks.Callback):
+    """Add the learning rate at the end of each epoch to the logs (`lr`, and
+    `backbone_lr` with a backbone optimizer), for history.csv and TensorBoard."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        logs["lr"] = _learning_rate(self.model.optimizer)
+        backbone = getattr(self.model, "backbone_optimizer", None)
+        if backbone is not None:
+            logs["backbone_lr"] = _learning_rate(backbone)
+
+
+def _learning_rate(optimizer):
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+def tensorboard_callbacks(log_dir, dataset, log=print):
+    """Keras's TensorBoard callback on `log_dir` (epoch scalars: losses, the
+    L2-SP term, metrics, learning rate), and one batch of `dataset`'s training
+    images, as the model sees them after augmentation."""
+
+    class BatchImages(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            images, _ = next(iter(dataset))
+            with tf.summary.create_file_writer(os.path.join(log_dir, "images")).as_default():
+                tf.summary.image("a training batch", images, step=0, max_outputs=16)
+
+    try:
+        import tensorboard  # noqa: F401  (tf.summary writes through it)
+    except ImportError:
+        raise TfxferError("--tensorboard needs TensorBoard: pip install 'tfxfer[tensorboard]'.") from None
+    log(f"TensorBoard logs in {log_dir}; view them with: tensorboard --logdir {log_dir}")
+    return [keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False, update_freq="epoch"), BatchImages()]

@@ -134,16 +134,28 @@ def study(config_path, **flags):
 @click.option("--model", "model_path", required=True, help="Run folder or SavedModel folder.")
 @config_options(FinetuneConfig, EVALUATE_OPTIONS)
 @click.option("--split", default="test", show_default=True, help="Which split to evaluate: test, val or train.")
+@click.option("--predictions", "predictions_path", type=click.Path(),
+              help="CSV of every image: file, true, predicted, probability, loss. [default: predictions.csv beside metrics.json]")
+@click.option("--top-wrong", default=10, show_default=True, help="How many of the most confidently wrong images to list.")
 @_friendly
-def evaluate(model_path, split, **data):
-    """Accuracy, loss, per-class precision/recall/F1 and confusion matrix of a run."""
-    from tfxfer.evaluation import format_report
+def evaluate(model_path, split, predictions_path, top_wrong, **data):
+    """Accuracy, loss, per-class precision/recall/F1, confusion matrix, every
+    prediction (predictions.csv) and the most confidently wrong images."""
+    from tfxfer.evaluation import confident_mistakes, format_report, write_predictions
     from tfxfer.inference import evaluate_export
 
     data = {k: v for k, v in data.items() if v is not None}
-    report, export_dir = evaluate_export(model_path, split=split, **data)
+    report, export_dir, rows = evaluate_export(model_path, split=split, **data)
     click.echo(format_report(report, f"{report['data']} {split}"))
+    mistakes = confident_mistakes(rows, top_wrong)
+    if mistakes:
+        click.echo(f"\nmost confidently wrong ({len(mistakes)} of {sum(r['true'] != r['predicted'] for r in rows)} wrong):")
+        for r in mistakes:
+            click.echo(f"  {r['probability']:.3f}  {r['predicted']} (true {r['true']})  {r['file']}")
     metrics_path = _metrics_path(model_path, export_dir)
+    predictions_path = predictions_path or os.path.join(os.path.dirname(metrics_path), "predictions.csv")
+    write_predictions(predictions_path, rows)
+    click.echo(f"predictions of {len(rows)} images written to {predictions_path}")
     metrics = {}
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
@@ -200,6 +212,26 @@ def predict(images, model_path, backbone, weights, top, as_json):
                 click.echo(f"  {probability:8.4f}  {name}")
     if any("error" in r for r in results):
         raise SystemExit(1)
+
+
+@main.command("export")
+@click.argument("run", type=click.Path())
+@click.option("--format", "formats", default="saved_model", show_default=True,
+              help="saved_model, onnx or litert; several separated by commas. onnx and litert need "
+                   "pip install 'tfxfer[onnx]' / 'tfxfer[litert]'.")
+@click.option("--output", type=click.Path(), help="Folder to write (one format). [default: RUN/export/<format>/, "
+                                                  "or the next numbered version for saved_model]")
+@_friendly
+def export_command(run, formats, output):
+    """Export the best model of a finetune RUN, preprocessing inside, and check
+    it against the run's SavedModel on the same images (within 1e-4)."""
+    from tfxfer.export import export_run
+
+    names = [name.strip() for name in formats.split(",") if name.strip()]
+    if output and len(names) > 1:
+        raise TfxferError("--output takes one --format at a time.")
+    for name in names:
+        export_run(run, name, output, log=click.echo)
 
 
 @main.command()

@@ -40,7 +40,9 @@ __all__ = [
 
 # The names a user can type, declared here so that `tfxfer --help` and the
 # config need no TensorFlow; the modules that implement them import these.
-AUGMENTATIONS = ("none", "flip", "flip_crop")
+# Augmentations (tfxfer.data.augment), as a comma-separated list of NAME[:VALUE].
+AUGMENTATIONS = ("none", "flip", "crop", "flip_crop", "rotate", "zoom", "color", "randaugment", "mixup", "cutmix")
+MONITORS = ("val_accuracy", "val_loss", "val_macro_f1")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 SCOPES = ("kernels", "all")  # L2-SP: kernels (as the paper) or all weights
@@ -52,6 +54,31 @@ def _pretext_methods():
     from tfxfer.pretext import METHODS
 
     return METHODS
+
+
+def parse_augment(text):
+    """`[(name, value or None), ...]` of an `--augment` text; `[]` for none.
+    `flip_crop` is `flip,crop`. A name is checked against `AUGMENTATIONS`."""
+    items = []
+    for item in str(text or "none").replace(" ", "").split(","):
+        name, _, value = item.partition(":")
+        if name not in AUGMENTATIONS:
+            raise did_you_mean(name, AUGMENTATIONS, "augmentation")
+        if name == "none":
+            continue
+        if name == "flip_crop":
+            items += [("flip", None), ("crop", None)]
+            continue
+        number = None
+        if value:
+            try:
+                number = float(value)
+            except ValueError:
+                raise TfxferError(f"--augment {name}:{value}: the value must be a number.") from None
+            if not number > 0 or math.isinf(number):
+                raise TfxferError(f"--augment {name}:{value}: the value must be above 0.")
+        items.append((name, number))
+    return items
 
 
 def option(default, help, choices=None):
@@ -73,11 +100,16 @@ class DataConfig:
     max_train_examples: Optional[int] = option(None, "Train on a seeded sample of this many images.")
     folds: Optional[int] = option(None, "K: validate on one fold of a seeded, stratified K-fold split of the labelled training images.")
     fold: int = option(0, "With --folds: which fold (0..K-1) is the validation set.")
-    augment: str = option("none", "Training augmentation.", AUGMENTATIONS)
+    augment: str = option(
+        "none", "Training augmentation: none, or NAME[:VALUE] items separated by commas from flip, crop[:pad share], "
+        "rotate[:degrees], zoom[:share], color[:strength], randaugment[:strength], mixup[:alpha], cutmix[:alpha]; "
+        "flip_crop = flip,crop. Keras layers in the tf.data pipeline, seeded."
+    )
 
     def validate(self):
         if (self.dataset is None) == (self.data_dir is None):
             raise TfxferError("Give exactly one of --dataset NAME or --data-dir FOLDER.")
+        parse_augment(self.augment)
         if not 0.0 < self.val_fraction < 1.0:
             raise TfxferError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
         for key in ("labels_per_class", "max_train_examples"):
@@ -124,6 +156,12 @@ class TransferConfig:
         "auto", "While the backbone is frozen, train the head on features computed once: auto (when not augmenting), "
         "memory, a folder (kept across runs), or off."
     )
+    label_smoothing: float = option(0.0, "Label smoothing epsilon of the cross-entropy (Szegedy et al. 2016).")
+    class_weight: Optional[str] = option(
+        None, "balanced: weigh each class's loss by n / (classes * n_class) of the training images.", ("balanced",)
+    )
+    monitor: str = option("val_accuracy", "Validation metric that picks the best epoch (and early stopping).", MONITORS)
+    early_stopping: Optional[int] = option(None, "Stop after this many epochs without a better --monitor value.")
 
     def validate(self):
         from tfxfer.freezing import parse_freeze, parse_unfreeze
@@ -131,9 +169,13 @@ class TransferConfig:
         parse_freeze(self.freeze)
         if self.unfreeze:
             parse_unfreeze(self.unfreeze)
-        _at_least(self, ("l2sp", "head_l2", "dropout"), 0.0)
+        _at_least(self, ("l2sp", "head_l2", "dropout", "label_smoothing"), 0.0)
         if not self.dropout < 1.0:
             raise TfxferError(f"dropout must be below 1, got {self.dropout}.")
+        if not self.label_smoothing < 1.0:
+            raise TfxferError(f"label_smoothing must be below 1, got {self.label_smoothing}.")
+        if self.early_stopping is not None and self.early_stopping < 1:
+            raise TfxferError(f"early_stopping must be at least 1 epoch, got {self.early_stopping}.")
         if not self.backbone_lr_mult > 0:
             raise TfxferError(f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult}.")
 
@@ -165,6 +207,7 @@ class RunConfig:
     precision: str = option("auto", "auto: bfloat16 where the hardware has it, else float32.", PRECISIONS)
     jit_compile: bool = option(False, "Compile the training step with XLA (measure first on CPU).")
     distribute: str = option("none", "none, or mirrored (tf.distribute.MirroredStrategy).", DISTRIBUTE)
+    tensorboard: bool = option(False, "Write TensorBoard logs to the run's tensorboard/ folder (scalars, L2-SP, learning rate, a batch of images).")
     run_name: Optional[str] = option(None, "Run folder name under --output-dir (default: from data, backbone and method).")
     output_dir: str = option("saved_models", "Where run folders go.")
 
@@ -200,7 +243,7 @@ class CommandConfig:
                 choices = f.metadata.get("choices")
                 choices = choices() if callable(choices) else choices
                 value = getattr(group, f.name)
-                if choices and value not in choices:
+                if choices and value is not None and value not in choices:
                     raise did_you_mean(value, choices, f.name.replace("_", "-"))
         return self
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-__all__ = ["classification_report", "format_report"]
+__all__ = ["classification_report", "format_report", "prediction_rows", "confident_mistakes", "write_predictions"]
 
 TINY = float(np.finfo(np.float32).tiny)
 
@@ -66,3 +66,41 @@ def format_report(report, title="evaluation"):
     for name, row in zip(names, report["confusion_matrix"]):
         lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}d}" for v in row))
     return "\n".join(lines)
+
+
+PREDICTION_COLUMNS = ("file", "true", "predicted", "probability", "loss")
+
+
+def prediction_rows(files, labels, probabilities, class_names):
+    """One dict per example: its file, true and predicted class names, the
+    predicted class's probability, and its loss (-log of the true class's
+    probability, clipped as in `classification_report`)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    predicted = probabilities.argmax(axis=1)
+    true_probability = np.maximum(probabilities[np.arange(len(labels)), labels], TINY)
+    return [
+        {"file": f, "true": class_names[t], "predicted": class_names[p], "probability": float(probabilities[i, p]),
+         "loss": float(-np.log(true_probability[i]))}
+        for i, (f, t, p) in enumerate(zip(files, labels, predicted))
+    ]
+
+
+def confident_mistakes(rows, n=10):
+    """The `n` wrong predictions made with the highest probability."""
+    wrong = [r for r in rows if r["true"] != r["predicted"]]
+    return sorted(wrong, key=lambda r: -r["probability"])[:n]
+
+
+def write_predictions(path, rows):
+    """`rows` (of `prediction_rows`) as CSV at `path`."""
+    import csv
+    import io
+
+    from tfxfer import atomic
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, PREDICTION_COLUMNS)
+    writer.writeheader()
+    writer.writerows({**r, "probability": f"{r['probability']:.6f}", "loss": f"{r['loss']:.6f}"} for r in rows)
+    atomic.write_text(path, text.getvalue())

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.losses.loss import unscale_loss_for_distribution
 
-from tfxfer.data.pipeline import batched, epoch_passes
+from tfxfer.data.pipeline import epoch_passes, prefetched
 from tfxfer.errors import TfxferError
 
 __all__ = ["FEATURE_CACHE", "HeadModel", "use_feature_cache", "extract_features", "cached_features", "feature_dataset"]
@@ -151,5 +151,6 @@ def feature_dataset(features, labels, batch_size, training, seed):
     ds = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.int32)))
     if not training:
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    passes = epoch_passes(lambda pass_seed: ds.shuffle(len(labels), seed=pass_seed), len(labels), seed)
-    return batched(passes, batch_size)
+    passes = epoch_passes(lambda pass_seed: ds.shuffle(len(labels), seed=pass_seed).batch(batch_size),
+                          -(-len(labels) // batch_size), seed)
+    return prefetched(passes)

@@ -132,17 +132,20 @@ def predict_imagenet(backbone, weights, files, top=5):
 
 
 def evaluate_export(model_path, dataset=None, data_dir=None, split="test", batch_size=64, **data_args):
-    """Evaluate an exported model on a split; returns `(report, export_dir)`."""
-    from tfxfer.data import load_dataset
-    from tfxfer.evaluation import classification_report
+    """Evaluate an exported model on a split; returns `(report, export_dir,
+    rows)`, where `rows` are `tfxfer.evaluation.prediction_rows`: one per
+    image, with its file (or `<data>:<split>:<index>` for arrays and tfds)."""
+    from tfxfer.data import load_splits
+    from tfxfer.data.pipeline import build_pipeline
+    from tfxfer.evaluation import classification_report, prediction_rows
 
     loaded, metadata = load_export(model_path, need_tfxfer=True)
-    train, val, test, info = load_dataset(
-        dataset, data_dir, image_size=metadata["image_size"], batch_size=batch_size, **data_args
-    )
-    chosen = {"train": train, "val": val, "validation": val, "test": test}.get(split)
-    if chosen is None:
+    size = metadata["image_size"]
+    splits, info = load_splits(dataset, data_dir, image_size=size, **data_args)
+    key = {"train": "train", "val": "val", "validation": "val", "test": "test"}.get(split)
+    if key not in splits:
         raise TfxferError(f"{info.name} has no {split!r} split here; choose --split test, val or train.")
+    chosen = build_pipeline(splits[key], size, batch_size, training=False, seed=data_args.get("seed", 0))
     if list(info.class_names) != list(metadata["class_names"]):
         raise TfxferError(
             f"The data's classes ({', '.join(info.class_names)}) differ from the model's "
@@ -153,9 +156,15 @@ def evaluate_export(model_path, dataset=None, data_dir=None, split="test", batch
     for images, y in chosen.as_numpy_iterator():
         probabilities.append(serve(images=tf.constant(images))["probabilities"].numpy())
         labels.append(y)
-    report = classification_report(np.concatenate(labels), np.concatenate(probabilities), info.class_names)
+    labels, probabilities = np.concatenate(labels), np.concatenate(probabilities)
+    report = classification_report(labels, probabilities, info.class_names)
     report["split"], report["data"] = split, info.name
-    return report, metadata["export_dir"]
+    items = splits[key].items
+    if items is not None and splits[key].from_paths:
+        files = [os.fsdecode(p) for p in items]
+    else:
+        files = [f"{info.name}:{split}:{i}" for i in range(len(labels))]
+    return report, metadata["export_dir"], prediction_rows(files, labels, probabilities, info.class_names)
 
 
 def _read(path):

@@ -111,6 +111,7 @@ def load_data(config, log=print, augment=None):
         train_split=data.train_split, val_split=data.val_split, test_split=data.test_split,
         max_train_examples=data.max_train_examples, augment=data.augment if augment is None else augment,
         classes=data.classes, labels_per_class=data.labels_per_class, folds=data.folds, fold=data.fold,
+        count_classes=bool(getattr(getattr(config, "transfer", None), "class_weight", None)),
     )
     counts = ", ".join(f"{k} {v}" for k, v in info.num_examples.items())
     log(f"data: {info.name}, {info.num_classes} classes, {counts} images at {image_size}px")

@@ -4,7 +4,7 @@ A run folder `saved_models/<run>/` holds:
 
     config.yaml        the resolved config
     checkpoint/        weights + optimizer state after the last epoch (resume)
-    best.weights.h5    the weights of the best epoch on validation accuracy
+    best.weights.h5    the weights of the best epoch on --monitor (validation accuracy)
     history.csv        per-epoch training and validation metrics
     model.keras        the best model, for continued training with tfxfer
     learning_curves.png, confusion_matrix.png
@@ -26,7 +26,12 @@ import numpy as np
 import tensorflow as tf
 
 from tfxfer import atomic, feature_cache, runs
-from tfxfer.callbacks import DataEpoch, HistoryLogger, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state
+from tfxfer.callbacks import (
+    DataEpoch, EarlyStop, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
+    tensorboard_callbacks,
+)
+from tfxfer.losses import Crossentropy
+from tfxfer.metrics import Accuracy, MacroF1
 from tfxfer.backbones.pretrained import backbone_spec, save_backbone
 from tfxfer.config import FinetuneConfig
 from tfxfer.errors import TfxferError
@@ -110,7 +115,9 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         config.transfer.freeze = str(config.first_policy())  # the saved config says what the run starts with
         runs.create_run_dir(run_dir, config)
     best_path = os.path.join(run_dir, "best.weights.h5")
-    checkpoint = RunCheckpoint(run_dir, lambda: _trackables(model), model.save_weights, best_path, monitor="val_accuracy")
+    monitor = config.transfer.monitor
+    checkpoint = RunCheckpoint(run_dir, lambda: _trackables(model), model.save_weights, best_path, monitor=monitor,
+                               mode="min" if monitor.endswith("loss") else "max")
     initial_epoch = 0
     if resume:
         # The checkpoint holds the optimizers of the phase of its last epoch; the
@@ -121,20 +128,26 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     timer = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
     logger = HistoryLogger(os.path.join(run_dir, runs.HISTORY_FILE), initial_epoch, extra=lambda m: {"phase": m.freeze})
     fit_callbacks = [
-        UnfreezeSchedule(schedule, log), StopOnNonFinite(), logger, checkpoint, timer,
+        UnfreezeSchedule(schedule, log), StopOnNonFinite(), LearningRateLog(), logger, checkpoint, timer,
         *runs.budget_callbacks(config, started, resume, log), *callbacks,
     ]
+    if config.transfer.early_stopping:
+        fit_callbacks.append(EarlyStop(checkpoint, config.transfer.early_stopping, log))
+    if config.run.tensorboard:
+        fit_callbacks += tensorboard_callbacks(os.path.join(run_dir, "tensorboard"), train, log)
+    class_weight = _class_weight(config, info, log)
     histories = []
     cached_epochs = 0
     if feature_cache.use_feature_cache(config.transfer.feature_cache, config.first_policy(), config.data.augment, log):
         cached_epochs = schedule[1][0] if len(schedule) > 1 else config.optim.epochs
     if initial_epoch < cached_epochs:
-        histories.append(_fit_cached(model, config, train, val, initial_epoch, cached_epochs, fit_callbacks, verbose, log))
+        histories.append(_fit_cached(model, config, train, val, initial_epoch, cached_epochs, fit_callbacks, verbose, log,
+                                     class_weight, info.num_classes))
         initial_epoch = cached_epochs
     if initial_epoch < config.optim.epochs and not (histories and histories[-1].model.stop_training):
         histories.append(model.fit(
             train, validation_data=val, epochs=config.optim.epochs, initial_epoch=initial_epoch,
-            callbacks=[DataEpoch(train), *fit_callbacks], verbose=verbose,
+            callbacks=[DataEpoch(train), *fit_callbacks], verbose=verbose, class_weight=class_weight,
         ))
 
     if os.path.exists(best_path):
@@ -197,7 +210,7 @@ def _plot_run(run_dir, run_name, metrics, class_names):
     )
 
 
-def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, verbose, log):
+def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, verbose, log, class_weight, num_classes):
     """Epochs `initial_epoch..epochs` of a frozen backbone: the head trains on
     features computed once (`tfxfer.feature_cache`)."""
     started = time.time()
@@ -210,13 +223,14 @@ def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, ver
         f"{train_features.shape[1]} in {time.time() - started:.1f} s; the head trains on them for epochs "
         f"{initial_epoch + 1}-{epochs}")
     head = feature_cache.HeadModel(model)
-    head.compile(optimizer=model.optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                 jit_compile=config.run.jit_compile)
+    loss, metrics = _objective(config, num_classes)
+    head.compile(optimizer=model.optimizer, loss=loss, metrics=metrics, jit_compile=config.run.jit_compile)
     batch_size, seed = config.optim.batch_size, config.run.seed
     features = feature_cache.feature_dataset(train_features, train_labels, batch_size, True, seed)
     return head.fit(
         features, validation_data=feature_cache.feature_dataset(val_features, val_labels, batch_size, False, seed),
         epochs=epochs, initial_epoch=initial_epoch, callbacks=[DataEpoch(features), *callbacks], verbose=verbose,
+        class_weight=class_weight,
     )
 
 
@@ -228,13 +242,37 @@ def _trackables(model):
     return trackables
 
 
+def _objective(config, num_classes):
+    """The loss and the metrics: class ids or (after mixup, cutmix) class
+    probabilities as labels; macro-F1 when it picks the best epoch."""
+    metrics = [Accuracy()]
+    if config.transfer.monitor == "val_macro_f1":
+        metrics.append(MacroF1(num_classes))
+    return Crossentropy(num_classes, config.transfer.label_smoothing), metrics
+
+
+def _class_weight(config, info, log):
+    """`{class: n / (classes * n_class)}` for `--class-weight balanced`, else `None`;
+    the class counts of the training images are printed either way when known."""
+    counts = info.class_counts
+    if counts:
+        log("training images per class: " + ", ".join(f"{name} {n}" for name, n in zip(info.class_names, counts)))
+    if config.transfer.class_weight != "balanced":
+        return None
+    total = sum(counts)
+    weights = {c: total / (len(counts) * n) for c, n in enumerate(counts) if n}
+    log("class weights (balanced): " + ", ".join(f"{info.class_names[c]} {w:.3f}" for c, w in weights.items()))
+    return weights
+
+
 def _compile(model, config, steps_per_epoch):
     head_optimizer, backbone_optimizer = make_optimizers(config, model, steps_per_epoch)
+    loss, metrics = _objective(config, model.num_classes)
     model.compile(
         optimizer=head_optimizer,
         backbone_optimizer=backbone_optimizer,
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        loss=loss,
+        metrics=metrics,
         jit_compile=config.run.jit_compile,
     )
     if not head_optimizer.built:

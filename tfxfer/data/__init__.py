@@ -11,12 +11,15 @@ import dataclasses
 import os
 from typing import Optional
 
+import numpy as np
+
 from tfxfer.data.digits import digits
 from tfxfer.data.folders import image_folder
-from tfxfer.data.pipeline import AUGMENTATIONS, build_pipeline
+from tfxfer.config import AUGMENTATIONS, parse_augment
+from tfxfer.data.pipeline import build_pipeline
 from tfxfer.data.splits import carve, kfold, sample, sample_per_class, select_classes
 from tfxfer.data.tfds import tfds_dataset
-from tfxfer.errors import TfxferError, did_you_mean
+from tfxfer.errors import TfxferError
 
 __all__ = ["AUGMENTATIONS", "BUILTIN_DATASETS", "DatasetInfo", "load_dataset", "load_splits"]
 
@@ -32,6 +35,7 @@ class DatasetInfo:
     skipped_files: list = dataclasses.field(default_factory=list)
     classes: Optional[list] = None  # the class subset asked for, if any
     labels_per_class: Optional[int] = None
+    class_counts: Optional[list] = None  # training images per class, when the labels are known
 
     @property
     def num_classes(self):
@@ -56,6 +60,7 @@ def load_dataset(
     labels_per_class=None,
     folds=None,
     fold=0,
+    count_classes=False,
 ):
     """Load a dataset as batched `tf.data` pipelines.
 
@@ -74,7 +79,7 @@ def load_dataset(
         max_train_examples: use only this many training examples, for quick
             runs: a seeded sample (the first ones of an unread tfds split,
             which tfds shuffled when it prepared the data).
-        augment: one of `AUGMENTATIONS`, or a function `fn(image, seed)`
+        augment: an `--augment` text (`tfxfer.data.augment`), or a function `fn(image, seed)`
             (see `tfxfer.data.pipeline.build_pipeline`), applied to train only.
         cache: keep decoded images in memory; `None` decides by size.
         classes: names of a subset of classes (list or comma-separated), in
@@ -84,18 +89,21 @@ def load_dataset(
         folds, fold: validation is fold `fold` of a seeded, stratified
             `folds`-fold split of the (selected) training images; a source's
             own validation split is then not used.
+        count_classes: read a tfds split's labels, if not read already, to
+            fill `info.class_counts` (image folders and arrays always have it).
 
     Returns:
         `(train, val, test, info)`; `test` is `None` when there is no test split.
     """
-    if not callable(augment) and augment not in AUGMENTATIONS:
-        raise did_you_mean(augment, AUGMENTATIONS, "augmentation")
+    if not callable(augment):
+        parse_augment(augment)
     splits, info = load_splits(
         name, data_dir, image_size, val_fraction, seed, tfds_data_dir, train_split, val_split, test_split,
-        max_train_examples, classes, labels_per_class, folds, fold,
+        max_train_examples, classes, labels_per_class, folds, fold, count_classes,
     )
     pipelines = {
-        key: build_pipeline(split, image_size, batch_size, training=key == "train", seed=seed, augment=augment, cache=cache)
+        key: build_pipeline(split, image_size, batch_size, training=key == "train", seed=seed, augment=augment, cache=cache,
+                            num_classes=info.num_classes)
         for key, split in splits.items()
     }
     return pipelines["train"], pipelines["val"], pipelines.get("test"), info
@@ -104,6 +112,7 @@ def load_dataset(
 def load_splits(
     name=None, data_dir=None, image_size=32, val_fraction=0.1, seed=0, tfds_data_dir=None, train_split="train",
     val_split=None, test_split=None, max_train_examples=None, classes=None, labels_per_class=None, folds=None, fold=0,
+    count_classes=False,
 ):
     """The unbatched `Split`s after selection, and the `DatasetInfo`."""
     if (name is None) == (data_dir is None):
@@ -139,8 +148,13 @@ def load_splits(
     if not splits["train"].count:
         raise TfxferError(f"No training images are left in {label} after the selection; check --classes and --labels-per-class.")
 
+    if count_classes and splits["train"].labels is None:
+        splits["train"] = splits["train"].with_labels()
+    counts = None
+    if splits["train"].labels is not None:
+        counts = np.bincount(splits["train"].labels, minlength=len(class_names)).tolist()
     info = DatasetInfo(
         label, list(class_names), image_size, {k: s.count for k, s in splits.items()}, skipped,
-        classes=list(class_names) if classes else None, labels_per_class=labels_per_class,
+        classes=list(class_names) if classes else None, labels_per_class=labels_per_class, class_counts=counts,
     )
     return splits, info

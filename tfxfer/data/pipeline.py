@@ -6,10 +6,10 @@ the decode and resize of `tfxfer.data.images`, which the SavedModel uses too.
 
 import tensorflow as tf
 
-from tfxfer.config import AUGMENTATIONS
+from tfxfer.config import AUGMENTATIONS, parse_augment
 from tfxfer.data.images import decode_image, resize_uint8
 
-__all__ = ["AUGMENTATIONS", "build_pipeline", "epoch_passes", "batched", "set_epoch", "augment_examples", "augment_batches", "flip_crop"]
+__all__ = ["AUGMENTATIONS", "build_pipeline", "epoch_passes", "prefetched", "set_epoch", "augment_examples", "augment_batches"]
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Decoded uint8 images are cached in memory when they fit in this many bytes.
@@ -18,12 +18,14 @@ CACHE_BYTES = 4 * 2**30
 SHUFFLE_BYTES = 2**30
 
 
-def build_pipeline(split, size, batch_size, training, seed, augment="none", cache=None):
-    """Batched `(uint8 [B, size, size, 3], int32 [B])` from a `Split`.
+def build_pipeline(split, size, batch_size, training, seed, augment="none", cache=None, num_classes=None):
+    """Batched `(uint8 [B, size, size, 3], labels)` from a `Split`: labels are
+    int32 [B], or float32 class probabilities [B, num_classes] after mixup or
+    cutmix.
 
-    `augment` (training only) is a name of `AUGMENTATIONS` or a function
-    `fn(image, seed) -> image` (or a tuple of images) given a seed pair per
-    example, as pretext methods need.
+    `augment` (training only) is an `--augment` text (`tfxfer.data.augment`)
+    or a function `fn(image, seed) -> image` (or a tuple of images) given a
+    stateless seed pair per example, as pretext methods need.
 
     A training pipeline's order and augmentations are functions of `seed` and
     the pass (epoch) number, which `set_epoch` sets: a resumed run sees exactly
@@ -52,25 +54,29 @@ def build_pipeline(split, size, batch_size, training, seed, augment="none", cach
         source = source.cache() if cache else source
         buffer = split.count if cache else min(split.count, SHUFFLE_BYTES // image_bytes)
         after_shuffle = None
-    fn = None
-    if augment != "none":
-        fn = augment if callable(augment) else flip_crop(size, crop=augment == "flip_crop")
+    per_example = augment if callable(augment) else None
+    augmenter = None
+    if not callable(augment) and parse_augment(augment):
+        from tfxfer.data.augment import Augmenter
+
+        augmenter = Augmenter(augment, size, num_classes)
 
     def one_pass(pass_seed):
         ds = source.shuffle(max(buffer, 1), seed=pass_seed)
         ds = after_shuffle(ds) if after_shuffle else ds
-        if fn is not None:
+        if per_example is not None:
             ds = ds.enumerate().map(
-                lambda i, example: (fn(example[0], tf.stack([pass_seed, i])), example[1]), num_parallel_calls=AUTOTUNE
+                lambda i, example: (per_example(example[0], tf.stack([pass_seed, i])), example[1]), num_parallel_calls=AUTOTUNE
             )
-        return ds
+        return augmenter.apply(ds, batch_size, pass_seed) if augmenter else ds.batch(batch_size)
 
-    return batched(epoch_passes(one_pass, split.count, seed), batch_size)
+    passes = epoch_passes(one_pass, -(-split.count // batch_size), seed)
+    return prefetched(passes, augmenter.options() if augmenter else None)
 
 
 def epoch_passes(one_pass, count, seed):
     """A dataset whose every pass (iterator) is `one_pass(pass seed)`, `count`
-    examples long. The pass seed comes from `seed` and a pass counter that each
+    elements long. The pass seed comes from `seed` and a pass counter that each
     new iterator reads and advances; `set_epoch` sets it."""
     counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
 
@@ -88,9 +94,9 @@ def epoch_passes(one_pass, count, seed):
     return ds
 
 
-def batched(passes, batch_size):
-    """`passes` (of `epoch_passes`) batched and prefetched; `set_epoch` still works."""
-    ds = passes.batch(batch_size).prefetch(AUTOTUNE)
+def prefetched(passes, options=None):
+    """`passes` (of `epoch_passes`) prefetched, with `options`; `set_epoch` still works."""
+    ds = (passes.with_options(options) if options else passes).prefetch(AUTOTUNE)
     ds._tfxfer_epoch = passes._tfxfer_epoch
     return ds
 
@@ -103,10 +109,10 @@ def set_epoch(dataset, epoch):
     """Make the next pass over a training pipeline epoch `epoch`'s (0-based)
     order and augmentations, as PyTorch's `DistributedSampler.set_epoch`.
     `dataset` is a training pipeline of `build_pipeline`, `epoch_passes` or
-    `batched`."""
+    `prefetched`."""
     counter = getattr(dataset, "_tfxfer_epoch", None)
     if counter is None:
-        raise ValueError("set_epoch() needs a training pipeline of tfxfer.data (build_pipeline, epoch_passes or batched).")
+        raise ValueError("set_epoch() needs a training pipeline of tfxfer.data (build_pipeline, epoch_passes or prefetched).")
     counter.assign(epoch)
 
 
@@ -132,18 +138,3 @@ def augment_batches(batched, fn, seed, rerandomize=True):
     batches = batched.cardinality()
     ds = augment_examples(batched.unbatch(), fn, seed, rerandomize).batch(batch_size or 64)
     return ds.apply(tf.data.experimental.assert_cardinality(batches)) if batches >= 0 else ds
-
-
-def flip_crop(size, crop=True):
-    """Random horizontal flip and, with `crop`, pad-and-crop by size/8."""
-
-    def augment(image, pair):
-        pair = tf.cast(pair, tf.int32)
-        image = tf.image.stateless_random_flip_left_right(image, seed=pair)
-        if crop:
-            pad = max(size // 8, 1)
-            image = tf.image.resize_with_crop_or_pad(image, size + 2 * pad, size + 2 * pad)
-            image = tf.image.stateless_random_crop(image, (size, size, 3), seed=pair[::-1])
-        return image
-
-    return augment

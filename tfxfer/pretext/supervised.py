@@ -6,23 +6,10 @@ softmax head over the source classes that is dropped afterwards. Weak
 augmentation (flip + pad-and-crop) by default; label smoothing is an option.
 """
 
-import keras
-
+from tfxfer.losses import Crossentropy
+from tfxfer.metrics import Accuracy
 from tfxfer.model import build_model
 from tfxfer.pretext.registry import PretextMethod, register_method
-
-__all__ = ["smoothed_crossentropy"]
-
-
-def smoothed_crossentropy(num_classes, smoothing):
-    """Cross-entropy of integer labels against probabilities, with label smoothing."""
-
-    def loss(labels, probabilities):
-        one_hot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(labels, (-1,)), "int32"), num_classes)
-        return keras.losses.categorical_crossentropy(one_hot, probabilities, label_smoothing=smoothing)
-
-    return loss
-
 
 def _build(config, info, image_size):
     return build_model(
@@ -32,9 +19,8 @@ def _build(config, info, image_size):
 
 
 def _compile(model, optimizer, config, info):
-    smoothing = config.pretext.label_smoothing
-    loss = smoothed_crossentropy(info.num_classes, smoothing) if smoothing else "sparse_categorical_crossentropy"
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=config.run.jit_compile)
+    loss = Crossentropy(info.num_classes, config.pretext.label_smoothing)
+    model.compile(optimizer=optimizer, loss=loss, metrics=[Accuracy()], jit_compile=config.run.jit_compile)
 
 
 register_method(

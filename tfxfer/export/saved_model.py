@@ -15,9 +15,11 @@ import tensorflow as tf
 
 from tfxfer import atomic
 from tfxfer.data.images import decode_image, resize_uint8
+from tfxfer.export.registry import ExportFormat, register_format
 
-__all__ = ["export_saved_model", "next_version_dir", "versions"]
+__all__ = ["export_saved_model", "next_version_dir", "versions", "METADATA_FILE"]
 
+# Beside every export: image size, class names, backbone, input description.
 METADATA_FILE = "tfxfer.json"
 
 
@@ -60,11 +62,17 @@ def export_saved_model(model, path, class_names=None):
     module.serve_bytes = tf.function(from_bytes, input_signature=[bytes_spec])
     signatures = {"serving_default": module.serving_default, "serve_bytes": module.serve_bytes}
     # Serving ignores tfxfer.json; `tfxfer evaluate` and `predict` read it.
-    metadata = {"image_size": size, "class_names": names, "backbone": getattr(model, "backbone_name", None)}
+    metadata = metadata_of(model, names, "serving_default: uint8 images [N, H, W, 3], any H and W (resized inside); "
+                                         "serve_bytes: encoded JPEG/PNG/BMP/GIF strings [N]")
     with atomic.replacing(path) as temporary:  # a killed export leaves no version folder
         tf.saved_model.save(module, temporary, signatures=signatures)
         atomic.write_json(os.path.join(temporary, METADATA_FILE), metadata)
     return path
+
+
+def metadata_of(model, class_names, inputs):
+    return {"image_size": int(model.image_size), "class_names": list(class_names),
+            "backbone": getattr(model, "backbone_name", None), "inputs": inputs}
 
 
 def versions(export_root):
@@ -77,3 +85,16 @@ def versions(export_root):
 def next_version_dir(export_root):
     """`export_root/<n+1>`, where n is the highest numbered version already there."""
     return os.path.join(export_root, str(max(versions(export_root), default=0) + 1))
+
+
+def _write(model, folder, class_names):
+    # `folder` is new and empty; tf.saved_model.save wants to make it itself.
+    os.rmdir(folder)
+    return export_saved_model(model, folder, class_names)
+
+
+def _predict(path, images):
+    return tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
+
+
+register_format(ExportFormat("saved_model", _write, _predict, inputs="serving_default: uint8 images [N, H, W, 3] (resized inside); serve_bytes: encoded images [N]"))
