@@ -1,3 +1,4 @@
+import glob
 import csv
 import json
 import os
@@ -131,9 +132,11 @@ def test_time_budget_picks_fewer_pretrain_epochs_on_a_slower_step(tmp_path, sour
 
 def test_pretrain_cli(tmp_path, source):
     result = CliRunner().invoke(main, ["pretrain", "--data-dir", source, "--backbone", "simplecnn", "--method", "simclr",
-                                       "--epochs", "1", "--batch-size", "8", "--output-dir", str(tmp_path / "runs")])
+                                       "--epochs", "1", "--batch-size", "8", "--output-dir", str(tmp_path / "runs"),
+                                       "--tensorboard"])
     assert result.exit_code == 0, result.output
     assert "fine-tune it with: tfxfer finetune --weights" in result.output
+    assert "tensorboard --logdir" in result.output and glob.glob(str(tmp_path / "runs" / "*" / "tensorboard" / "**" / "events.*"), recursive=True)
     bad = CliRunner().invoke(main, ["pretrain", "--data-dir", source, "--method", "simclear"])
     assert bad.exit_code == 1 and "did you mean 'simclr'" in bad.output
 

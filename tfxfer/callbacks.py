@@ -256,7 +256,10 @@ def tensorboard_callbacks(log_dir, dataset, log=print):
 
     class BatchImages(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            images, _ = next(iter(dataset))
+            images = next(iter(dataset))[0]
+            while isinstance(images, (tuple, list)):  # a pretext's views: the first
+                images = images[0]
+            images = tf.reshape(images, (-1, *images.shape[-3:]))  # stacked views [V, B, ...] too
             with tf.summary.create_file_writer(os.path.join(log_dir, "images")).as_default():
                 tf.summary.image("a training batch", images, step=0, max_outputs=16)
 

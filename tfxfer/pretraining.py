@@ -21,7 +21,10 @@ import time
 import keras
 
 from tfxfer import runs
-from tfxfer.callbacks import DataEpoch, HistoryLogger, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state
+from tfxfer.callbacks import (
+    DataEpoch, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
+    tensorboard_callbacks,
+)
 from tfxfer.backbones.pretrained import backbone_spec, save_backbone
 from tfxfer.config import PretrainConfig
 from tfxfer.errors import TfxferError
@@ -87,6 +90,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     if initial_epoch:
         log(f"resuming {config.run.run_name} after epoch {initial_epoch}")
     timer = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
+    extra = tensorboard_callbacks(os.path.join(run_dir, "tensorboard"), train, log) if config.run.tensorboard else []
     history = model.fit(
         train,
         validation_data=validation,
@@ -94,9 +98,9 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         initial_epoch=initial_epoch,
         # The method's callbacks add metrics (kNN accuracy) that the checkpoint and the log read.
         callbacks=[
-            DataEpoch(train), StopOnNonFinite(), *method.callbacks(model, run_dir, val, info, config),
+            DataEpoch(train), StopOnNonFinite(), *method.callbacks(model, run_dir, val, info, config), LearningRateLog(),
             HistoryLogger(os.path.join(run_dir, runs.HISTORY_FILE), initial_epoch), checkpoint, timer,
-            *runs.budget_callbacks(config, started, resume, log), *callbacks,
+            *runs.budget_callbacks(config, started, resume, log), *extra, *callbacks,
         ],
         verbose=verbose,
     )
