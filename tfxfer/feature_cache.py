@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.losses.loss import unscale_loss_for_distribution
 
+from tfxfer import atomic
 from tfxfer.data.pipeline import epoch_passes, prefetched
 from tfxfer.errors import TfxferError
 
@@ -138,9 +139,7 @@ def cached_features(model, dataset, setting, split, log=print):
             return saved["features"], saved["labels"]
     features, labels = extract_features(model, dataset)
     os.makedirs(setting, exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, features=features, labels=labels)
-    os.replace(path + ".tmp", path)
+    atomic.write_npz(path, features=features, labels=labels)
     log(f"feature cache: {split} features written to {path}")
     return features, labels
 

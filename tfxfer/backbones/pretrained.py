@@ -13,6 +13,7 @@ backbone from them; the backbone name and image size default from the spec.
 import json
 import os
 
+from tfxfer import atomic
 from tfxfer.errors import TfxferError
 
 __all__ = ["WEIGHTS_FILE", "SPEC_FILE", "backbone_spec", "save_backbone", "read_spec", "find_pretrained"]
@@ -24,12 +25,9 @@ SPEC_FILE = "backbone.json"
 def save_backbone(run_dir, backbone, spec):
     """Write `backbone`'s weights and `spec` (a dict) into `run_dir`, atomically."""
     weights = os.path.join(run_dir, WEIGHTS_FILE)
-    backbone.save_weights(weights + ".tmp.weights.h5")
-    os.replace(weights + ".tmp.weights.h5", weights)
-    path = os.path.join(run_dir, SPEC_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(spec, f, indent=2)
-    os.replace(path + ".tmp", path)
+    with atomic.replacing(weights) as temporary:
+        backbone.save_weights(temporary)
+    atomic.write_json(os.path.join(run_dir, SPEC_FILE), spec)
     return weights
 
 
