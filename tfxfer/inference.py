@@ -57,7 +57,7 @@ def expand_inputs(inputs):
             for root, dirs, names in os.walk(item):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
-        elif not os.path.exists(item) and glob.has_magic(item):
+        elif not os.path.exists(item) and any(c in item for c in "*?["):
             files.extend(sorted(glob.glob(item, recursive=True)) or [item])
         else:
             files.append(item)

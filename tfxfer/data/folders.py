@@ -35,7 +35,7 @@ def image_folder(data_dir):
     test_dir = os.path.join(data_dir, "test") if train_dir != data_dir else None
 
     skipped = []
-    splits = {"train": _scan(train_dir, class_names, skipped)}
+    splits = {"train": _scan(train_dir, class_names, skipped, every_class=True)}
     if not splits["train"].count:
         raise TfxferError(f"No readable images under {train_dir!r}; it needs one sub-folder of images per class.")
     if val_dir:
@@ -52,14 +52,15 @@ def _class_folders(folder):
     return names
 
 
-def _scan(folder, class_names, skipped):
-    """The decodable images under `folder` as a `Split`; bad files go to `skipped`."""
+def _scan(folder, class_names, skipped, every_class=False):
+    """The decodable images under `folder` as a `Split`; bad files go to `skipped`.
+    With `every_class`, a class without a readable image is an error."""
     unknown = sorted(set(_class_folders(folder)) - set(class_names))
     if unknown:
         raise TfxferError(f"{folder!r} has class folders that train/ lacks: {', '.join(unknown)}.")
     folders = [(os.path.join(folder, name), label) for label, name in enumerate(class_names)]
     split = _scan_files([(d, label) for d, label in folders if os.path.isdir(d)], skipped)
-    if os.path.basename(folder) not in VAL_FOLDERS + ("test",):
+    if every_class:
         empty = [name for label, name in enumerate(class_names) if not np.any(split.labels == label)]
         if empty:
             raise TfxferError(

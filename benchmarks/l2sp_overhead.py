@@ -1,0 +1,89 @@
+"""The cost of the L2-SP penalty: tfxfer's training step with and without it.
+
+Random-init ResNet50 (`freeze="full"`, BatchNorm frozen), 10-class head, SGD
+with momentum, `--size` px, batch `--batch-size`, on cached random uint8 images.
+Both models live in one process; rounds alternate between them and each round
+times `--steps` training steps after 3 warm-up steps (the median is kept), so a
+change in the machine's speed hits both alike.
+
+    python benchmarks/l2sp_overhead.py                 # 32 px, batch 64
+Writes benchmarks/l2sp_overhead.md (or --out).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--alpha", type=float, default=0.01)
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "l2sp_overhead.md"))
+    args = parser.parse_args()
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tfxfer
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tfxfer.runtime import describe_cpu
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    count = args.batch_size * 8
+    images = rng.integers(0, 256, (count, args.size, args.size, 3), np.uint8)
+    labels = rng.integers(0, 10, count).astype("int32")
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(args.batch_size).cache().repeat()
+    models = {}
+    for name, alpha in (("without L2-SP", 0.0), (f"L2-SP {args.alpha:g}", args.alpha)):
+        model = tfxfer.build_model("resnet50", num_classes=10, weights=None, image_size=args.size, freeze="full", l2sp=alpha)
+        model.compile(keras.optimizers.SGD(1e-3, momentum=0.9), "sparse_categorical_crossentropy")
+        model.make_train_function()
+        models[name] = (model, iter(data))
+
+    def step_seconds(name):
+        model, batches = models[name]
+        for _ in range(3):
+            model.train_function(batches)
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            float(model.train_function(batches)["loss"])
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    rounds = {name: [] for name in models}
+    for r in range(args.rounds):
+        for name in (list(models) if r % 2 == 0 else list(reversed(models))):
+            rounds[name].append(step_seconds(name))
+    medians = {name: statistics.median(values) for name, values in rounds.items()}
+    plain, penalized = medians.values()
+    lines = [
+        "# L2-SP overhead", "",
+        f"Machine: {describe_cpu()}; TensorFlow {tf.__version__}, Keras {keras.__version__}.", "",
+        f"ResNet50, `freeze=full` (BatchNorm frozen), {args.size} px, batch {args.batch_size}, float32, SGD momentum; "
+        f"median step of {args.steps} after 3 warm-up steps, per round; {args.rounds} alternating rounds.", "",
+        "| step | img/s (median of rounds) | img/s per round |", "|---|---|---|",
+        *[f"| {name} | {args.batch_size / medians[name]:.1f} | {', '.join(f'{args.batch_size / t:.1f}' for t in values)} |"
+          for name, values in rounds.items()],
+        "", f"**Overhead of L2-SP: {100 * (penalized / plain - 1):.1f}%** of the step.", "",
+        f"Command: `python benchmarks/l2sp_overhead.py --size {args.size} --batch-size {args.batch_size} "
+        f"--steps {args.steps} --rounds {args.rounds} --alpha {args.alpha:g}`", "",
+    ]
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
