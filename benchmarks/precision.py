@@ -7,6 +7,11 @@ test accuracy of each strategy. On CPUs without AVX512-BF16/AMX, bfloat16 is
 emulated: slower, but the numbers still say whether it trains as well.
 
     python benchmarks/precision.py
+    python benchmarks/precision.py --study configs/precision-digits.yaml --out benchmarks/precision-digits.md
+
+With `--study CONFIG`, runs that study alone once per precision instead, and
+reports the paired difference per seed with a 95% t-interval: the check that
+can resolve one point where the quickstart's seed noise cannot.
 Writes benchmarks/precision.md (or --out).
 """
 
@@ -44,10 +49,53 @@ def run_quickstart(precision, folder):
     return by_strategy, time.time() - start
 
 
+def run_study(precision, folder, config):
+    tfxfer = os.path.join(os.path.dirname(sys.executable), "tfxfer")
+    start = time.time()
+    subprocess.run([tfxfer, "study", "--config", os.path.abspath(config), "--precision", precision], cwd=folder,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    found = [os.path.join(r, "results.csv") for r, _, files in os.walk(os.path.join(folder, "studies")) if "results.csv" in files]
+    with open(found[0]) as f:
+        rows = list(csv.DictReader(f))
+    return {row["seed"]: float(row["test_accuracy"]) for row in rows}, time.time() - start
+
+
+def paired_study(config, out):
+    from scipy import stats
+
+    results = {}
+    for precision in PRECISIONS:
+        with tempfile.TemporaryDirectory() as folder:
+            results[precision] = run_study(precision, folder, config)
+            print(precision, results[precision], flush=True)
+    (fp32, t32), (bf16, t16) = (results[p] for p in PRECISIONS)
+    seeds = sorted(fp32, key=int)
+    differences = [100 * (bf16[s] - fp32[s]) for s in seeds]
+    mean = statistics.mean(differences)
+    low, high = stats.t.interval(0.95, len(differences) - 1, loc=mean, scale=stats.sem(differences)) if len(differences) > 1 else (mean, mean)
+    lines = [
+        "# bfloat16 against float32, paired by seed", "",
+        f"Machine: {describe_cpu()}.", "",
+        f"`tfxfer study --config {config}` once per `--precision`; test accuracy per seed.", "",
+        "| seed | float32 | mixed_bfloat16 | bf16 − fp32 (points) |", "|---|---|---|---|",
+        *[f"| {s} | {fp32[s]:.4f} | {bf16[s]:.4f} | {d:+.2f} |" for s, d in zip(seeds, differences)], "",
+        f"**Mean difference {mean:+.2f} points, 95% CI {low:+.2f} to {high:+.2f}** ({len(seeds)} seeds, t-interval); "
+        f"float32 mean {100 * statistics.mean(fp32.values()):.2f}%, bfloat16 {100 * statistics.mean(bf16.values()):.2f}%.", "",
+        f"Wall time: float32 {t32:.0f} s, mixed_bfloat16 {t16:.0f} s.", "",
+        f"Command: `python benchmarks/precision.py --study {config} --out {os.path.relpath(out, ROOT)}`", "",
+    ]
+    with open(out, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "precision.md"))
+    parser.add_argument("--study", help="A study config to run once per precision, paired by seed.")
     args = parser.parse_args()
+    if args.study:
+        return paired_study(args.study, args.out)
     results = {}
     for precision in PRECISIONS:
         with tempfile.TemporaryDirectory() as folder:
