@@ -44,6 +44,7 @@ def main():
     from ai_edge_litert.interpreter import Interpreter
 
     from tfxfer.export import export_run
+    from tfxfer.export.registry import disk_size
     from tfxfer.runtime import describe_cpu
 
     keras.utils.set_random_seed(0)
@@ -90,11 +91,6 @@ def main():
                 run(image)
                 times[name].append(time.perf_counter() - start)
 
-    def size(path):
-        if os.path.isfile(path):
-            return os.path.getsize(path)
-        return sum(os.path.getsize(os.path.join(r, f)) for r, _, files in os.walk(path) for f in files)
-
     files = {"SavedModel (TensorFlow)": "saved_model", "ONNX (ONNX Runtime)": "onnx", "LiteRT (interpreter, XNNPACK)": "litert"}
     weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
     lines = [
@@ -112,7 +108,7 @@ def main():
         median = statistics.median(values)
         fmt = files.get(name)
         lines.append(
-            f"| {name} | {size(artifacts[fmt]) / 2**20:.1f} MiB |" if fmt else f"| {name} | - |"
+            f"| {name} | {disk_size(artifacts[fmt]) / 2**20:.1f} MiB |" if fmt else f"| {name} | - |"
         )
         lines[-1] += (f" {median * 1000:.1f} ms | {median / reference:.2f}× |"
                       + (f" {convert_seconds[fmt]:.0f} s | {differences[fmt]:.1e} |" if fmt else " - | - |"))

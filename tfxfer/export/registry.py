@@ -10,7 +10,7 @@ import numpy as np
 from tfxfer import atomic
 from tfxfer.errors import TfxferError, did_you_mean
 
-__all__ = ["ExportFormat", "FORMATS", "register_format", "get_format", "export_run"]
+__all__ = ["ExportFormat", "FORMATS", "register_format", "get_format", "export_run", "disk_size"]
 
 # Largest |probability difference| from the SavedModel that an export may have (float32).
 TOLERANCE = 1e-4
@@ -101,12 +101,13 @@ def export_run(run_dir, format="saved_model", output=None, log=print):
             atomic.write_json(os.path.join(temporary, METADATA_FILE), metadata)
         name = os.path.relpath(artifact, temporary)
     artifact = os.path.join(folder, name) if name != "." else folder
-    log(f"{format}: {artifact} ({_size(artifact) / 2**20:.1f} MiB); max |probability difference| from {against} "
+    log(f"{format}: {artifact} ({disk_size(artifact) / 2**20:.1f} MiB); max |probability difference| from {against} "
         f"{difference:.1e} on 16 images")
     return artifact, difference
 
 
-def _size(path):
+def disk_size(path):
+    """Bytes of a file, or of every file under a folder."""
     if os.path.isfile(path):
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
