@@ -46,7 +46,7 @@ MONITORS = ("val_accuracy", "val_loss", "val_macro_f1")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 SCOPES = ("kernels", "all")  # L2-SP: kernels (as the paper) or all weights
-DISTRIBUTE = ("none", "mirrored")
+DISTRIBUTE = ("none", "mirrored", "multiworker")
 
 
 def _pretext_methods():
@@ -206,7 +206,7 @@ class RunConfig:
     deterministic: bool = option(False, "TF op determinism: identical histories on any device, at a cost (README).")
     precision: str = option("auto", "auto: bfloat16 where the hardware has it, else float32.", PRECISIONS)
     jit_compile: bool = option(False, "Compile the training step with XLA (measure first on CPU).")
-    distribute: str = option("none", "none, or mirrored (tf.distribute.MirroredStrategy).", DISTRIBUTE)
+    distribute: str = option("none", "none; mirrored: the GPUs of this machine; multiworker: the workers of TF_CONFIG (README).", DISTRIBUTE)
     tensorboard: bool = option(False, "Write TensorBoard logs to the run's tensorboard/ folder (scalars, L2-SP, learning rate, a batch of images).")
     run_name: Optional[str] = option(None, "Run folder name under --output-dir (default: from data, backbone and method).")
     output_dir: str = option("saved_models", "Where run folders go.")

@@ -173,7 +173,7 @@ class TransferModel(keras.Model):
             head_l2 = self.penalty.head()
             # Per-replica losses are scaled by 1/replicas; the penalty must be too,
             # or the summed gradients would count it once per replica.
-            total = tf.cast(loss, tf.float32) + scale_loss_for_distribution(l2sp + head_l2)
+            total = tf.cast(loss, tf.float32) * _batch_share(tf.shape(x)[0]) + scale_loss_for_distribution(l2sp + head_l2)
             scaled = self.optimizer.scale_loss(total)
         batch_size = tf.shape(x)[0]
         self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=batch_size)
@@ -222,6 +222,20 @@ class TransferModel(keras.Model):
             "class_names": self.class_names,
             "name": self.name,
         }
+
+
+def _batch_share(batch_size):
+    """Under N replicas, N times this replica's share of the global batch, else 1.
+
+    Keras scales each replica's mean loss by 1/N, which weighs every example
+    of a global batch alike only when the replicas' batches are equal; with
+    this factor an uneven (last) global batch gets the one-process gradient too.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return 1.0
+    local = tf.cast(batch_size, tf.float32)
+    return tf.math.divide_no_nan(local * context.num_replicas_in_sync, context.all_reduce("SUM", local))
 
 
 def build_model(backbone="resnet50", num_classes=1000, weights="imagenet", **kwargs):

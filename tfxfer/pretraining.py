@@ -20,7 +20,7 @@ import time
 
 import keras
 
-from tfxfer import runs
+from tfxfer import distributed, runs
 from tfxfer.callbacks import (
     DataEpoch, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
     tensorboard_callbacks,
@@ -54,6 +54,8 @@ def pretrain(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
     """
     if not isinstance(config, PretrainConfig):
         raise TypeError("pretrain() takes a PretrainConfig; build one with tfxfer.load_config(kind=PretrainConfig).")
+    if config.run.distribute == "multiworker":
+        raise TfxferError("--distribute multiworker is for finetune; pretrain on one machine (none or mirrored).")
     config, run_dir = runs.prepare_run(config, resume, overwrite)
     with runs.started(config, log):
         return _run(config, run_dir, resume, callbacks, verbose, log, time.time())
@@ -66,7 +68,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         raise TfxferError(f"--method {method.name} trains on labels, and {info.name} has one class; use simclr or autoencoder.")
     steps_per_epoch = -(-info.num_examples["train"] // config.optim.batch_size)
     validation = method.validation(val, config) if method.validation else val
-    with runs.make_strategy(config.run.distribute).scope():
+    with distributed.make_strategy(config.run.distribute).scope():
         model = method.build(config, info, image_size)
         method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
         if config.optim.time_budget and not resume:

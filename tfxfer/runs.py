@@ -32,7 +32,6 @@ __all__ = [
     "create_run_dir",
     "seed_everything",
     "set_op_determinism",
-    "make_strategy",
     "plan_epochs",
     "measure_seconds_per_step",
     "apply_time_budget",
@@ -42,9 +41,13 @@ __all__ = [
 CONFIG_FILE = "config.yaml"
 
 
-def prepare_run(config, resume=False, overwrite=False):
+def prepare_run(config, resume=False, overwrite=False, worker=None):
     """`(config, run_dir)` before any work: the run name resolved, the folder
     checked, and on `resume` the saved config with the allowed changes.
+
+    `worker` names the copy of a non-chief worker of a distributed run
+    (`tfxfer.distributed.worker_folder`): its run folder is
+    `<output_dir>/<worker>/<run_name>`, and the chief's is left alone.
 
     A resumed run keeps its saved config. An option set explicitly (the
     config's `explicit`, else any non-default value) that differs from the
@@ -54,7 +57,7 @@ def prepare_run(config, resume=False, overwrite=False):
         config.validate()
         config.use_pretrained_spec()
     config.run.run_name = config.run.run_name or config.default_run_name()
-    run_dir = os.path.join(config.run.output_dir, config.run.run_name)
+    run_dir = os.path.join(config.run.output_dir, *([worker] if worker else []), config.run.run_name)
     if resume:
         if not os.path.exists(os.path.join(run_dir, CHECKPOINT_STATE)):
             raise TfxferError(f"Run folder {run_dir} has no checkpoint to resume from; start it without --resume.")
@@ -170,10 +173,6 @@ def set_op_determinism(enabled):
         tf_config.enable_op_determinism()
     else:
         tf_config.disable_op_determinism()
-
-
-def make_strategy(distribute):
-    return tf.distribute.MirroredStrategy() if distribute == "mirrored" else tf.distribute.get_strategy()
 
 
 # Evaluating a batch costs about a third of a training step (forward only).

@@ -16,8 +16,10 @@ The test split is touched once, at the end, by the best-on-validation model.
 The run folder, seeding, checkpoints and the time budget are `tfxfer.runs`.
 """
 
+import contextlib
 import dataclasses
 import os
+import shutil
 import time
 import warnings
 
@@ -25,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfxfer import atomic, feature_cache, runs
+from tfxfer import atomic, distributed, feature_cache, runs
 from tfxfer.callbacks import (
     DataEpoch, EarlyStop, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
     tensorboard_callbacks,
@@ -38,7 +40,7 @@ from tfxfer.errors import TfxferError
 from tfxfer.evaluation import classification_report, format_report
 from tfxfer.freezing import UnfreezeSchedule, parse_unfreeze, phase_at, resolve_phases
 from tfxfer.export import export_saved_model, next_version_dir
-from tfxfer.model import build_model
+from tfxfer.model import TransferModel, build_model
 from tfxfer.optim import make_optimizers
 
 __all__ = ["finetune", "RunResult", "predict_dataset"]
@@ -64,16 +66,30 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
     """
     if not isinstance(config, FinetuneConfig):
         raise TypeError("finetune() takes a FinetuneConfig; build one with tfxfer.load_config().")
-    config, run_dir = runs.prepare_run(config, resume, overwrite)
+    started = time.time()
+    strategy = distributed.make_strategy(config.run.distribute)  # before any TensorFlow op
+    worker = distributed.worker_folder(strategy)
+    config, run_dir = runs.prepare_run(config, resume, overwrite, worker)
     with runs.started(config, log):
-        return _run(config, run_dir, resume, callbacks, verbose, log, time.time())
+        if config.run.distribute != "none":
+            log(f"distribute: {config.run.distribute}, {distributed.worker_description(strategy)}")
+        result = _run(config, run_dir, resume, callbacks, verbose, log, started, strategy)
+    if worker:
+        # A non-chief worker's copy of the run only served the collectives.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(run_dir))
+        log(f"{worker}: training done; the chief wrote the run folder")
+    return result
 
 
-def _run(config, run_dir, resume, callbacks, verbose, log, started):
+def _run(config, run_dir, resume, callbacks, verbose, log, started, strategy):
     train, val, test, info, image_size = runs.load_data(config, log)
     if info.num_classes < 2:
         raise TfxferError(f"{info.name} has a single class ({info.class_names[0]}); a classifier needs at least two.")
-    strategy = runs.make_strategy(config.run.distribute)
+    is_distributed = config.run.distribute != "none"
+    if is_distributed and config.optim.time_budget:
+        raise TfxferError("--time-budget is not available with --distribute yet; give --epochs.")
     steps_per_epoch = -(-info.num_examples["train"] // config.optim.batch_size)
     with strategy.scope():
         model = build_model(
@@ -138,13 +154,25 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     class_weight = _class_weight(config, info, log)
     histories = []
     cached_epochs = 0
-    if feature_cache.use_feature_cache(config.transfer.feature_cache, config.first_policy(), config.data.augment, log):
+    if is_distributed and config.transfer.feature_cache not in ("auto", "off"):
+        raise TfxferError("--feature-cache is not available with --distribute; drop it (auto turns it off).")
+    if not is_distributed and feature_cache.use_feature_cache(
+            config.transfer.feature_cache, config.first_policy(), config.data.augment, log):
         cached_epochs = schedule[1][0] if len(schedule) > 1 else config.optim.epochs
     if initial_epoch < cached_epochs:
         histories.append(_fit_cached(model, config, train, val, initial_epoch, cached_epochs, fit_callbacks, verbose, log,
                                      class_weight, info.num_classes))
         initial_epoch = cached_epochs
-    if initial_epoch < config.optim.epochs and not (histories and histories[-1].model.stop_training):
+    if is_distributed:
+        distributed.synchronize_batchnorm(model)
+        histories.append(distributed.fit(
+            model, strategy, train, val, epochs=config.optim.epochs, initial_epoch=initial_epoch,
+            callbacks=[DataEpoch(train), *fit_callbacks], verbose=verbose, class_weight=class_weight,
+        ))
+        if not distributed.is_chief(strategy):
+            return RunResult(run_dir, None, _history_dict(histories), {}, model)
+        model = _local_copy(model, config, steps_per_epoch)
+    elif initial_epoch < config.optim.epochs and not (histories and histories[-1].model.stop_training):
         histories.append(model.fit(
             train, validation_data=val, epochs=config.optim.epochs, initial_epoch=initial_epoch,
             callbacks=[DataEpoch(train), *fit_callbacks], verbose=verbose, class_weight=class_weight,
@@ -232,6 +260,17 @@ def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, ver
         epochs=epochs, initial_epoch=initial_epoch, callbacks=[DataEpoch(features), *callbacks], verbose=verbose,
         class_weight=class_weight,
     )
+
+
+def _local_copy(model, config, steps_per_epoch):
+    """The trained model outside the distribution strategy, for the chief's
+    evaluation and export: under `MultiWorkerMirroredStrategy`, `predict` would
+    split the data among the workers, which have finished."""
+    local = TransferModel.from_config({**model.get_config(), "weights": "none"})
+    local.weights_source = model.weights_source
+    local.set_weights(model.get_weights())
+    _compile(local, config, steps_per_epoch)
+    return local
 
 
 def _trackables(model):
