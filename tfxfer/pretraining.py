@@ -105,6 +105,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
             *runs.budget_callbacks(config, started, resume, log), *extra, *callbacks,
         ],
         verbose=verbose,
+        shuffle=False,  # the pipeline shuffles, seeded by epoch
     )
 
     model.backbone.load_weights(best_path)

@@ -203,7 +203,7 @@ def measure_seconds_per_step(model, dataset, seconds=30.0, max_steps=500):
             if len(ends) > 2 and ends[-1] - ends[1] > seconds:
                 self.model.stop_training = True
 
-    model.fit(dataset.repeat(), steps_per_epoch=max_steps, epochs=1, callbacks=[Clock()], verbose=0)
+    model.fit(dataset.repeat(), steps_per_epoch=max_steps, epochs=1, callbacks=[Clock()], verbose=0, shuffle=False)
     for variable, value in zip(variables, saved):
         variable.assign(value)
     # The mean, not the median: wall time includes the occasional slow step

@@ -176,6 +176,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started, strategy):
         histories.append(model.fit(
             train, validation_data=val, epochs=config.optim.epochs, initial_epoch=initial_epoch,
             callbacks=[DataEpoch(train), *fit_callbacks], verbose=verbose, class_weight=class_weight,
+            shuffle=False,  # the pipeline shuffles, seeded by epoch
         ))
 
     if os.path.exists(best_path):
@@ -258,7 +259,7 @@ def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, ver
     return head.fit(
         features, validation_data=feature_cache.feature_dataset(val_features, val_labels, batch_size, False, seed),
         epochs=epochs, initial_epoch=initial_epoch, callbacks=[DataEpoch(features), *callbacks], verbose=verbose,
-        class_weight=class_weight,
+        class_weight=class_weight, shuffle=False,
     )
 
 
