@@ -179,3 +179,33 @@ def test_history_rows_past_the_checkpoint_are_dropped_on_resume(tmp_path):
     logger = HistoryLogger(str(path), keep_epochs=2)
     logger.on_epoch_end(2, {"loss": 0.75})
     assert path.read_text() == "epoch,loss\n0,1.5\n1,1.25\n2,0.75\n"
+
+
+@pytest.mark.parametrize("monitor, mode, expected_best", [
+    ("val_accuracy", "max", 3),  # 0.9 ties from epoch 2 on: the lowest val_loss among them
+    ("val_loss", "min", 4),      # no tie-break: the lowest loss
+])
+def test_best_epoch_breaks_accuracy_ties_by_validation_loss_and_survives_resume(tmp_path, monitor, mode, expected_best):
+    from tfxfer.callbacks import RunCheckpoint
+
+    epochs = [(0.8, 0.9), (0.9, 0.6), (0.9, 0.4), (0.7, 0.3), (0.9, 0.5)]  # (val_accuracy, val_loss)
+    variable = keras.Variable(0.0)
+
+    def save_best(path):
+        with open(path, "w") as f:
+            f.write(str(float(variable.numpy())))
+
+    def checkpoint():
+        return RunCheckpoint(str(tmp_path), {"v": variable}, save_best, str(tmp_path / "best.h5"), monitor, mode)
+
+    first = checkpoint()
+    for epoch, (accuracy, loss) in enumerate(epochs[:3]):
+        variable.assign(epoch + 1)
+        first.on_epoch_end(epoch, {"val_accuracy": accuracy, "val_loss": loss})
+    resumed = checkpoint()  # a new process: the tie's loss comes from state.json
+    assert resumed.restore() == 3
+    for epoch, (accuracy, loss) in enumerate(epochs[3:], start=3):
+        variable.assign(epoch + 1)
+        resumed.on_epoch_end(epoch, {"val_accuracy": accuracy, "val_loss": loss})
+    assert resumed.best_epoch == expected_best
+    assert (tmp_path / "best.h5").read_text() == str(float(expected_best))  # the best weights are that epoch's

@@ -35,16 +35,22 @@ class RunCheckpoint(keras.callbacks.Callback):
             the best weights there (`best_path`).
         monitor: a key of the epoch's logs; missing, every epoch is the best.
         mode: `"max"` or `"min"`.
+        tie_break: a key of the logs, lower is better, that decides between
+            epochs with the same `monitor` value (default: `val_loss` when
+            `monitor` is another key). Accuracy on a few validation images
+            moves in coarse steps and ties from early epochs on; without it the
+            first, least trained epoch of a tie would be kept.
     """
 
-    def __init__(self, run_dir, trackables, save_best, best_path, monitor="val_accuracy", mode="max"):
+    def __init__(self, run_dir, trackables, save_best, best_path, monitor="val_accuracy", mode="max", tie_break=None):
         super().__init__()
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
         self.run_dir, self.save_best, self.best_path = run_dir, save_best, best_path
         self.monitor, self.mode = monitor, mode
+        self.tie_break = tie_break if tie_break is not None else ("val_loss" if monitor != "val_loss" else None)
         self.state_path = os.path.join(run_dir, CHECKPOINT_STATE)
-        self.best_value, self.best_epoch = None, None
+        self.best_value, self.best_epoch, self.best_tie = None, None, None
         self._trackables = trackables if callable(trackables) else (lambda: trackables)
 
     def _checkpoint(self):
@@ -62,18 +68,21 @@ class RunCheckpoint(keras.callbacks.Callback):
         state = self._state()
         self._checkpoint().read(state["checkpoint"]).assert_existing_objects_matched()
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.best_tie = state.get("best_tie")
         return state["epoch"]
 
-    def _improved(self, value):
+    def _improved(self, value, tie):
         if value is None or self.best_value is None:
             return True
+        if value == self.best_value and tie is not None and self.best_tie is not None:
+            return tie < self.best_tie
         return value > self.best_value if self.mode == "max" else value < self.best_value
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        value = None if value is None else float(value)
-        if self._improved(value):
-            self.best_value, self.best_epoch = value, epoch + 1
+        logs = logs or {}
+        value, tie = (None if logs.get(k) is None else float(logs[k]) for k in (self.monitor, self.tie_break))
+        if self._improved(value, tie):
+            self.best_value, self.best_epoch, self.best_tie = value, epoch + 1, tie
             with atomic.replacing(self.best_path) as temporary:
                 self.save_best(temporary)
         # A new prefix per epoch, and state.json switched to it in one rename:
@@ -82,7 +91,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         path = self._checkpoint().write(os.path.join(folder, f"epoch-{epoch + 1}"))
         atomic.write_json(self.state_path, {
             "epoch": epoch + 1, "checkpoint": path, "monitor": self.monitor,
-            "best_value": self.best_value, "best_epoch": self.best_epoch,
+            "best_value": self.best_value, "best_epoch": self.best_epoch, "best_tie": self.best_tie,
         })
         keep = os.path.basename(path)
         for name in os.listdir(folder):

@@ -18,6 +18,9 @@ What a distributed run keeps from a single-process one:
 * **Freezing and L2-SP.** They live in the model's step: frozen weights get
   no gradient on any replica, and the penalty is scaled by 1/replicas, so
   the summed gradients count it once.
+* **Stopping.** A callback's `stop_training` after an epoch stops every
+  worker at that epoch. Within an epoch, only the loss (the same on every
+  worker) may stop training: a NaN raises on all of them.
 * **The run folder.** Only the chief writes it. The other workers run the
   same callbacks (saving a checkpoint reads variables that every worker must
   take part in) into a temporary folder that is deleted afterwards.
@@ -189,6 +192,13 @@ def _phase_key(model):
     return (model.freeze, id(model.optimizer), id(getattr(model, "backbone_optimizer", None)))
 
 
+def _any_worker(strategy, flag):
+    """Whether `flag` is set on any worker: a callback that stops on one (on
+    its own clock, say) stops them all, at the same epoch."""
+    votes = strategy.run(lambda: tf.constant(1.0 if flag else 0.0))
+    return float(strategy.reduce("SUM", votes, axis=None)) > 0
+
+
 PENALTY_LOGS = {"l2sp", "head_l2"}  # training terms, not evaluated
 
 
@@ -212,8 +222,8 @@ def fit(model, strategy, train, validation_data, epochs, initial_epoch=0, callba
         val_steps = int(validation_data.cardinality())
         if steps <= 0 or val_steps <= 0:
             raise ValueError("distributed.fit needs finite datasets of known length.")
-        sample = next(iter(train))
-        model._symbolic_build(data_batch=sample)  # metrics and loss are built before the steps are traced
+        # Metrics and loss are built (from the batch's shapes) before the steps are traced.
+        model._symbolic_build(data_batch=train.element_spec)
         train_data = distributed(strategy, with_class_weight(train, class_weight))
         val_data = distributed(strategy, validation_data)
         history = keras.callbacks.History()
@@ -246,7 +256,7 @@ def fit(model, strategy, train, validation_data, epochs, initial_epoch=0, callba
                 steps_fn.test(iterator)
             logs.update({"val_" + k: v for k, v in _metric_logs(model).items() if k in logged - PENALTY_LOGS})
             callback_list.on_epoch_end(epoch, logs)
-            if model.stop_training:
+            if _any_worker(strategy, model.stop_training):
                 break
         callback_list.on_train_end(logs if epochs > initial_epoch else None)
     return history

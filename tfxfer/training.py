@@ -87,6 +87,10 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started, strategy):
     train, val, test, info, image_size = runs.load_data(config, log)
     if info.num_classes < 2:
         raise TfxferError(f"{info.name} has a single class ({info.class_names[0]}); a classifier needs at least two.")
+    val_images = info.num_examples["val"]
+    if config.transfer.monitor == "val_accuracy" and val_images < 50:
+        log(f"note: {val_images} validation images: val_accuracy moves in steps of {100 / val_images:.0f} points and "
+            "ties across epochs; a tie goes to the epoch with the lower val_loss")
     is_distributed = config.run.distribute != "none"
     if is_distributed and config.optim.time_budget:
         raise TfxferError("--time-budget is not available with --distribute yet; give --epochs.")
