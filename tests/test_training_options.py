@@ -88,7 +88,9 @@ def test_monitor_val_macro_f1_logs_it_and_picks_the_best_epoch_by_it(tmp_path, f
     assert result.exit_code == 0, result.output
     rows = _history(tmp_path / "runs" / "r")
     scores = [float(r["val_macro_f1"]) for r in rows]
-    assert atomic.read_json(tmp_path / "runs" / "r" / "metrics.json")["best_epoch"] == 1 + int(np.argmax(scores))
+    # The highest macro-F1; among tied epochs, the lowest val_loss (then the first).
+    best = min(range(len(rows)), key=lambda e: (-scores[e], float(rows[e]["val_loss"]), e))
+    assert atomic.read_json(tmp_path / "runs" / "r" / "metrics.json")["best_epoch"] == 1 + best
 
 
 def test_balanced_class_weights_are_reported_and_used(tmp_path):
