@@ -166,6 +166,7 @@ class TransferModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch_size = tf.shape(x)[0]
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
@@ -173,9 +174,8 @@ class TransferModel(keras.Model):
             head_l2 = self.penalty.head()
             # Per-replica losses are scaled by 1/replicas; the penalty must be too,
             # or the summed gradients would count it once per replica.
-            total = tf.cast(loss, tf.float32) * _batch_share(tf.shape(x)[0]) + scale_loss_for_distribution(l2sp + head_l2)
+            total = tf.cast(loss, tf.float32) * _batch_share(batch_size) + scale_loss_for_distribution(l2sp + head_l2)
             scaled = self.optimizer.scale_loss(total)
-        batch_size = tf.shape(x)[0]
         self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=batch_size)
         self.l2sp_tracker.update_state(l2sp)
         self.head_l2_tracker.update_state(head_l2)
