@@ -39,7 +39,10 @@ import tensorflow as tf
 
 from tfxfer.errors import TfxferError
 
-__all__ = ["make_strategy", "is_chief", "distributed", "replica_slices", "fit"]
+__all__ = [
+    "make_strategy", "is_chief", "worker_folder", "worker_description", "synchronize_batchnorm", "distributed",
+    "replica_slices", "with_class_weight", "fit",
+]
 
 
 def make_strategy(distribute):
