@@ -14,6 +14,7 @@ from typing import Callable
 
 import keras
 
+from tfxfer.backbones.convolution import fast_convolutions
 from tfxfer.errors import TfxferError, did_you_mean, is_network_failure
 
 __all__ = [
@@ -85,7 +86,8 @@ def get_backbone(name):
 
 
 def create_backbone(name, weights="imagenet", image_size=None):
-    """Build the headless backbone `name` with `weights`.
+    """Build the headless backbone `name` with `weights`, its convolutions on
+    tfxfer's faster exact paths (`tfxfer.backbones.convolution`).
 
     Args:
         name: a registered backbone name.
@@ -98,7 +100,12 @@ def create_backbone(name, weights="imagenet", image_size=None):
         A functional `keras.Model` from images (already preprocessed) to its
         last feature map.
     """
-    spec = get_backbone(name)
+    model = _build(get_backbone(name), name, weights, image_size)
+    fast_convolutions(model)
+    return model
+
+
+def _build(spec, name, weights, image_size):
     size = image_size or spec.default_size
     if size < spec.min_size:
         raise TfxferError(f"{name} needs images of at least {spec.min_size} px, got {size}; pass --image-size {spec.min_size} or more.")

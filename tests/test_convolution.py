@@ -1,0 +1,87 @@
+import functools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfxfer.backbones import convolution
+
+
+def _gradients(conv, x, kernel, upstream):
+    with tf.GradientTape() as tape:
+        tape.watch([x, kernel])
+        y = conv(x, kernel)
+    return [y, *tape.gradient(y, [x, kernel], output_gradients=upstream)]
+
+
+@pytest.mark.parametrize("size, stride, padding", [(5, 1, "VALID"), (5, 2, "VALID"), (5, 2, "SAME"), (1, 1, "SAME")])
+def test_pointwise_equals_conv2d_forward_and_backward(size, stride, padding):
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(3, size, size, 6)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(1, 1, 6, 4)), tf.float32)
+    expected_shape = tf.nn.conv2d(x, kernel, stride, padding).shape
+    upstream = tf.constant(rng.normal(size=expected_shape), tf.float32)
+    ours = _gradients(lambda a, k: convolution.pointwise(a, k, stride), x, kernel, upstream)
+    reference = _gradients(lambda a, k: tf.nn.conv2d(a, k, stride, padding), x, kernel, upstream)
+    for a, b in zip(ours, reference):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, kernel_size, stride, padding", [(1, 3, 1, "SAME"), (2, 3, 1, "SAME"), (4, 3, 2, "SAME"), (4, 3, 1, "VALID"), (3, 2, 1, "SAME")])
+def test_patch_gradient_conv_equals_conv2d_forward_and_backward(size, kernel_size, stride, padding):
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(4, size, size, 5)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(kernel_size, kernel_size, 5, 7)), tf.float32)
+    upstream = tf.constant(rng.normal(size=tf.nn.conv2d(x, kernel, stride, padding).shape), tf.float32)
+    ours = _gradients(lambda a, k: convolution.patch_gradient_conv(a, k, stride, padding), x, kernel, upstream)
+    reference = _gradients(lambda a, k: tf.nn.conv2d(a, k, stride, padding), x, kernel, upstream)
+    for a, b in zip(ours, reference):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _small_net(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)  # 64 pixels out: Keras's own
+    x = keras.layers.Conv2D(16, 1, strides=2)(x)  # 1x1 on 16 pixels out: a matrix product
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(x)  # 4 pixels out: patch gradient
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)  # not a Conv2D: untouched
+    x = keras.layers.Conv2D(4, 2, padding="valid")(x)  # 1 pixel out
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+
+
+def test_fast_convolutions_keep_outputs_and_gradients_of_a_model():
+    x = tf.constant(np.random.default_rng(2).normal(size=(5, 8, 8, 3)), tf.float32)
+    plain, fast = _small_net(), _small_net()
+    config = fast.get_config()
+    assert convolution.fast_convolutions(fast) == 4
+
+    def run(model):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x) ** 2)
+        return [loss, *tape.gradient(loss, model.trainable_weights)]
+
+    for a, b in zip(run(plain), run(fast)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+    assert fast.get_config() == config
+
+
+def test_routes_follow_output_size_and_can_be_undone():
+    model = _small_net()
+    assert convolution.routes(model) == {"pointwise": 0, "patch gradient": 0, "keras": 4}
+    convolution.fast_convolutions(model)
+    # 3x3 on 64 output pixels stays Keras's; 1x1 on 16 is a product; 3x3 on 4 and 2x2 on 1 get the patch gradient.
+    assert convolution.routes(model) == {"pointwise": 1, "patch gradient": 2, "keras": 1}
+    convolution.plain_convolutions(model)
+    assert convolution.routes(model)["keras"] == 4
+    assert all("convolution_op" not in layer.__dict__ for layer in model.layers)
+
+
+def test_backbones_are_built_with_fast_convolutions():
+    from tfxfer.backbones import create_backbone
+
+    backbone = create_backbone("resnet9", weights=None, image_size=32)
+    conv_layers = [layer for layer in backbone._flatten_layers() if type(layer) is keras.layers.Conv2D]
+    assert conv_layers and all(isinstance(layer.convolution_op, functools.partial) for layer in conv_layers)

@@ -1,0 +1,138 @@
+"""Convolutions computed the way the CPU is fastest at, with the same results.
+
+oneDNN's convolution kernels are slow on the small feature maps that a
+ResNet's last stages have when images are small (ResNet50 at 32 px: 2x2 and
+1x1 maps with 1024-2048 channels):
+
+* a 1x1 convolution is a matrix product over pixels, and oneDNN's matrix
+  product runs it many times faster there, forward and backward;
+* the kernel gradient of a k x k convolution with a handful of output pixels
+  is one matrix product over image patches, about 4x faster than oneDNN's
+  backward-weights kernel on a 1x1 map.
+
+`fast_convolutions(model)` reroutes a built model's `Conv2D` layers through
+these paths where the output is that small (`POINTWISE_MAX_PIXELS`,
+`PATCH_GRADIENT_MAX_PIXELS`); the rest keep Keras's own convolution, which
+is as fast or faster on larger maps. Weights, configs and saved files do not
+change. ResNet50's training step: 1.52x at 32 px, 1.11x at 64 px, unchanged
+at 224 px (`benchmarks/convolutions.md`).
+"""
+
+import functools
+
+import keras
+import tensorflow as tf
+
+__all__ = ["PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "convolve", "fast_convolutions", "plain_convolutions", "routes"]
+
+# Output pixels up to which a k x k convolution's kernel gradient is one
+# matrix product over patches; above it, oneDNN's kernel wins or ties.
+PATCH_GRADIENT_MAX_PIXELS = 4
+# Output pixels up to which a 1x1 convolution is a matrix product.
+POINTWISE_MAX_PIXELS = 16
+
+
+def fast_convolutions(model):
+    """Route every plain `Conv2D` of `model` through `convolve`; returns how many."""
+    count = 0
+    for layer in model._flatten_layers(include_self=False):
+        if type(layer) is keras.layers.Conv2D and _supported(layer):
+            layer.convolution_op = functools.partial(convolve, layer)
+            count += 1
+    return count
+
+
+def _supported(layer):
+    return (
+        layer.groups == 1
+        and tuple(layer.dilation_rate) == (1, 1)
+        and layer.data_format == "channels_last"
+        and layer.strides[0] == layer.strides[1]
+    )
+
+
+def plain_convolutions(model):
+    """Undo `fast_convolutions`: Keras's own convolution for every layer."""
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer.__dict__.get("convolution_op"), functools.partial):
+            del layer.convolution_op
+
+
+def routes(model):
+    """How many of `model`'s convolutions take each path, by name:
+    `pointwise`, `patch gradient` or `keras`."""
+    counts = {"pointwise": 0, "patch gradient": 0, "keras": 0}
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.Conv2D):
+            fast = isinstance(layer.__dict__.get("convolution_op"), functools.partial)
+            counts[_route(layer, layer.input.shape) if fast else "keras"] += 1
+    return counts
+
+
+def _route(layer, input_shape):
+    pixels = _output_pixels(input_shape, layer)
+    if tuple(layer.kernel_size) == (1, 1) and pixels <= POINTWISE_MAX_PIXELS:
+        return "pointwise"
+    if pixels <= PATCH_GRADIENT_MAX_PIXELS:
+        return "patch gradient"
+    return "keras"
+
+
+def convolve(layer, inputs, kernel):
+    """`layer`'s convolution of `inputs` by `kernel`, by the fastest exact path."""
+    route = _route(layer, inputs.shape)
+    if route == "pointwise":
+        return pointwise(inputs, kernel, layer.strides[0])
+    if route == "patch gradient":
+        return patch_gradient_conv(inputs, kernel, layer.strides[0], layer.padding.upper())
+    return keras.layers.Conv2D.convolution_op(layer, inputs, kernel)
+
+
+def _output_pixels(shape, layer):
+    height, width = shape[1], shape[2]
+    if height is None or width is None:
+        return float("inf")
+    stride = layer.strides[0]
+    if layer.padding == "same":
+        return -(-height // stride) * -(-width // stride)
+    kernel_h, kernel_w = layer.kernel_size
+    return max(0, (height - kernel_h) // stride + 1) * max(0, (width - kernel_w) // stride + 1)
+
+
+def pointwise(inputs, kernel, stride=1):
+    """A 1x1 convolution as one matrix product over pixels.
+
+    With a 1x1 kernel, "same" and "valid" padding agree and a stride only
+    drops pixels, so this equals `conv2d` for both paddings.
+    """
+    kernel = tf.convert_to_tensor(kernel)
+    if stride > 1:
+        inputs = inputs[:, ::stride, ::stride, :]
+    channels_in, channels_out = kernel.shape[2], kernel.shape[3]
+    shape = tf.shape(inputs)
+    flat = tf.matmul(tf.reshape(inputs, [-1, channels_in]), tf.reshape(kernel, [channels_in, channels_out]))
+    return tf.reshape(flat, tf.concat([shape[:3], [channels_out]], axis=0))
+
+
+def patch_gradient_conv(inputs, kernel, stride, padding):
+    """`conv2d`, whose kernel gradient is one matrix product over image patches."""
+    kernel = tf.convert_to_tensor(kernel)
+    kernel_h, kernel_w, channels_in, channels_out = kernel.shape
+
+    @tf.custom_gradient
+    def conv(inputs, kernel):
+        outputs = tf.nn.conv2d(inputs, kernel, stride, padding)
+
+        def gradient(upstream):
+            d_inputs = tf.nn.conv2d_transpose(upstream, kernel, tf.shape(inputs), stride, padding)
+            patches = tf.image.extract_patches(inputs, [1, kernel_h, kernel_w, 1], [1, stride, stride, 1], [1, 1, 1, 1], padding)
+            d_kernel = tf.matmul(
+                tf.reshape(patches, [-1, kernel_h * kernel_w * channels_in]),
+                tf.reshape(upstream, [-1, channels_out]),
+                transpose_a=True,
+            )
+            return d_inputs, tf.reshape(d_kernel, kernel.shape)
+
+        return outputs, gradient
+
+    return conv(inputs, kernel)
