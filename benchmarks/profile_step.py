@@ -1,0 +1,118 @@
+"""Where tfxfer's training step spends its time, from TensorFlow's profiler.
+
+Random-init ResNet50, full fine-tune (BatchNorm frozen) + L2-SP, tfxfer's SGD,
+float32, on cached random uint8 images. Profiles `--steps` steps after warm-up
+and sums the time of every TensorFlow op by kind. TensorFlow runs up to two
+ops at once here (its executor has a thread per core), so op time adds up to
+more than the wall time; the shares say what the cores were busy with.
+
+    python benchmarks/profile_step.py                       # 32 px, batch 64
+    python benchmarks/profile_step.py --size 224 --batch-size 16 --steps 3
+Writes benchmarks/profile_step-<size>px.md (or --out).
+"""
+
+import argparse
+import collections
+import glob
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# (kind, test on the op's type and name), first match wins.
+KINDS = (
+    ("convolution, kernel gradient (oneDNN)", lambda t, n: t.startswith("_MklNativeConv2DBackpropFilter")),
+    ("convolution, input gradient (oneDNN)", lambda t, n: "Conv2DBackpropInput" in t),
+    ("convolution, forward (oneDNN)", lambda t, n: "Conv2D" in t),
+    ("matrix products (1x1 convolutions, patch gradients, head)", lambda t, n: "MatMul" in t),
+    ("image patches (patch gradients)", lambda t, n: t == "ExtractImagePatches"),
+    ("optimizer update", lambda t, n: t.startswith("ResourceApply") or "/sgd/" in n),
+    ("L2-SP: w - w0, its square sum and gradient", lambda t, n: "L2Loss" in n or (t == "Sub" and "transfer_model" not in n)),
+    ("gradient sums (AddN)", lambda t, n: t == "AddN" and "gradient_tape" not in n and "transfer_model" not in n),
+    ("BatchNorm, ReLU, pooling, loss, other", lambda t, n: True),
+)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    out = args.out or os.path.join(ROOT, "benchmarks", f"profile_step-{args.size}px.md")
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tfxfer
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    from tfxfer.runtime import describe_cpu
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch_size * 4, args.size, args.size, 3), np.uint8)
+    labels = rng.integers(0, 10, args.batch_size * 4).astype("int32")
+    batches = iter(tf.data.Dataset.from_tensor_slices((images, labels)).batch(args.batch_size).cache().repeat())
+    model = tfxfer.build_model("resnet50", num_classes=10, weights=None, image_size=args.size, freeze="full", l2sp=0.01)
+    model.compile(tfxfer.optim.make_optimizer("sgd", 0.001), "sparse_categorical_crossentropy")
+    model.make_train_function()
+    for _ in range(3):
+        model.train_function(batches)
+    wall = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        float(model.train_function(batches)["loss"])
+        wall.append(time.perf_counter() - start)
+
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        for _ in range(args.steps):
+            float(model.train_function(batches)["loss"])
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
+            space.ParseFromString(f.read())
+
+    per_kind, example = collections.Counter(), {}
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                label = plane.event_metadata[event.metadata_id].name
+                if ":" not in label or "::" in label:  # not an op: the executor's own events
+                    continue
+                name, op_type = label.rsplit(":", 1)
+                if op_type in ("StatefulPartitionedCall", "PartitionedCall"):
+                    continue
+                kind = next(k for k, test in KINDS if test(op_type, name))
+                per_kind[kind] += event.duration_ps / 1e9 / args.steps
+                example.setdefault(kind, collections.Counter())[op_type] += event.duration_ps
+    total = sum(per_kind.values())
+    step_ms = 1000 * statistics.median(wall)
+    lines = [
+        f"# Where the training step's time goes: ResNet50, {args.size} px, batch {args.batch_size}", "",
+        f"Machine: {describe_cpu()}; TensorFlow {tf.__version__}, Keras {keras.__version__}.", "",
+        f"Full fine-tune (BatchNorm frozen) + L2-SP 0.01, tfxfer's SGD, float32. Step: **{step_ms:.0f} ms** "
+        f"({args.batch_size / statistics.median(wall):.1f} img/s, median of {args.steps}, without the profiler). "
+        f"Op time: {total:.0f} ms per step, summed over TensorFlow's executor threads (ops overlap).", "",
+        "| kind of op | ms per step | share of op time | largest op types |", "|---|---|---|---|",
+        *[f"| {kind} | {per_kind[kind]:.1f} | {per_kind[kind] / total:.1%} | "
+          f"{', '.join(f'`{t}`' for t, _ in example[kind].most_common(3))} |"
+          for kind, _ in KINDS if kind in per_kind],
+        "", f"Command: `python benchmarks/profile_step.py --size {args.size} --batch-size {args.batch_size} --steps {args.steps}`", "",
+    ]
+    with open(out, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
