@@ -4,7 +4,7 @@ oneDNN is fixed when TensorFlow loads, so every measurement runs in its own
 process. Settings alternate in one run, `--repeats` times; each measurement is
 batch size over the median step time of `--steps` steps after two warm-up steps.
 The model is tfxfer's `build_model` (random init, full fine-tune, BN frozen,
-L2-SP 0.01, SGD momentum, float32) on a cached `tf.data` of random uint8 images.
+L2-SP 0.01, tfxfer's SGD, float32) on a cached `tf.data` of random uint8 images.
 
     python benchmarks/cpu_settings.py                          # ResNet50 32 px, batch 64
     python benchmarks/cpu_settings.py --backbone resnet9 --batch-size 128
@@ -52,7 +52,7 @@ def measure(args):
     model = tfxfer.build_model(
         args.backbone, num_classes=10, weights=None, image_size=args.size, freeze="full", l2sp=0.01
     )
-    model.compile(keras.optimizers.SGD(0.001, momentum=0.9), "sparse_categorical_crossentropy", jit_compile=args.jit)
+    model.compile(tfxfer.optim.make_optimizer("sgd", 0.001), "sparse_categorical_crossentropy", jit_compile=args.jit)
     images = np.random.default_rng(0).integers(0, 256, (args.batch_size, args.size, args.size, 3), np.uint8)
     labels = np.arange(args.batch_size) % 10
     data = tf.data.Dataset.from_tensors((images, labels)).repeat().take(args.steps + 2).cache()

@@ -85,3 +85,10 @@ def test_backbones_are_built_with_fast_convolutions():
     backbone = create_backbone("resnet9", weights=None, image_size=32)
     conv_layers = [layer for layer in backbone._flatten_layers() if type(layer) is keras.layers.Conv2D]
     assert conv_layers and all(isinstance(layer.convolution_op, functools.partial) for layer in conv_layers)
+
+
+def test_keras_convolutions_stay_when_a_gpu_is_visible(monkeypatch):
+    model = _small_net()
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    assert convolution.fast_convolutions(model) == 0
+    assert convolution.routes(model)["keras"] == 4

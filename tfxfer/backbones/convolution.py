@@ -33,7 +33,13 @@ POINTWISE_MAX_PIXELS = 16
 
 
 def fast_convolutions(model):
-    """Route every plain `Conv2D` of `model` through `convolve`; returns how many."""
+    """Route every plain `Conv2D` of `model` through `convolve`; returns how many.
+
+    Only on CPUs: the paths were measured there, and a GPU's cuDNN has its own
+    kernels for small maps, so with a GPU visible Keras's convolution stays.
+    """
+    if tf.config.list_logical_devices("GPU"):
+        return 0
     count = 0
     for layer in model._flatten_layers(include_self=False):
         if type(layer) is keras.layers.Conv2D and _supported(layer):
