@@ -16,10 +16,10 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
 def main():
@@ -32,11 +32,11 @@ def main():
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
-    import numpy as np
     import tensorflow as tf
 
     import tfxfer
     from tfxfer.backbones.convolution import PATCH_GRADIENT_MAX_PIXELS, POINTWISE_MAX_PIXELS, plain_convolutions, routes
+    from stepping import median_step_seconds, random_batches
     from tfxfer.runtime import describe_cpu
 
     def build(size, fast):
@@ -48,16 +48,6 @@ def main():
         model.make_train_function()
         return model
 
-    def step_seconds(model, batches):
-        for _ in range(2):
-            model.train_function(batches)
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            float(model.train_function(batches)["loss"])
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     rows = []
     for pair in args.sizes.split(","):
         size, batch = (int(v) for v in pair.split(":"))
@@ -67,15 +57,12 @@ def main():
         if counts["keras"] == sum(counts.values()):
             rows.append(f"| {size} px, batch {batch} | {route_text} | – | – | same graph |")
             continue
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (batch * 4, size, size, 3), np.uint8)
-        labels = rng.integers(0, 10, batch * 4).astype("int32")
-        data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch).cache().repeat()
+        data = random_batches(size, batch)
         models = {"keras": (build(size, False), iter(data)), "tfxfer": (fast, iter(data))}
         rounds = {name: [] for name in models}
         for r in range(args.rounds):
             for name in (list(models) if r % 2 == 0 else list(reversed(models))):
-                rounds[name].append(step_seconds(*models[name]))
+                rounds[name].append(median_step_seconds(*models[name], args.steps, warmup=2))
         keras_s, fast_s = (statistics.median(rounds[name]) for name in ("keras", "tfxfer"))
         per_round = "; ".join(f"{name} {', '.join(f'{batch / t:.1f}' for t in values)}" for name, values in rounds.items())
         rows.append(

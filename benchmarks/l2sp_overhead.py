@@ -15,10 +15,10 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
 def main():
@@ -34,17 +34,13 @@ def main():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tfxfer
     import keras
-    import numpy as np
     import tensorflow as tf
 
+    from stepping import median_step_seconds, random_batches
     from tfxfer.runtime import describe_cpu
 
     keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    count = args.batch_size * 8
-    images = rng.integers(0, 256, (count, args.size, args.size, 3), np.uint8)
-    labels = rng.integers(0, 10, count).astype("int32")
-    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(args.batch_size).cache().repeat()
+    data = random_batches(args.size, args.batch_size, batches=8)
     models = {}
     contenders = {  # name: (alpha, optimizer)
         "without L2-SP": (0.0, "tfxfer"),
@@ -59,21 +55,10 @@ def main():
         model.make_train_function()
         models[name] = (model, iter(data))
 
-    def step_seconds(name):
-        model, batches = models[name]
-        for _ in range(3):
-            model.train_function(batches)
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            float(model.train_function(batches)["loss"])
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     rounds = {name: [] for name in models}
     for r in range(args.rounds):
         for name in (list(models) if r % 2 == 0 else list(reversed(models))):
-            rounds[name].append(step_seconds(name))
+            rounds[name].append(median_step_seconds(*models[name], args.steps, warmup=3))
     medians = {name: statistics.median(values) for name, values in rounds.items()}
     plain, penalized, keras_plain, keras_penalized = medians.values()
     lines = [

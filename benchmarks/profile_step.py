@@ -15,13 +15,12 @@ import argparse
 import collections
 import glob
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 # (kind, test on the op's type and name), first match wins.
 KINDS = (
@@ -49,27 +48,18 @@ def main():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tfxfer
     import keras
-    import numpy as np
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
+    from stepping import median_step_seconds, random_batches
     from tfxfer.runtime import describe_cpu
 
     keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.batch_size * 4, args.size, args.size, 3), np.uint8)
-    labels = rng.integers(0, 10, args.batch_size * 4).astype("int32")
-    batches = iter(tf.data.Dataset.from_tensor_slices((images, labels)).batch(args.batch_size).cache().repeat())
+    batches = iter(random_batches(args.size, args.batch_size))
     model = tfxfer.build_model("resnet50", num_classes=10, weights=None, image_size=args.size, freeze="full", l2sp=0.01)
     model.compile(tfxfer.optim.make_optimizer("sgd", 0.001), "sparse_categorical_crossentropy")
     model.make_train_function()
-    for _ in range(3):
-        model.train_function(batches)
-    wall = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        float(model.train_function(batches)["loss"])
-        wall.append(time.perf_counter() - start)
+    step_seconds = median_step_seconds(model, batches, args.steps, warmup=3)
 
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
@@ -96,12 +86,12 @@ def main():
                 per_kind[kind] += event.duration_ps / 1e9 / args.steps
                 example.setdefault(kind, collections.Counter())[op_type] += event.duration_ps
     total = sum(per_kind.values())
-    step_ms = 1000 * statistics.median(wall)
+    step_ms = 1000 * step_seconds
     lines = [
         f"# Where the training step's time goes: ResNet50, {args.size} px, batch {args.batch_size}", "",
         f"Machine: {describe_cpu()}; TensorFlow {tf.__version__}, Keras {keras.__version__}.", "",
         f"Full fine-tune (BatchNorm frozen) + L2-SP 0.01, tfxfer's SGD, float32. Step: **{step_ms:.0f} ms** "
-        f"({args.batch_size / statistics.median(wall):.1f} img/s, median of {args.steps}, without the profiler). "
+        f"({args.batch_size / step_seconds:.1f} img/s, median of {args.steps}, without the profiler). "
         f"Op time: {total:.0f} ms per step, summed over TensorFlow's executor threads (ops overlap).", "",
         "| kind of op | ms per step | share of op time | largest op types |", "|---|---|---|---|",
         *[f"| {kind} | {per_kind[kind]:.1f} | {per_kind[kind] / total:.1%} | "
