@@ -8,7 +8,7 @@ between them; each round times `--steps` steps after 2 warm-up steps and keeps
 the median. Sizes where no layer is rerouted are listed without timing: both
 models run the same graph there.
 
-    python benchmarks/convolutions.py                  # 32 and 64 px, batch 64
+    python benchmarks/convolutions.py                  # 32 and 64 px at batch 64, 224 px at 16
 Writes benchmarks/convolutions.md (or --out).
 """
 
