@@ -17,7 +17,7 @@ from keras.src.losses.loss import scale_loss_for_distribution, unscale_loss_for_
 from tfxfer.backbones import create_backbone, get_backbone
 from tfxfer.backbones.registry import feature_pool, set_bn_momentum
 from tfxfer.freezing import apply_freeze, parse_freeze
-from tfxfer.optim import regrow
+from tfxfer.optim import SGD, regrow
 from tfxfer.penalties import L2SP
 
 __all__ = ["Preprocess", "TransferModel", "build_model"]
@@ -164,24 +164,40 @@ class TransferModel(keras.Model):
         backbone = [i for i in items if id(weight_of(i)) in backbone_ids]
         return head, backbone
 
+    def _pulling_optimizer(self):
+        """The optimizer that takes the L2-SP pull into its update
+        (`tfxfer.optim.SGD.pull_toward`), or None: then the penalty is a term
+        of the loss, and its gradient comes from the tape. Decided when the
+        step is traced; both ways give the same weights."""
+        if not self.penalty.alpha or self.jit_compile:
+            return None
+        optimizer = self.optimizer if self.backbone_optimizer is None else self.backbone_optimizer
+        return optimizer if isinstance(optimizer, SGD) and optimizer.can_pull() else None
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch_size = tf.shape(x)[0]
+        puller = self._pulling_optimizer()
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            l2sp = self.penalty.starting_point()
+            l2sp = tf.constant(0.0) if puller else self.penalty.starting_point()
             head_l2 = self.penalty.head()
             # Per-replica losses are scaled by 1/replicas; the penalty must be too,
             # or the summed gradients would count it once per replica.
             total = tf.cast(loss, tf.float32) * _batch_share(batch_size) + scale_loss_for_distribution(l2sp + head_l2)
             scaled = self.optimizer.scale_loss(total)
         self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=batch_size)
-        self.l2sp_tracker.update_state(l2sp)
         self.head_l2_tracker.update_state(head_l2)
 
         weights = self.trainable_weights
         gradients = tape.gradient(scaled, weights)
+        if puller:
+            pairs = self.penalty.penalized()
+            pulled = {id(w) for w, _ in pairs}
+            # A pulled weight with no data gradient is still pulled, as it is by the tape.
+            gradients = [tf.zeros_like(w) if g is None and id(w) in pulled else g for g, w in zip(gradients, weights)]
+            puller.pull_toward(pairs, 2.0 * self.penalty.alpha)
         if self.backbone_optimizer is None:
             self.optimizer.apply_gradients(zip(gradients, weights))
         else:
@@ -193,6 +209,9 @@ class TransferModel(keras.Model):
                 # A frozen backbone (the probe of LP-FT) still counts the steps,
                 # so its schedule is where the head's is when it starts training.
                 self.backbone_optimizer.iterations.assign_add(1)
+        if puller:
+            l2sp = self.penalty.alpha * puller.pulled_distance()
+        self.l2sp_tracker.update_state(l2sp)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         # A penalty that is off is not logged: a column of zeros says nothing.
         if not self.penalty.alpha:

@@ -10,17 +10,50 @@ __all__ = ["OPTIMIZERS", "SCHEDULES", "SGD", "make_schedule", "make_optimizer", 
 
 @keras.saving.register_keras_serializable(package="tfxfer")
 class SGD(keras.optimizers.SGD):
-    """Keras's SGD, its momentum update one fused TensorFlow kernel per weight.
+    """Keras's SGD, its momentum update one fused kernel per weight.
 
     Keras writes m <- mu*m - lr*g, then w <- w + m as five tensor operations,
     each a pass over the weights; TensorFlow's `ResourceApplyKerasMomentum`
     computes the same formula (Nesterov's too) in one pass. Under a
     distribution strategy, for sparse gradients and for weights that are not
     float32, Keras's own update runs.
+
+    `pull_toward` folds the L2-SP penalty's gradient, coef * (w - w0), into
+    the update of the weights it names, with tfxfer's own kernel
+    (`tfxfer.kernels`): the penalty then costs one more read of w0 instead of
+    some nine passes over the weights. The model calls it when it trains with
+    L2-SP and this optimizer can take the pull (`can_pull`).
     """
 
+    _anchors = None
+
+    def can_pull(self):
+        """True if `pull_toward` can take the L2-SP pull in this optimizer's
+        update: momentum on, no gradient clipping or accumulation (the
+        penalty's gradient would escape them), no distribution strategy, and
+        the kernel built."""
+        from tfxfer.kernels import anchored_momentum
+
+        plain = not (self.clipnorm or self.clipvalue or self.global_clipnorm or self.gradient_accumulation_steps)
+        return bool(self.momentum) and plain and not tf.distribute.has_strategy() and anchored_momentum() is not None
+
+    def pull_toward(self, anchors, coef):
+        """For the next `apply_gradients`: add coef * (w - w0) to the gradient
+        of each weight w in `anchors` (`[(w, w0)]`). `pulled_distance()` then
+        gives sum ||w - w0||^2 over them, taken before the update. Call it in
+        the same traced step as `apply_gradients`."""
+        self._anchors = {self._var_key(w): w0 for w, w0 in anchors}
+        self._coef = tf.constant(coef, tf.float32)
+        self._distances = []
+
+    def pulled_distance(self):
+        """sum ||w - w0||^2 of the weights pulled in the last `apply_gradients`."""
+        distances, self._anchors, self._distances = self._distances, None, []
+        return tf.add_n(distances) if distances else tf.constant(0.0)
+
     def update_step(self, gradient, variable, learning_rate):
-        if (
+        anchor = self._anchors.get(self._var_key(variable)) if self._anchors else None
+        if anchor is None and (
             self.momentum == 0
             or tf.distribute.has_strategy()
             or isinstance(gradient, tf.IndexedSlices)
@@ -28,13 +61,19 @@ class SGD(keras.optimizers.SGD):
         ):
             return super().update_step(gradient, variable, learning_rate)
         momentum = self.momentums[self._get_variable_index(variable)]
-        tf.raw_ops.ResourceApplyKerasMomentum(
-            var=variable.handle,
-            accum=momentum.handle,
+        common = dict(
             lr=tf.cast(learning_rate, tf.float32),
-            grad=tf.cast(gradient, tf.float32),
+            grad=tf.cast(tf.convert_to_tensor(gradient), tf.float32),
             momentum=tf.constant(self.momentum, tf.float32),
             use_nesterov=self.nesterov,
+        )
+        if anchor is None:
+            tf.raw_ops.ResourceApplyKerasMomentum(var=variable.handle, accum=momentum.handle, **common)
+            return
+        from tfxfer.kernels import anchored_momentum
+
+        self._distances.append(
+            anchored_momentum().tfxfer_anchored_momentum(variable.handle, momentum.handle, anchor, coef=self._coef, **common)
         )
 
 
