@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from tfxfer import kernels
 from tfxfer.config import OPTIMIZERS, SCHEDULES
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "SGD", "make_schedule", "make_optimizer", "make_optimizers", "regrow"]
@@ -32,10 +33,8 @@ class SGD(keras.optimizers.SGD):
         update: momentum on, no gradient clipping or accumulation (the
         penalty's gradient would escape them), no distribution strategy, and
         the kernel built."""
-        from tfxfer.kernels import anchored_momentum
-
         plain = not (self.clipnorm or self.clipvalue or self.global_clipnorm or self.gradient_accumulation_steps)
-        return bool(self.momentum) and plain and not tf.distribute.has_strategy() and anchored_momentum() is not None
+        return bool(self.momentum) and plain and not tf.distribute.has_strategy() and kernels.anchored_momentum() is not None
 
     def pull_toward(self, anchors, coef):
         """For the next `apply_gradients`: add coef * (w - w0) to the gradient
@@ -70,10 +69,8 @@ class SGD(keras.optimizers.SGD):
         if anchor is None:
             tf.raw_ops.ResourceApplyKerasMomentum(var=variable.handle, accum=momentum.handle, **common)
             return
-        from tfxfer.kernels import anchored_momentum
-
         self._distances.append(
-            anchored_momentum().tfxfer_anchored_momentum(variable.handle, momentum.handle, anchor, coef=self._coef, **common)
+            kernels.anchored_momentum().tfxfer_anchored_momentum(variable.handle, momentum.handle, anchor, coef=self._coef, **common)
         )
 
 
