@@ -327,11 +327,14 @@ def write(path, machine, peak, results, small, pipeline, overhead, contenders, p
                 lines.append(f"| {contender} | {r:.1f} | {memory:,.0f} | {mine / r:.2f} | {achieved} |")
             lines.append("")
             across = rate((size, batch, precision, "tfxfer full")) / mine
-            measured = overhead[size]
-            in_one = (f"**L2-SP overhead: {100 * measured['overhead']:+.1f}%** (tfxfer full+L2-SP against full in one "
-                      f"process, median of the ratio over {measured['rounds']} alternating rounds, float32; across the "
-                      f"separate processes above: {100 * (across - 1):+.1f}%). ") if precision == "float32" else ""
-            lines.append(in_one + (f"L2-SP overhead across the processes above: {100 * (across - 1):+.1f}%. " if not in_one else "")
+            if precision == "float32":  # the in-process child measures float32 only
+                measured = overhead[size]
+                cost = (f"**L2-SP overhead: {100 * measured['overhead']:+.1f}%** (tfxfer full+L2-SP against full in one "
+                        f"process, median of the ratio over {measured['rounds']} alternating rounds; across the "
+                        f"separate processes above: {100 * (across - 1):+.1f}%). ")
+            else:
+                cost = f"L2-SP overhead across the processes above: {100 * (across - 1):+.1f}%. "
+            lines.append(cost
                          + (f"tfxfer / PyTorch (full+L2-SP): **{mine / rate(torch_key):.2f}×**. " if torch_key in results else "")
                          + f"tfxfer / plain Keras (full+L2-SP vs full): {mine / rate(keras_key):.2f}×.")
             lines.append("")
