@@ -91,4 +91,4 @@ def test_set_freeze_recomputes_the_trainable_set(tiny_model_factory):
     assert {w.path for w in backbone} == {"s2_conv/kernel", "s2_conv/bias"}
     assert model.train_function is None  # the step is traced again with the new set
     # Anchors were captured once, at build: the pull is still toward the starting weights.
-    assert float(model.penalty.starting_point()) == 0.0
+    assert float(model.penalty()) == 0.0

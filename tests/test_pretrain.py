@@ -51,7 +51,7 @@ def test_supervised_pretrain_hands_its_backbone_to_finetune(tmp_path, source):
     model = tfxfer.build_model("simplecnn", num_classes=2, weights=result.run_dir, image_size=32, l2sp=0.1)
     for w in model.backbone.weights:
         np.testing.assert_array_equal(w.numpy(), saved[w.path])  # exactly the saved weights
-    assert float(model.penalty.starting_point()) == 0.0  # the anchors are the pretrained weights
+    assert float(model.penalty()) == 0.0  # the anchors are the pretrained weights
     finetuned = tfxfer.finetune(config, **QUIET)
     assert finetuned.model.backbone_name == "simplecnn" and finetuned.model.image_size == 32
 

@@ -49,13 +49,6 @@ SCOPES = ("kernels", "all")  # L2-SP: kernels (as the paper) or all weights
 DISTRIBUTE = ("none", "mirrored", "multiworker")
 
 
-def _pretext_methods():
-    # A registry users can add to, so read when a config is validated.
-    from tfxfer.pretext import METHODS
-
-    return METHODS
-
-
 def parse_augment(text):
     """`[(name, value or None), ...]` of an `--augment` text; `[]` for none.
     `flip_crop` is `flip,crop`. A name is checked against `AUGMENTATIONS`."""
@@ -360,7 +353,8 @@ class FinetuneConfig(CommandConfig):
 
 @dataclasses.dataclass
 class PretextConfig:
-    method: str = option("supervised", "Pretext task: supervised, simclr, autoencoder or a registered one.", _pretext_methods)
+    # Checked by the pretext registry (`tfxfer.pretext.get_method`), which users add to.
+    method: str = option("supervised", "Pretext task: supervised, simclr, autoencoder or a registered one.")
     temperature: float = option(0.2, "SimCLR: temperature of the NT-Xent loss.")
     projection_dim: int = option(128, "SimCLR: output size of the projection head.")
     denoise: float = option(0.0, "Autoencoder: std of Gaussian input noise, in [0, 1] pixel units.")

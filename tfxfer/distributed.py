@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfxfer.errors import TfxferError
+from tfxfer.speedups import walk_layers
 
 __all__ = [
     "make_strategy", "is_chief", "worker_folder", "worker_description", "synchronize_batchnorm", "distributed",
@@ -109,7 +110,7 @@ def worker_folder(strategy):
 def synchronize_batchnorm(model):
     """BatchNorm layers that train use the statistics of the global batch,
     summed over the replicas (Keras's `synchronized`), as one process would."""
-    for layer in model._flatten_layers():
+    for layer in walk_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
 

@@ -26,11 +26,11 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.losses.loss import unscale_loss_for_distribution
 
 from tfxfer import atomic
 from tfxfer.data.pipeline import epoch_passes, prefetched
 from tfxfer.errors import TfxferError
+from tfxfer.model import PenalizedLoss
 
 __all__ = ["FEATURE_CACHE", "HeadModel", "use_feature_cache", "extract_features", "cached_features", "feature_dataset"]
 
@@ -50,40 +50,24 @@ def use_feature_cache(setting, first_policy, augment, log=print):
 
 
 @keras.saving.register_keras_serializable(package="tfxfer")
-class HeadModel(keras.Model):
+class HeadModel(PenalizedLoss, keras.Model):
     """The head of a `TransferModel` (dropout + dense), on cached features.
 
-    It shares the layers, and so the weights, of `transfer`; its training step
-    adds the same head penalty and logs the same keys, so a run's history reads
-    the same with or without the cache.
+    It shares the layers, and so the weights, of `transfer`, and its penalty:
+    its loss adds the same head penalty and logs the same keys (`l2sp` stays 0,
+    the backbone being frozen), so a run's history reads the same with or
+    without the cache.
     """
 
     def __init__(self, transfer, **kwargs):
         super().__init__(name="cached_head", **kwargs)
         self.drop, self.head = transfer.drop, transfer.head
-        self._transfer = [transfer]  # a list: not tracked as a sub-model
+        self.penalty = transfer.penalty
+        self._track_penalties()
         self.freeze = "head"
 
     def call(self, features, training=False):
         return self.head(self.drop(features, training=training))
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        penalty = self._transfer[0].penalty
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            head_l2 = penalty.head()
-            scaled = self.optimizer.scale_loss(tf.cast(loss, tf.float32) + head_l2)
-        self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=tf.shape(x)[0])
-        weights = self.trainable_weights
-        self.optimizer.apply_gradients(zip(tape.gradient(scaled, weights), weights))
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        if penalty.alpha:
-            logs["l2sp"] = tf.constant(0.0)  # the backbone is frozen: nothing is pulled
-        if penalty.beta:
-            logs["head_l2"] = head_l2
-        return logs
 
 
 def _extractor(model):

@@ -12,39 +12,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfxfer.errors import TfxferError, is_network_failure
-from tfxfer.export import METADATA_FILE, versions
+from tfxfer.export.layout import find_export, load_export
 
 __all__ = ["find_export", "load_export", "expand_inputs", "predict_files", "predict_imagenet", "evaluate_export"]
-
-
-def find_export(path):
-    """The SavedModel folder for a run folder, its `export/` folder, or a version folder."""
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
-        return path
-    for root in (os.path.join(path, "export"), path):
-        numbered = versions(root)
-        if numbered:
-            return os.path.join(root, str(max(numbered)))
-    raise TfxferError(f"No SavedModel under {path!r}; pass a run folder (saved_models/<run>) or an export folder.")
-
-
-def load_export(path, need_tfxfer=False):
-    """`(loaded SavedModel, metadata dict)` for `path` (see `find_export`).
-    With `need_tfxfer`, a SavedModel without tfxfer's metadata and signatures
-    is refused in one sentence."""
-    export_dir = find_export(path)
-    metadata_path = os.path.join(export_dir, METADATA_FILE)
-    metadata = {}
-    if os.path.exists(metadata_path):
-        with open(metadata_path) as f:
-            metadata = json.load(f)
-    if need_tfxfer and "class_names" not in metadata:
-        raise TfxferError(f"{export_dir} has no {METADATA_FILE}: it was not exported by tfxfer; pass a run folder of tfxfer finetune.")
-    loaded = tf.saved_model.load(export_dir)
-    if need_tfxfer and not {"serving_default", "serve_bytes"} <= set(loaded.signatures):
-        raise TfxferError(f"{export_dir} lacks the serve_bytes signature: it was not exported by tfxfer; pass a run folder of tfxfer finetune.")
-    metadata["export_dir"] = export_dir
-    return loaded, metadata
 
 
 def expand_inputs(inputs):

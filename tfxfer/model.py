@@ -1,26 +1,26 @@
 """The transfer model: raw uint8 pixels -> preprocessing -> backbone -> new head.
 
 `TransferModel` is a plain Keras model: `compile()` and `fit()` work as usual.
-Its training step adds two things to Keras's own:
+It adds two things to Keras's training:
 
-* the L2-SP penalty (`tfxfer.penalties.L2SP`), added to the data loss in
-  training only and logged as its own metric `l2sp` (and `head_l2`);
+* the L2-SP penalty (`tfxfer.penalties.L2SP`), added to the data loss by
+  `compute_loss` in training only and logged as its own metric `l2sp` (and
+  `head_l2`);
 * an optional second optimizer for the backbone (`compile(backbone_optimizer=)`),
   so the backbone can have its own learning rate without scaling gradients,
-  which Adam would undo.
+  which Adam would undo. Only then does it override `train_step`.
 """
 
 import keras
 import tensorflow as tf
-from keras.src.losses.loss import scale_loss_for_distribution, unscale_loss_for_distribution
 
 from tfxfer.backbones import create_backbone, get_backbone
 from tfxfer.backbones.registry import feature_pool, set_bn_momentum
 from tfxfer.freezing import apply_freeze, parse_freeze
-from tfxfer.optim import SGD, regrow
+from tfxfer.optim import regrow
 from tfxfer.penalties import L2SP
 
-__all__ = ["Preprocess", "TransferModel", "build_model"]
+__all__ = ["PenalizedLoss", "Preprocess", "TransferModel", "build_model", "track_loss"]
 
 
 @keras.saving.register_keras_serializable(package="tfxfer")
@@ -40,8 +40,40 @@ class Preprocess(keras.layers.Layer):
         return {**super().get_config(), "backbone": self.backbone}
 
 
+class PenalizedLoss:
+    """A `keras.Model` mixin: `compute_loss` is the data loss plus the penalties
+    of `self.penalty` (an `L2SP`), in training only; each penalty that is on
+    is logged as its own metric, `l2sp` and `head_l2`.
+
+    Keras scales the data loss of each replica by 1/replicas, because the
+    replicas' gradients are summed, but not extra loss terms; the penalties
+    are scaled here, so the summed gradients count them once.
+    """
+
+    def _track_penalties(self):
+        # A penalty that is off gets no metric: a column of zeros says nothing.
+        self.l2sp_tracker = keras.metrics.Mean(name="l2sp") if self.penalty.alpha else None
+        self.head_l2_tracker = keras.metrics.Mean(name="head_l2") if self.penalty.beta else None
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+        if not training:
+            return loss
+        l2sp, head_l2 = self.penalty(), self.penalty.head()
+        for tracker, value in ((self.l2sp_tracker, l2sp), (self.head_l2_tracker, head_l2)):
+            if tracker is not None:
+                tracker.update_state(value)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return tf.cast(loss, tf.float32) * _batch_share(tf.shape(x)[0]) + (l2sp + head_l2) / replicas
+
+    def test_step(self, data):
+        # The penalties are training terms: evaluation reports the data loss only.
+        logs = super().test_step(data)
+        return {k: v for k, v in logs.items() if k not in ("l2sp", "head_l2")}
+
+
 @keras.saving.register_keras_serializable(package="tfxfer")
-class TransferModel(keras.Model):
+class TransferModel(PenalizedLoss, keras.Model):
     """A backbone from the registry with a new classification head.
 
     Args:
@@ -102,8 +134,7 @@ class TransferModel(keras.Model):
         set_bn_momentum(self.backbone, self.bn_momentum)
         self.trained_layers = apply_freeze(self.backbone, spec, self.freeze, self.train_bn)
         self.penalty = L2SP(self.backbone, l2sp, l2sp_scope, self.head.weights, head_l2)
-        self.l2sp_tracker = keras.metrics.Mean(name="l2sp")
-        self.head_l2_tracker = keras.metrics.Mean(name="head_l2")
+        self._track_penalties()
         self.backbone_optimizer = None
         self.built = True
 
@@ -164,66 +195,26 @@ class TransferModel(keras.Model):
         backbone = [i for i in items if id(weight_of(i)) in backbone_ids]
         return head, backbone
 
-    def _pulling_optimizer(self):
-        """The optimizer that takes the L2-SP pull into its update
-        (`tfxfer.optim.SGD.pull_toward`), or None: then the penalty is a term
-        of the loss, and its gradient comes from the tape. Decided when the
-        step is traced; both ways give the same weights."""
-        if not self.penalty.alpha or self.jit_compile:
-            return None
-        optimizer = self.optimizer if self.backbone_optimizer is None else self.backbone_optimizer
-        return optimizer if isinstance(optimizer, SGD) and optimizer.can_pull() else None
-
     def train_step(self, data):
+        if self.backbone_optimizer is None:
+            return super().train_step(data)
+        # Keras's step, with the gradients split between the two optimizers.
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        batch_size = tf.shape(x)[0]
-        puller = self._pulling_optimizer()
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            l2sp = tf.constant(0.0) if puller else self.penalty.starting_point()
-            head_l2 = self.penalty.head()
-            # Per-replica losses are scaled by 1/replicas; the penalty must be too,
-            # or the summed gradients would count it once per replica.
-            total = tf.cast(loss, tf.float32) * _batch_share(batch_size) + scale_loss_for_distribution(l2sp + head_l2)
-            scaled = self.optimizer.scale_loss(total)
-        self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=batch_size)
-        self.head_l2_tracker.update_state(head_l2)
-
+            track_loss(self, loss, tf.shape(x)[0])
+            scaled = self.optimizer.scale_loss(loss)
         weights = self.trainable_weights
-        gradients = tape.gradient(scaled, weights)
-        if puller:
-            pairs = self.penalty.penalized()
-            pulled = {id(w) for w, _ in pairs}
-            # A pulled weight with no data gradient is still pulled, as it is by the tape.
-            gradients = [tf.zeros_like(w) if g is None and id(w) in pulled else g for g, w in zip(gradients, weights)]
-            puller.pull_toward(pairs, 2.0 * self.penalty.alpha)
-        if self.backbone_optimizer is None:
-            self.optimizer.apply_gradients(zip(gradients, weights))
+        head, backbone = self._by_group(list(zip(tape.gradient(scaled, weights), weights)), weight_of=lambda pair: pair[1])
+        self.optimizer.apply_gradients(head)
+        if backbone:
+            self.backbone_optimizer.apply_gradients(backbone)
         else:
-            head, backbone = self._by_group(list(zip(gradients, weights)), weight_of=lambda pair: pair[1])
-            self.optimizer.apply_gradients(head)
-            if backbone:
-                self.backbone_optimizer.apply_gradients(backbone)
-            else:
-                # A frozen backbone (the probe of LP-FT) still counts the steps,
-                # so its schedule is where the head's is when it starts training.
-                self.backbone_optimizer.iterations.assign_add(1)
-        if puller:
-            l2sp = self.penalty.alpha * puller.pulled_distance()
-        self.l2sp_tracker.update_state(l2sp)
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        # A penalty that is off is not logged: a column of zeros says nothing.
-        if not self.penalty.alpha:
-            logs.pop("l2sp", None)
-        if not self.penalty.beta:
-            logs.pop("head_l2", None)
-        return logs
-
-    def test_step(self, data):
-        # The penalty is a training term: evaluation reports the data loss only.
-        logs = super().test_step(data)
-        return {k: v for k, v in logs.items() if k not in ("l2sp", "head_l2")}
+            # A frozen backbone (the probe of LP-FT) still counts the steps,
+            # so its schedule is where the head's is when it starts training.
+            self.backbone_optimizer.iterations.assign_add(1)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def get_config(self):
         return {
@@ -241,6 +232,18 @@ class TransferModel(keras.Model):
             "class_names": self.class_names,
             "name": self.name,
         }
+
+
+def track_loss(model, loss, batch_size):
+    """Update Keras's own `loss` metric as Keras's `train_step` does.
+
+    A `train_step` override has no public way to feed the `loss` that `fit`
+    logs: `Model._loss_tracker` is the metric Keras's step updates, with the
+    loss unscaled from its replica's share (tests/test_model.py fails if
+    Keras moves it).
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    model._loss_tracker.update_state(loss * replicas, sample_weight=batch_size)
 
 
 def _batch_share(batch_size):

@@ -1,77 +1,10 @@
 """Optimizers and learning-rate schedules for fine-tuning."""
 
 import keras
-import tensorflow as tf
 
-from tfxfer import kernels
 from tfxfer.config import OPTIMIZERS, SCHEDULES
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "SGD", "make_schedule", "make_optimizer", "make_optimizers", "regrow"]
-
-
-@keras.saving.register_keras_serializable(package="tfxfer")
-class SGD(keras.optimizers.SGD):
-    """Keras's SGD, its momentum update one fused kernel per weight.
-
-    Keras writes m <- mu*m - lr*g, then w <- w + m as five tensor operations,
-    each a pass over the weights; TensorFlow's `ResourceApplyKerasMomentum`
-    computes the same formula (Nesterov's too) in one pass. Under a
-    distribution strategy, for sparse gradients and for weights that are not
-    float32, Keras's own update runs.
-
-    `pull_toward` folds the L2-SP penalty's gradient, coef * (w - w0), into
-    the update of the weights it names, with tfxfer's own kernel
-    (`tfxfer.kernels`): the penalty then costs one more read of w0 instead of
-    some nine passes over the weights. The model calls it when it trains with
-    L2-SP and this optimizer can take the pull (`can_pull`).
-    """
-
-    _anchors = None
-
-    def can_pull(self):
-        """True if `pull_toward` can take the L2-SP pull in this optimizer's
-        update: momentum on, no gradient clipping or accumulation (the
-        penalty's gradient would escape them), no distribution strategy, and
-        the kernel built."""
-        plain = not (self.clipnorm or self.clipvalue or self.global_clipnorm or self.gradient_accumulation_steps)
-        return bool(self.momentum) and plain and not tf.distribute.has_strategy() and kernels.anchored_momentum() is not None
-
-    def pull_toward(self, anchors, coef):
-        """For the next `apply_gradients`: add coef * (w - w0) to the gradient
-        of each weight w in `anchors` (`[(w, w0)]`). `pulled_distance()` then
-        gives sum ||w - w0||^2 over them, taken before the update. Call it in
-        the same traced step as `apply_gradients`."""
-        self._anchors = {self._var_key(w): w0 for w, w0 in anchors}
-        self._coef = tf.constant(coef, tf.float32)
-        self._distances = []
-
-    def pulled_distance(self):
-        """sum ||w - w0||^2 of the weights pulled in the last `apply_gradients`."""
-        distances, self._anchors, self._distances = self._distances, None, []
-        return tf.add_n(distances) if distances else tf.constant(0.0)
-
-    def update_step(self, gradient, variable, learning_rate):
-        anchor = self._anchors.get(self._var_key(variable)) if self._anchors else None
-        if anchor is None and (
-            self.momentum == 0
-            or tf.distribute.has_strategy()
-            or isinstance(gradient, tf.IndexedSlices)
-            or variable.dtype != "float32"
-        ):
-            return super().update_step(gradient, variable, learning_rate)
-        momentum = self.momentums[self._get_variable_index(variable)]
-        common = dict(
-            lr=tf.cast(learning_rate, tf.float32),
-            grad=tf.cast(tf.convert_to_tensor(gradient), tf.float32),
-            momentum=tf.constant(self.momentum, tf.float32),
-            use_nesterov=self.nesterov,
-        )
-        if anchor is None:
-            tf.raw_ops.ResourceApplyKerasMomentum(var=variable.handle, accum=momentum.handle, **common)
-            return
-        self._distances.append(
-            kernels.anchored_momentum().tfxfer_anchored_momentum(variable.handle, momentum.handle, anchor, coef=self._coef, **common)
-        )
+__all__ = ["OPTIMIZERS", "SCHEDULES", "make_schedule", "make_optimizer", "make_optimizers", "regrow"]
 
 
 def make_schedule(lr, schedule="constant", total_steps=None, warmup_steps=0):
@@ -93,7 +26,7 @@ def make_optimizer(name, learning_rate, weight_decay=0.0):
     """`sgd` (momentum 0.9), `adam` or `adamw`."""
     decay = weight_decay or None
     if name == "sgd":
-        return SGD(learning_rate, momentum=0.9, weight_decay=decay)
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, weight_decay=decay)
     if name == "adam":
         return keras.optimizers.Adam(learning_rate, weight_decay=decay)
     if name == "adamw":
@@ -144,7 +77,7 @@ def regrow(optimizer, variables):
         if hasattr(optimizer, attribute):
             setattr(fresh, attribute, getattr(optimizer, attribute))
     fresh.build(list(variables))
-    fresh._iterations.assign(optimizer._iterations)
+    fresh.iterations.assign(optimizer.iterations)
     old_index = {id(v): i for i, v in enumerate(optimizer._trainable_variables)}
     for name, old_slots in _slot_lists(optimizer):
         new_slots = getattr(fresh, name)

@@ -62,7 +62,7 @@ class L2SP:
         """The (weight, anchor) pairs that the penalty acts on now."""
         return [(w, self.anchors[w.path]) for w in self._candidates() if w.trainable]
 
-    def starting_point(self):
+    def __call__(self):
         """alpha * sum ||w - w0||^2 over the trainable backbone weights, float32."""
         # l2_loss (sum of squares / 2) is one kernel forward and one backward,
         # where square + reduce_sum are two of each: over 23 M ResNet50 weights

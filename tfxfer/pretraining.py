@@ -20,12 +20,12 @@ import time
 
 import keras
 
-from tfxfer import distributed, runs
+from tfxfer import distributed, runs, speedups
 from tfxfer.callbacks import (
     DataEpoch, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
     tensorboard_callbacks,
 )
-from tfxfer.backbones.pretrained import backbone_spec, save_backbone
+from tfxfer.backbones.pretrained import save_backbone
 from tfxfer.config import PretrainConfig
 from tfxfer.errors import TfxferError
 from tfxfer.optim import make_optimizer_for
@@ -56,6 +56,7 @@ def pretrain(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
         raise TypeError("pretrain() takes a PretrainConfig; build one with tfxfer.load_config(kind=PretrainConfig).")
     if config.run.distribute == "multiworker":
         raise TfxferError("--distribute multiworker is for finetune; pretrain on one machine (none or mirrored).")
+    get_method(config.pretext.method)  # an unknown method fails before any work
     config, run_dir = runs.prepare_run(config, resume, overwrite)
     with runs.started(config, log):
         return _run(config, run_dir, resume, callbacks, verbose, log, time.time())
@@ -70,6 +71,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
     validation = method.validation(val, config) if method.validation else val
     with distributed.make_strategy(config.run.distribute).scope():
         model = method.build(config, info, image_size)
+        plain = speedups.apply(model, log)  # undone before the backbone is saved
         method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
         if config.optim.time_budget and not resume:
             val_steps = -(-info.num_examples["val"] // config.optim.batch_size)
@@ -107,11 +109,12 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         verbose=verbose,
         shuffle=False,  # the pipeline shuffles, seeded by epoch
     )
+    plain()
 
     model.backbone.load_weights(best_path)
     logs = {k: float(v[checkpoint.best_epoch - initial_epoch - 1]) for k, v in history.history.items()} if (
         checkpoint.best_epoch and checkpoint.best_epoch > initial_epoch) else {}
-    spec = backbone_spec(config, info, image_size, method.settings(config), {
+    spec = runs.backbone_spec(config, info, image_size, method.settings(config), {
         "best_epoch": checkpoint.best_epoch, "monitor": monitor, "best_value": checkpoint.best_value,
         "best_epoch_logs": logs, "train_images_per_second": timer.images_per_second,
         "wall_time_seconds": round(time.time() - started, 1),

@@ -36,6 +36,7 @@ __all__ = [
     "measure_seconds_per_step",
     "apply_time_budget",
     "read_history",
+    "backbone_spec",
 ]
 
 CONFIG_FILE = "config.yaml"
@@ -231,3 +232,27 @@ def apply_time_budget(config, model, train, steps_per_epoch, eval_steps_per_epoc
     )
     config.optim.epochs = epochs
     return epochs
+
+
+def backbone_spec(config, info, image_size, settings, metrics):
+    """The `backbone.json` of a run: what the backbone is and how it was made."""
+    from tfxfer.backbones import get_backbone
+
+    spec = get_backbone(config.model.backbone)
+    return {
+        "backbone": config.model.backbone,
+        "image_size": int(image_size),
+        "preprocessing": f"{spec.preprocess.__module__}.{spec.preprocess.__qualname__}",
+        "method": getattr(getattr(config, "pretext", None), "method", "finetune"),
+        "settings": settings,
+        "started_from": config.model.weights,
+        "source": {
+            "data": info.name,
+            "classes": info.class_names,
+            "num_images": info.num_examples,
+            "classes_selected": info.classes,
+            "labels_per_class": info.labels_per_class,
+            "seed": config.run.seed,
+        },
+        "metrics": metrics,
+    }

@@ -52,7 +52,11 @@ def enable_onednn():
 
 
 def onednn_enabled():
-    """True when the loaded TensorFlow runs its oneDNN kernels."""
+    """True when the loaded TensorFlow runs its oneDNN kernels.
+
+    TensorFlow has no public query for it; `IsMklEnabled` is the one its own
+    tests use (tests/test_speedups.py fails if it moves).
+    """
     from tensorflow.python.util import _pywrap_util_port
 
     return bool(_pywrap_util_port.IsMklEnabled())

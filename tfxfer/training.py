@@ -27,19 +27,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfxfer import atomic, distributed, feature_cache, runs
+from tfxfer import atomic, distributed, feature_cache, runs, speedups
 from tfxfer.callbacks import (
     DataEpoch, EarlyStop, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
     tensorboard_callbacks,
 )
 from tfxfer.losses import Crossentropy
 from tfxfer.metrics import Accuracy, MacroF1
-from tfxfer.backbones.pretrained import backbone_spec, save_backbone
+from tfxfer.backbones.pretrained import save_backbone
 from tfxfer.config import FinetuneConfig
 from tfxfer.errors import TfxferError
 from tfxfer.evaluation import classification_report, format_report
 from tfxfer.freezing import UnfreezeSchedule, parse_unfreeze, phase_at, resolve_phases
 from tfxfer.export import export_saved_model, next_version_dir
+from tfxfer.export.precision import at_precision
 from tfxfer.model import TransferModel, build_model
 from tfxfer.optim import make_optimizers
 
@@ -111,6 +112,8 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started, strategy):
             class_names=info.class_names,
         )
         _compile(model, config, steps_per_epoch)
+        # Undone before evaluation and export, which get the model as built.
+        plain = speedups.apply(model, log)
         phases = parse_unfreeze(config.transfer.unfreeze) if config.transfer.unfreeze else None
         if config.optim.time_budget and not resume:
             val_steps = -(-info.num_examples["val"] // config.optim.batch_size)
@@ -175,6 +178,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started, strategy):
         ))
         if not distributed.is_chief(strategy):
             return RunResult(run_dir, None, _history_dict(histories), {}, model)
+        plain()
         model = _local_copy(model, config, steps_per_epoch)
     elif initial_epoch < config.optim.epochs and not (histories and histories[-1].model.stop_training):
         histories.append(model.fit(
@@ -183,6 +187,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started, strategy):
             shuffle=False,  # the pipeline shuffles, seeded by epoch
         ))
 
+    plain()
     if os.path.exists(best_path):
         with warnings.catch_warnings():
             # Keras's weights file carries the optimizers too; a best epoch from an
@@ -213,7 +218,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started, strategy):
     spec_metrics = {"val_accuracy": metrics["val"]["accuracy"], "best_epoch": checkpoint.best_epoch}
     if test is not None:
         spec_metrics["test_accuracy"] = metrics["test"]["accuracy"]
-    save_backbone(run_dir, model.backbone, backbone_spec(config, info, image_size, settings, spec_metrics))
+    save_backbone(run_dir, model.backbone, runs.backbone_spec(config, info, image_size, settings, spec_metrics))
     export_dir = export_saved_model(model, next_version_dir(os.path.join(run_dir, "export")), info.class_names)
     metrics["export_dir"] = export_dir
     metrics["export_max_abs_diff"] = _round_trip(model, export_dir, test if test is not None else val)
@@ -334,7 +339,9 @@ def _round_trip(model, export_dir, dataset):
     """Largest difference between the exported and the in-memory model on one batch."""
     images, _ = next(dataset.as_numpy_iterator())
     served = tf.saved_model.load(export_dir).signatures["serving_default"](images=tf.constant(images))
-    return float(np.abs(served["probabilities"].numpy() - model.predict(images, verbose=0)).max())
+    # The export computes in float32 whatever precision trained the model.
+    expected = at_precision(model, "float32").predict(images, verbose=0)
+    return float(np.abs(served["probabilities"].numpy() - expected).max())
 
 
 def _history_dict(histories):

@@ -16,7 +16,7 @@ import os
 from tfxfer import atomic
 from tfxfer.errors import TfxferError
 
-__all__ = ["WEIGHTS_FILE", "SPEC_FILE", "backbone_spec", "save_backbone", "read_spec", "find_pretrained"]
+__all__ = ["WEIGHTS_FILE", "SPEC_FILE", "save_backbone", "read_spec", "find_pretrained"]
 
 WEIGHTS_FILE = "backbone.weights.h5"
 SPEC_FILE = "backbone.json"
@@ -60,27 +60,3 @@ def read_spec(folder):
     if not os.path.exists(os.path.join(folder, WEIGHTS_FILE)):
         raise TfxferError(f"{folder} has {SPEC_FILE} but no {WEIGHTS_FILE}; the run did not finish.")
     return spec
-
-
-def backbone_spec(config, info, image_size, settings, metrics):
-    """The `backbone.json` of a run: what the backbone is and how it was made."""
-    from tfxfer.backbones.registry import get_backbone
-
-    spec = get_backbone(config.model.backbone)
-    return {
-        "backbone": config.model.backbone,
-        "image_size": int(image_size),
-        "preprocessing": f"{spec.preprocess.__module__}.{spec.preprocess.__qualname__}",
-        "method": getattr(getattr(config, "pretext", None), "method", "finetune"),
-        "settings": settings,
-        "started_from": config.model.weights,
-        "source": {
-            "data": info.name,
-            "classes": info.class_names,
-            "num_images": info.num_examples,
-            "classes_selected": info.classes,
-            "labels_per_class": info.labels_per_class,
-            "seed": config.run.seed,
-        },
-        "metrics": metrics,
-    }

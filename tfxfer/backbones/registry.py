@@ -14,7 +14,6 @@ from typing import Callable
 
 import keras
 
-from tfxfer.backbones.convolution import fast_convolutions
 from tfxfer.errors import TfxferError, did_you_mean, is_network_failure
 
 __all__ = [
@@ -86,8 +85,7 @@ def get_backbone(name):
 
 
 def create_backbone(name, weights="imagenet", image_size=None):
-    """Build the headless backbone `name` with `weights`, its convolutions on
-    tfxfer's faster exact paths (`tfxfer.backbones.convolution`).
+    """Build the headless backbone `name` with `weights`.
 
     Args:
         name: a registered backbone name.
@@ -100,12 +98,7 @@ def create_backbone(name, weights="imagenet", image_size=None):
         A functional `keras.Model` from images (already preprocessed) to its
         last feature map.
     """
-    model = _build(get_backbone(name), name, weights, image_size)
-    fast_convolutions(model)
-    return model
-
-
-def _build(spec, name, weights, image_size):
+    spec = get_backbone(name)
     size = image_size or spec.default_size
     if size < spec.min_size:
         raise TfxferError(f"{name} needs images of at least {spec.min_size} px, got {size}; pass --image-size {spec.min_size} or more.")

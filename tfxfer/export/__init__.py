@@ -11,7 +11,9 @@ neither runtime has the antialiased resize the training pipeline uses
 """
 
 from tfxfer.export.registry import FORMATS, export_run, get_format
-from tfxfer.export.saved_model import METADATA_FILE, export_saved_model, next_version_dir, versions
+from tfxfer.export.layout import METADATA_FILE, next_version_dir, versions
+from tfxfer.export.precision import EXPORT_PRECISIONS
+from tfxfer.export.saved_model import export_saved_model
 from tfxfer.export import litert, onnx  # noqa: E402, F401  (they register themselves)
 
-__all__ = ["FORMATS", "METADATA_FILE", "export_run", "export_saved_model", "get_format", "next_version_dir", "versions"]
+__all__ = ["EXPORT_PRECISIONS", "FORMATS", "METADATA_FILE", "export_run", "export_saved_model", "get_format", "next_version_dir", "versions"]

@@ -12,10 +12,6 @@ from tfxfer.errors import TfxferError, did_you_mean
 
 __all__ = ["ExportFormat", "FORMATS", "register_format", "get_format", "export_run", "disk_size"]
 
-# Largest |probability difference| from the SavedModel that an export may have (float32).
-TOLERANCE = 1e-4
-
-
 @dataclasses.dataclass
 class ExportFormat:
     """One export format.
@@ -52,13 +48,15 @@ def get_format(name):
     return FORMATS[name]
 
 
-def export_run(run_dir, format="saved_model", output=None, log=print):
+def export_run(run_dir, format="saved_model", output=None, log=print, precision="float32"):
     """Export the best model of the finetune run `run_dir` as `format` (into
     `output`, default `run_dir/export/<format>/`, or the next numbered version
-    for `saved_model`). Returns `(artifact path, max |probability difference|
-    from the run's SavedModel on 16 seeded images)`; over `TOLERANCE` fails."""
-    from tfxfer.export.saved_model import METADATA_FILE, next_version_dir
-    from tfxfer.inference import load_export
+    for `saved_model`), computing in `precision` whatever precision trained
+    it. Returns `(artifact path, max |probability difference| from the run's
+    SavedModel on 16 seeded images)`; over the precision's tolerance
+    (`tfxfer.export.precision`: 1e-4 for float32) fails."""
+    from tfxfer.export.layout import METADATA_FILE, load_export, next_version_dir
+    from tfxfer.export.precision import at_precision, tolerance
 
     spec = get_format(format)
     model_path = os.path.join(run_dir, "model.keras")
@@ -68,7 +66,8 @@ def export_run(run_dir, format="saved_model", output=None, log=print):
 
     import tfxfer.model  # noqa: F401  (registers TransferModel for load_model)
 
-    model = keras.models.load_model(model_path, compile=False)
+    allowed = tolerance(precision)
+    model = at_precision(keras.models.load_model(model_path, compile=False), precision)
     class_names = list(model.class_names or [str(i) for i in range(model.num_classes)])
     size = int(model.image_size)
     images = np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8)
@@ -87,22 +86,22 @@ def export_run(run_dir, format="saved_model", output=None, log=print):
         artifact = spec.write(model, temporary, class_names)
         got = spec.predict(artifact, images)
         difference = float(np.abs(got - expected).max())
-        if not difference <= TOLERANCE:
+        if not difference <= allowed:
             raise TfxferError(
-                f"The {format} export differs from {against} by {difference:.2e} in probability (over {TOLERANCE:g}); "
-                "it was not kept. Please report this with the run's config.yaml."
+                f"The {format} export in {precision} differs from {against} by {difference:.2e} in probability "
+                f"(over the {allowed:g} allowed); it was not kept. Please report this with the run's config.yaml."
             )
         metadata = {
             "format": format, "image_size": size, "class_names": class_names, "backbone": model.backbone_name,
             "inputs": spec.inputs, "outputs": "probabilities float32 [N, classes]",
-            "max_abs_difference": difference, "checked_against": against,
+            "precision": precision, "tolerance": allowed, "max_abs_difference": difference, "checked_against": against,
         }
         if format != "saved_model":  # the SavedModel writes its own tfxfer.json
             atomic.write_json(os.path.join(temporary, METADATA_FILE), metadata)
         name = os.path.relpath(artifact, temporary)
     artifact = os.path.join(folder, name) if name != "." else folder
-    log(f"{format}: {artifact} ({disk_size(artifact) / 2**20:.1f} MiB); max |probability difference| from {against} "
-        f"{difference:.1e} on 16 images")
+    log(f"{format}: {artifact} ({disk_size(artifact) / 2**20:.1f} MiB, {precision}); max |probability difference| "
+        f"from {against} {difference:.1e} on 16 images (allowed: {allowed:g})")
     return artifact, difference
 
 

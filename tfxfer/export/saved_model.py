@@ -15,22 +15,24 @@ import tensorflow as tf
 
 from tfxfer import atomic
 from tfxfer.data.images import decode_image, resize_uint8
+from tfxfer.export.layout import METADATA_FILE
+from tfxfer.export.precision import at_precision, precision_of
 from tfxfer.export.registry import ExportFormat, register_format
 
-__all__ = ["export_saved_model", "next_version_dir", "versions", "METADATA_FILE"]
+__all__ = ["export_saved_model"]
 
-# Beside every export: image size, class names, backbone, input description.
-METADATA_FILE = "tfxfer.json"
-
-
-def export_saved_model(model, path, class_names=None):
+def export_saved_model(model, path, class_names=None, precision="float32"):
     """Write `model` as a SavedModel at `path` and return `path`.
 
     Args:
         model: a `TransferModel`.
         path: the version folder, e.g. `saved_models/run/export/1`.
         class_names: names for `class_name`; default the model's, else indices.
+        precision: what the SavedModel computes in, whatever precision
+            trained `model`: `float32`, `bfloat16` or `float16`
+            (`tfxfer.export.precision`).
     """
+    model = at_precision(model, precision)
     size = int(model.image_size)
     names = list(class_names or getattr(model, "class_names", None) or [])
     names = names or [str(i) for i in range(model.num_classes)]
@@ -64,6 +66,7 @@ def export_saved_model(model, path, class_names=None):
     # Serving ignores tfxfer.json; `tfxfer evaluate` and `predict` read it.
     metadata = metadata_of(model, names, "serving_default: uint8 images [N, H, W, 3], any H and W (resized inside); "
                                          "serve_bytes: encoded JPEG/PNG/BMP/GIF strings [N]")
+    metadata["precision"] = precision
     with atomic.replacing(path) as temporary:  # a killed export leaves no version folder
         tf.saved_model.save(module, temporary, signatures=signatures)
         atomic.write_json(os.path.join(temporary, METADATA_FILE), metadata)
@@ -75,22 +78,11 @@ def metadata_of(model, class_names, inputs):
             "backbone": getattr(model, "backbone_name", None), "inputs": inputs}
 
 
-def versions(export_root):
-    """The numbered versions under `export_root` (TF Serving layout), as ints."""
-    if not os.path.isdir(export_root):
-        return []
-    return [int(d) for d in os.listdir(export_root) if d.isdigit()]
-
-
-def next_version_dir(export_root):
-    """`export_root/<n+1>`, where n is the highest numbered version already there."""
-    return os.path.join(export_root, str(max(versions(export_root), default=0) + 1))
-
-
 def _write(model, folder, class_names):
     # `folder` is new and empty; tf.saved_model.save wants to make it itself.
+    # `model` is at the export's precision already (`export_run`).
     os.rmdir(folder)
-    return export_saved_model(model, folder, class_names)
+    return export_saved_model(model, folder, class_names, precision=precision_of(model))
 
 
 def _predict(path, images):

@@ -58,34 +58,18 @@ class Autoencoder(PretextModel):
         ]
         self.decoder = keras.Sequential(layers, name="decoder")
         self.decoder.build(self.backbone.output.shape)
-        self.loss_tracker = keras.metrics.Mean(name="loss")
         self._build_by_calling()
 
-    @property
-    def metrics(self):
-        return [self.loss_tracker]
-
     def call(self, images, training=False):
-        """Reconstructions in [0, 1] of uint8 `images`."""
+        """Reconstructions in [0, 1] of uint8 `images`, or of the inputs of the
+        `(inputs, targets)` pair that Keras's step passes as one input."""
+        if isinstance(images, (tuple, list)):
+            images = images[0]
         return self.decoder(self.backbone(self.preprocess(images), training=training), training=training)
 
-    def _loss(self, data, training):
-        (inputs, clean), _ = data
-        target = tf.cast(clean, tf.float32) / 255.0
-        return tf.reduce_mean(tf.square(tf.cast(self(inputs, training=training), tf.float32) - target))
-
-    def train_step(self, data):
-        with tf.GradientTape() as tape:
-            loss = self._loss(data, training=True)
-            scaled = self.optimizer.scale_loss(loss)
-        gradients = tape.gradient(scaled, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
-        self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
-
-    def test_step(self, data):
-        self.loss_tracker.update_state(self._loss(data, training=False))
-        return {"loss": self.loss_tracker.result()}
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        target = tf.cast(x[1], tf.float32) / 255.0
+        return tf.reduce_mean(tf.square(tf.cast(y_pred, tf.float32) - target))
 
 
 class ReconstructionGrid(keras.callbacks.Callback):

@@ -110,41 +110,24 @@ class SimCLR(PretextModel):
             name="projection",
         )
         self.projection.build((None, width))
-        self.loss_tracker = keras.metrics.Mean(name="loss")
+        # Keras's own step logs the loss; these two are logged beside it.
         self.accuracy_tracker = keras.metrics.Mean(name="contrastive_accuracy")
         self.std_tracker = keras.metrics.Mean(name="embedding_std")
         self._build_by_calling()
 
-    @property
-    def metrics(self):
-        return [self.loss_tracker, self.accuracy_tracker, self.std_tracker]
-
     def call(self, images, training=False):
+        """Projections of `images`, or of each of the two views `(view1, view2)`
+        of a training batch, which Keras's step passes as one input."""
+        if isinstance(images, (tuple, list)):
+            return tuple(self.call(view, training=training) for view in images)
         return self.projection(self.features(images, training=training), training=training)
 
-    def _step(self, data, training):
-        (view1, view2), _ = data
-        z1 = self(view1, training=training)
-        z2 = self(view2, training=training)
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        z1, z2 = y_pred
         loss, accuracy = nt_xent(z1, z2, self.temperature)
-        return loss, accuracy, embedding_std(tf.concat([z1, z2], 0))
-
-    def train_step(self, data):
-        with tf.GradientTape() as tape:
-            loss, accuracy, std = self._step(data, training=True)
-            scaled = self.optimizer.scale_loss(loss)
-        gradients = tape.gradient(scaled, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
-        return self._log(loss, accuracy, std)
-
-    def test_step(self, data):
-        return self._log(*self._step(data, training=False))
-
-    def _log(self, loss, accuracy, std):
-        self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(accuracy)
-        self.std_tracker.update_state(std)
-        return {m.name: m.result() for m in self.metrics}
+        self.std_tracker.update_state(embedding_std(tf.concat([z1, z2], 0)))
+        return loss
 
     def get_config(self):
         return {**super().get_config(), "temperature": self.temperature, "projection_dim": self.projection_dim}

@@ -1,29 +1,74 @@
-"""Convolutions computed the way the CPU is fastest at, with the same results.
+"""Machine-specific speed-ups, applied at training time only.
 
-oneDNN's convolution kernels are slow on the small feature maps that a
-ResNet's last stages have when images are small (ResNet50 at 32 px: 2x2 and
-1x1 maps with 1024-2048 channels):
+Nothing here changes what `build_model`, `load_model` or an export builds:
+the speed-ups are switched on around training (`applied`), and the run's
+start line names them. Each one was kept because `benchmarks/` shows that it
+still pays; each has a test that proves it runs.
 
-* a 1x1 convolution is a matrix product over pixels, and oneDNN's matrix
-  product runs it many times faster there, forward and backward;
-* the kernel gradient of a k x k convolution with a handful of output pixels
-  is one matrix product over image patches, about 4x faster than oneDNN's
-  backward-weights kernel on a 1x1 map.
+* **oneDNN.** TensorFlow reads its oneDNN switch once, when it loads, so the
+  switch cannot wait for training: `tfxfer.runtime.enable_onednn` sets it at
+  `import tfxfer`, before TensorFlow loads, and `applied` reports it.
+* **Convolutions on small feature maps, as matrix products.** oneDNN's
+  convolution kernels are slow on the small feature maps that a ResNet's last
+  stages have when images are small (ResNet50 at 32 px: 2x2 and 1x1 maps with
+  1024-2048 channels):
 
-`fast_convolutions(model)` reroutes a built model's `Conv2D` layers through
-these paths where the output is that small (`POINTWISE_MAX_PIXELS`,
-`PATCH_GRADIENT_MAX_PIXELS`); the rest keep Keras's own convolution, which
-is as fast or faster on larger maps. Weights, configs and saved files do not
-change. ResNet50's training step: 1.52x at 32 px, 1.11x at 64 px, unchanged
-at 224 px (`benchmarks/convolutions.md`).
+  - a 1x1 convolution is a matrix product over pixels, and oneDNN's matrix
+    product runs it many times faster there, forward and backward;
+  - the kernel gradient of a k x k convolution with a handful of output
+    pixels is one matrix product over image patches, about 4x faster than
+    oneDNN's backward-weights kernel on a 1x1 map.
+
+  `fast_convolutions(model)` reroutes a model's `Conv2D` layers through these
+  paths where the output is that small (`POINTWISE_MAX_PIXELS`,
+  `PATCH_GRADIENT_MAX_PIXELS`); the rest keep Keras's own convolution. Results
+  are the same to float rounding. Only on CPUs: a GPU's cuDNN has its own
+  kernels for small maps. Measured effect: `benchmarks/convolutions.md`.
 """
 
+import contextlib
 import functools
 
 import keras
 import tensorflow as tf
 
-__all__ = ["PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "convolve", "fast_convolutions", "plain_convolutions", "routes"]
+from tfxfer.runtime import onednn_enabled
+
+__all__ = [
+    "PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "apply", "applied", "convolve", "fast_convolutions",
+    "plain_convolutions", "routes", "walk_layers",
+]
+
+def apply(model, log=print):
+    """Give `model` the speed-ups this host takes, for training; logs one line
+    naming them. Returns the function that puts `model` back as built."""
+    parts = [f"oneDNN {'on' if onednn_enabled() else 'off'}"]
+    if fast_convolutions(model):
+        counts = routes(model)
+        parts.append(f"{counts['pointwise']} 1x1 convolutions as matrix products, "
+                     f"{counts['patch gradient']} kernel gradients as matrix products over patches")
+    else:
+        parts.append("Keras's own convolutions")
+    log("speed-ups: " + "; ".join(parts))
+    return functools.partial(plain_convolutions, model)
+
+
+@contextlib.contextmanager
+def applied(model, log=print):
+    """`apply` for the duration of the block."""
+    undo = apply(model, log)
+    try:
+        yield model
+    finally:
+        undo()
+
+
+def walk_layers(model):
+    """Every layer inside `model`, depth first, nested models' layers too."""
+    for layer in getattr(model, "layers", ()):
+        yield layer
+        yield from walk_layers(layer)
+
 
 # Output pixels up to which a k x k convolution's kernel gradient is one
 # matrix product over patches; above it, oneDNN's kernel wins or ties.
@@ -41,7 +86,7 @@ def fast_convolutions(model):
     if tf.config.list_logical_devices("GPU"):
         return 0
     count = 0
-    for layer in model._flatten_layers(include_self=False):
+    for layer in walk_layers(model):
         if type(layer) is keras.layers.Conv2D and _supported(layer):
             layer.convolution_op = functools.partial(convolve, layer)
             count += 1
@@ -59,7 +104,7 @@ def _supported(layer):
 
 def plain_convolutions(model):
     """Undo `fast_convolutions`: Keras's own convolution for every layer."""
-    for layer in model._flatten_layers(include_self=False):
+    for layer in walk_layers(model):
         if isinstance(layer.__dict__.get("convolution_op"), functools.partial):
             del layer.convolution_op
 
@@ -68,7 +113,7 @@ def routes(model):
     """How many of `model`'s convolutions take each path, by name:
     `pointwise`, `patch gradient` or `keras`."""
     counts = {"pointwise": 0, "patch gradient": 0, "keras": 0}
-    for layer in model._flatten_layers(include_self=False):
+    for layer in walk_layers(model):
         if isinstance(layer, keras.layers.Conv2D):
             fast = isinstance(layer.__dict__.get("convolution_op"), functools.partial)
             counts[_route(layer, layer.input.shape) if fast else "keras"] += 1

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfxfer.backbones import convolution
+import tfxfer
+from tfxfer import speedups as convolution
+from tfxfer.runtime import onednn_enabled
+from tests.conftest import random_images
 
 
 def _gradients(conv, x, kernel, upstream):
@@ -79,12 +82,50 @@ def test_routes_follow_output_size_and_can_be_undone():
     assert all("convolution_op" not in layer.__dict__ for layer in model.layers)
 
 
-def test_backbones_are_built_with_fast_convolutions():
+def test_backbones_are_built_with_keras_convolutions():
     from tfxfer.backbones import create_backbone
 
     backbone = create_backbone("resnet9", weights=None, image_size=32)
-    conv_layers = [layer for layer in backbone._flatten_layers() if type(layer) is keras.layers.Conv2D]
-    assert conv_layers and all(isinstance(layer.convolution_op, functools.partial) for layer in conv_layers)
+    conv_layers = [layer for layer in convolution.walk_layers(backbone) if type(layer) is keras.layers.Conv2D]
+    assert conv_layers and not any("convolution_op" in layer.__dict__ for layer in conv_layers)
+
+
+def test_a_training_step_runs_the_rerouted_convolutions(monkeypatch):
+    calls = []
+    pointwise, patch = convolution.pointwise, convolution.patch_gradient_conv
+    monkeypatch.setattr(convolution, "pointwise", lambda *a: calls.append("pointwise") or pointwise(*a))
+    monkeypatch.setattr(convolution, "patch_gradient_conv", lambda *a: calls.append("patch") or patch(*a))
+    # MobileNetV2 at 32 px ends on 2x2 and 1x1 maps: its 1x1 convolutions there are rerouted.
+    model = tfxfer.build_model("mobilenetv2", num_classes=3, weights=None, image_size=32, freeze="full")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
+    lines = []
+    with convolution.applied(model, log=lines.append):
+        model.fit(random_images(4), np.arange(4) % 3, epochs=1, verbose=0)
+    assert calls.count("pointwise") >= 28, calls  # traced into the training step
+    assert lines[0].startswith("speed-ups: oneDNN on; 28 1x1 convolutions as matrix products")
+    assert all("convolution_op" not in layer.__dict__ for layer in convolution.walk_layers(model))
+
+
+def test_an_export_is_the_same_with_and_without_the_speed_ups(tmp_path):
+    model = tfxfer.build_model("mobilenetv2", num_classes=3, weights=None, image_size=32, freeze="full")
+    plain_dir = tfxfer.export_saved_model(model, str(tmp_path / "plain"))
+    with convolution.applied(model, log=lambda line: None):
+        assert convolution.routes(model)["keras"] < sum(convolution.routes(model).values())
+        fast_dir = tfxfer.export_saved_model(model, str(tmp_path / "during"))
+    graphs = []
+    for folder in (plain_dir, fast_dir):
+        graph = tf.saved_model.load(folder).signatures["serving_default"].graph.as_graph_def()
+        ops = [node.op for node in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
+        graphs.append(sorted(ops))
+    assert graphs[0].count("Conv2D") == 35 and graphs[0] == graphs[1]
+    served = [tf.saved_model.load(d).signatures["serving_default"](images=random_images(4))["probabilities"].numpy()
+              for d in (plain_dir, fast_dir)]
+    np.testing.assert_array_equal(*served)
+
+
+def test_onednn_query_answers():
+    # conftest imports tfxfer first, which turns oneDNN on before TensorFlow loads.
+    assert onednn_enabled() is True
 
 
 def test_keras_convolutions_stay_when_a_gpu_is_visible(monkeypatch):
