@@ -1,5 +1,3 @@
-import functools
-
 import keras
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ served, so a reported number is the number a client would get.
 """
 
 import glob
-import json
 import os
 
 import numpy as np

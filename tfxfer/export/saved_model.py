@@ -32,7 +32,11 @@ def export_saved_model(model, path, class_names=None, precision="float32"):
             trained `model`: `float32`, `bfloat16` or `float16`
             (`tfxfer.export.precision`).
     """
-    model = at_precision(model, precision)
+    return _save(at_precision(model, precision), path, class_names, precision)
+
+
+def _save(model, path, class_names, precision):
+    """`export_saved_model` of a model already built at `precision`."""
     size = int(model.image_size)
     names = list(class_names or getattr(model, "class_names", None) or [])
     names = names or [str(i) for i in range(model.num_classes)]
@@ -82,7 +86,7 @@ def _write(model, folder, class_names):
     # `folder` is new and empty; tf.saved_model.save wants to make it itself.
     # `model` is at the export's precision already (`export_run`).
     os.rmdir(folder)
-    return export_saved_model(model, folder, class_names, precision=precision_of(model))
+    return _save(model, folder, class_names, precision_of(model))
 
 
 def _predict(path, images):
