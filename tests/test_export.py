@@ -134,3 +134,31 @@ def test_export_saved_model_again_and_bad_requests(run_dir, monkeypatch):
     missing = run_cli("export", run_dir, "--format", "onnx", "--output", run_dir.parent / "elsewhere")
     assert missing.exit_code == 1 and "pip install 'tfxfer[onnx]'" in missing.output
     assert not (run_dir.parent / "elsewhere").exists()  # nothing half-written is left
+
+
+def test_a_bfloat16_run_exports_float32_in_every_format(tmp_path):
+    # bfloat16 is emulated where the CPU lacks it: slow, but the same graph.
+    import json
+
+    import tensorflow as tf
+
+    from tests.conftest import run_cli, write_splits
+
+    data = write_splits(tmp_path / "data", train=6, test=3, classes=("cat", "dog", "owl"))
+    result = run_cli("finetune", "--data-dir", data, "--backbone", "simplecnn", "--weights", "none", "--image-size", "32",
+                     "--epochs", "1", "--precision", "mixed_bfloat16", "--output-dir", tmp_path / "runs", "--run-name", "b")
+    assert result.exit_code == 0, result.output
+    assert "precision: mixed_bfloat16" in result.output
+    run = tmp_path / "runs" / "b"
+    graph = tf.saved_model.load(str(run / "export" / "1")).signatures["serving_default"].graph.as_graph_def()
+    types = {node.attr["T"].type for f in graph.library.function for node in f.node_def if node.op in ("Conv2D", "MatMul")}
+    assert types == {tf.float32.as_datatype_enum}
+    assert json.loads((run / "export" / "1" / "tfxfer.json").read_text())["precision"] == "float32"
+    result = run_cli("export", run, "--format", "onnx,litert")
+    assert result.exit_code == 0, result.output
+    for name in ("onnx", "litert"):
+        metadata = json.loads((run / "export" / name / "tfxfer.json").read_text())
+        assert metadata["precision"] == "float32" and metadata["max_abs_difference"] <= 1e-4
+    result = run_cli("export", run, "--format", "saved_model", "--precision", "bfloat16")
+    assert result.exit_code == 0, result.output
+    assert "bfloat16" in result.output and "allowed: 0.03" in result.output

@@ -55,16 +55,27 @@ class PenalizedLoss:
         self.l2sp_tracker = keras.metrics.Mean(name="l2sp") if self.penalty.alpha else None
         self.head_l2_tracker = keras.metrics.Mean(name="head_l2") if self.penalty.beta else None
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
-        if not training:
-            return loss
+    def penalized_losses(self, x, y, y_pred, sample_weight=None):
+        """`(loss to differentiate, loss to log)` of a training batch.
+
+        Both are the data loss plus the penalties. The first also weighs the
+        data loss by this replica's share of the global batch (`_batch_share`),
+        so an uneven last batch gets the one-process gradient; the second is
+        what one process would log.
+        """
+        data = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        data = tf.cast(data, tf.float32)
         l2sp, head_l2 = self.penalty(), self.penalty.head()
         for tracker, value in ((self.l2sp_tracker, l2sp), (self.head_l2_tracker, head_l2)):
             if tracker is not None:
                 tracker.update_state(value)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        return tf.cast(loss, tf.float32) * _batch_share(tf.shape(x)[0]) + (l2sp + head_l2) / replicas
+        extra = (l2sp + head_l2) / tf.distribute.get_strategy().num_replicas_in_sync
+        return data * _batch_share(tf.shape(x)[0]) + extra, data + extra
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if not training:
+            return super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
+        return self.penalized_losses(x, y, y_pred, sample_weight)[0]
 
     def test_step(self, data):
         # The penalties are training terms: evaluation reports the data loss only.
@@ -196,17 +207,23 @@ class TransferModel(PenalizedLoss, keras.Model):
         return head, backbone
 
     def train_step(self, data):
-        if self.backbone_optimizer is None:
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if self.backbone_optimizer is None and replicas == 1:
             return super().train_step(data)
-        # Keras's step, with the gradients split between the two optimizers.
+        # Keras's step, with the gradients split between the two optimizers,
+        # and (under several replicas) the loss logged as one process would.
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            track_loss(self, loss, tf.shape(x)[0])
+            loss, logged = self.penalized_losses(x, y, y_pred, sample_weight)
+            track_loss(self, logged, tf.shape(x)[0])
             scaled = self.optimizer.scale_loss(loss)
         weights = self.trainable_weights
-        head, backbone = self._by_group(list(zip(tape.gradient(scaled, weights), weights)), weight_of=lambda pair: pair[1])
+        pairs = list(zip(tape.gradient(scaled, weights), weights))
+        if self.backbone_optimizer is None:
+            self.optimizer.apply_gradients(pairs)
+            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        head, backbone = self._by_group(pairs, weight_of=lambda pair: pair[1])
         self.optimizer.apply_gradients(head)
         if backbone:
             self.backbone_optimizer.apply_gradients(backbone)

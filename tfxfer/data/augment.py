@@ -25,6 +25,16 @@ class Augmenter:
     """The Keras layers of an `--augment` text, for images of `size` px."""
 
     def __init__(self, text, size, num_classes):
+        # The layers work on pixels in the tf.data pipeline, in float32 whatever
+        # precision the model trains in (Keras's layers take the global policy).
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("float32")
+        try:
+            self._build(text, size, num_classes)
+        finally:
+            keras.config.set_dtype_policy(previous)
+
+    def _build(self, text, size, num_classes):
         self.size, self.num_classes = size, num_classes
         self.items = parse_augment(text)
         self.per_image, self.mixing, self.crop_pad = [], [], 0
