@@ -9,32 +9,30 @@ median of `--repeats` calls after `--warmup`, each format in its own runtime
 formats so that a change in the machine's speed hits them all alike. The
 in-memory Keras model is the reference row.
 
-    python benchmarks/export_formats.py                # resnet50, 224 px
+    python -m benchmarks export-formats                # resnet50, 224 px
 Writes benchmarks/export_formats.md (or --out).
 """
 
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks.harness import ROOT, quiet_tensorflow, stamp, write_report
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv, prog="python -m benchmarks export-formats"):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "export_formats.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_tensorflow()
     import tfxfer
     import keras
     import numpy as np
@@ -45,7 +43,6 @@ def main():
 
     from tfxfer.export import export_run
     from tfxfer.export.registry import disk_size
-    from tfxfer.runtime import describe_cpu
 
     keras.utils.set_random_seed(0)
     run_dir = tempfile.mkdtemp(prefix="tfxfer-export-bench-")
@@ -95,7 +92,7 @@ def main():
     weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
     lines = [
         "# Export formats: size and batch-1 latency", "",
-        f"Machine: {describe_cpu()}; TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+        *stamp(f"{prog} {' '.join(argv)}".strip()),
         f"ONNX Runtime {onnxruntime.__version__}, onnx {onnx.__version__}.", "",
         f"{args.backbone} + 10-class head, {args.size} px, float32, one uint8 image per call; median of "
         f"{len(next(iter(times.values())))} calls after {args.warmup} warm-up calls, formats alternating in "
@@ -117,14 +114,8 @@ def main():
         "ONNX and LiteRT take images already at the model's size (the antialiased resize of training has no ONNX "
         "or LiteRT op; see `tfxfer/export/portable.py`); the SavedModel resizes inside, at the same size a no-op.",
         "",
-        f"Command: `python benchmarks/export_formats.py --backbone {args.backbone} --size {args.size} "
         f"--warmup {args.warmup} --repeats {args.repeats} --rounds {args.rounds}`",
         "",
     ]
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, lines)
 
-
-if __name__ == "__main__":
-    main()

@@ -6,38 +6,35 @@ backbone (the second is timed), the feature extraction (what the first cached
 epoch costs on top), and `--epochs` epochs of the head on the cache (all but the
 first timed, median). Also checks that cached and uncached logits agree.
 
-    python benchmarks/feature_cache.py                 # 224 px, batch 16, 256 images
+    python -m benchmarks feature-cache                 # 224 px, batch 16, 256 images
 Writes benchmarks/feature_cache.md (or --out).
 """
 
 import argparse
 import os
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks.harness import ROOT, quiet_tensorflow, stamp, write_report
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv, prog="python -m benchmarks feature-cache"):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "feature_cache.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_tensorflow()
     import tfxfer
     import keras
     import numpy as np
     import tensorflow as tf
 
     from tfxfer.feature_cache import HeadModel, extract_features, feature_dataset
-    from tfxfer.runtime import describe_cpu
 
     keras.utils.set_random_seed(0)
     model = tfxfer.build_model(args.backbone, num_classes=10, weights=None, image_size=args.size, freeze="head")
@@ -72,20 +69,13 @@ def main():
     ]
     lines = [
         "# Feature caching (`freeze=head`)", "",
-        f"Machine: {describe_cpu()}; TensorFlow {tf.__version__}, Keras {keras.__version__}.", "",
+        *stamp(f"{prog} {' '.join(argv)}".strip()),
         f"{args.backbone}, {args.size} px, batch {args.batch_size}, {args.images} images, float32.", "",
         "| what | time | throughput |", "|---|---|---|",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows], "",
         f"**Epochs after the first: {uncached / cached:,.0f}× faster on the cache.** The first epoch costs the "
         f"extraction plus one cached epoch ({(extraction + cached) / uncached:.2f}× an uncached epoch).", "",
         f"Cached vs uncached probabilities, max |difference| over 64 images: {difference:.1e}.", "",
-        f"Command: `python benchmarks/feature_cache.py --backbone {args.backbone} --size {args.size} "
-        f"--batch-size {args.batch_size} --images {args.images} --epochs {args.epochs}`", "",
     ]
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, lines)
 
-
-if __name__ == "__main__":
-    main()

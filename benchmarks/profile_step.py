@@ -6,8 +6,8 @@ and sums the time of every TensorFlow op by kind. TensorFlow runs up to two
 ops at once here (its executor has a thread per core), so op time adds up to
 more than the wall time; the shares say what the cores were busy with.
 
-    python benchmarks/profile_step.py                       # 32 px, batch 64
-    python benchmarks/profile_step.py --size 224 --batch-size 16 --steps 3
+    python -m benchmarks profile                       # 32 px, batch 64
+    python -m benchmarks profile --size 224 --batch-size 16 --steps 3
 Writes benchmarks/profile_step-<size>px.md (or --out).
 """
 
@@ -15,12 +15,9 @@ import argparse
 import collections
 import glob
 import os
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from benchmarks.harness import ROOT, median_step_seconds, quiet_tensorflow, random_batches, stamp, write_report
 
 # (kind, test on the op's type and name), first match wins.
 KINDS = (
@@ -36,23 +33,21 @@ KINDS = (
 )
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv, prog="python -m benchmarks profile"):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = args.out or os.path.join(ROOT, "benchmarks", f"profile_step-{args.size}px.md")
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_tensorflow()
     import tfxfer
     import keras
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    from stepping import median_step_seconds, random_batches
-    from tfxfer.runtime import describe_cpu
 
     keras.utils.set_random_seed(0)
     batches = iter(random_batches(args.size, args.batch_size))
@@ -89,7 +84,7 @@ def main():
     step_ms = 1000 * step_seconds
     lines = [
         f"# Where the training step's time goes: ResNet50, {args.size} px, batch {args.batch_size}", "",
-        f"Machine: {describe_cpu()}; TensorFlow {tf.__version__}, Keras {keras.__version__}.", "",
+        *stamp(f"{prog} {' '.join(argv)}".strip()),
         f"Full fine-tune (BatchNorm frozen) + L2-SP 0.01, tfxfer's SGD, float32. Step: **{step_ms:.0f} ms** "
         f"({args.batch_size / step_seconds:.1f} img/s, median of {args.steps}, without the profiler). "
         f"Op time: {total:.0f} ms per step, summed over TensorFlow's executor threads (ops overlap).", "",
@@ -97,12 +92,6 @@ def main():
         *[f"| {kind} | {per_kind[kind]:.1f} | {per_kind[kind] / total:.1%} | "
           f"{', '.join(f'`{t}`' for t, _ in example[kind].most_common(3))} |"
           for kind, _ in KINDS if kind in per_kind],
-        "", f"Command: `python benchmarks/profile_step.py --size {args.size} --batch-size {args.batch_size} --steps {args.steps}`", "",
     ]
-    with open(out, "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+    write_report(out, lines)
 
-
-if __name__ == "__main__":
-    main()

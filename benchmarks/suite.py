@@ -1,8 +1,8 @@
 """The benchmark suite: tfxfer's training step against plain Keras `fit` and the
 classic PyTorch eager loop, the input pipeline, peak memory and FLOP/s.
 
-    pip install -e '.[bench]'          # adds the CPU build of torch (optional)
-    python benchmarks/suite.py         # writes BENCHMARKS.md
+    pip install -e '.[bench]'          # adds torch (optional)
+    python -m benchmarks suite         # writes BENCHMARKS.md
 
 Every contender trains the same ResNet50 (random init, 10-class head, SGD with
 momentum 0.9, BatchNorm frozen per layer, which is tfxfer's default), on the same
@@ -10,11 +10,12 @@ random uint8 batch, in its own process. Contenders alternate within each
 repeat, so a machine that slows down slows all of them; each figure is the
 median over repeats of (batch size / median step time) after warm-up steps.
 
-The L2-SP overhead is measured apart, in one process that holds both models
-(`l2sp_overhead.py`): across processes the same step varies by more than it.
+The L2-SP overhead and the gain of the CPU speed-ups are measured apart, in
+one process that holds the models (`benchmarks/paired.py`): across processes
+the same step varies by more than either.
 
 Contenders:
-    tfxfer head / full / full+L2-SP   tfxfer.build_model + compile(tfxfer's SGD) + fit
+    tfxfer head / full / full+L2-SP   tfxfer.build_model + compile(Keras's SGD) + fit, speed-ups applied
     keras fit                          keras.applications.ResNet50 + Dense, compile(Keras's SGD) + fit
     torch eager full / full+L2-SP      the plain loop: zero_grad, forward, loss, backward, step
 """
@@ -24,14 +25,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from benchmarks.harness import ROOT, child_result, quiet_tensorflow, run_child, stamp, write_report
 
 CONTENDERS = ("tfxfer head", "tfxfer full", "tfxfer full+L2-SP", "keras fit full", "torch eager full", "torch eager full+L2-SP")
 SETTINGS = ((32, 64, 15), (224, 16, 5))  # (image size, batch, timed steps)
@@ -64,7 +61,7 @@ def _keras_rate(model, size, batch, steps):
 
 
 def child_step(contender, size, batch, steps, precision):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_tensorflow()
     if contender.startswith("torch"):
         return _torch_step(contender, size, batch, steps, precision)
     import tfxfer  # oneDNN on, as tfxfer users get it
@@ -101,7 +98,7 @@ def child_step(contender, size, batch, steps, precision):
 def _torch_step(contender, size, batch, steps, precision):
     import torch
 
-    from torch_resnet import ResNet50, freeze_batchnorm
+    from benchmarks.torch_resnet import ResNet50, freeze_batchnorm
 
     torch.manual_seed(0)
     model = ResNet50(10)
@@ -151,7 +148,7 @@ def forward_flops(model):
 
 def child_matmul():
     """Measured fp32 matmul peak of TensorFlow on this CPU, in FLOP/s."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_tensorflow()
     import tfxfer  # noqa: F401
     import tensorflow as tf
 
@@ -169,7 +166,7 @@ def child_matmul():
 
 def child_pipeline(size, batch, folder):
     """tfxfer's image-folder pipeline alone: read, decode, resize, cache-free, flip+crop, batch."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_tensorflow()
     import tfxfer
 
     train, _, _, info = tfxfer.load_dataset(data_dir=folder, image_size=size, batch_size=batch, augment="flip_crop",
@@ -182,44 +179,21 @@ def child_pipeline(size, batch, folder):
     return {"images_per_second": count / (time.perf_counter() - start), "images": info.num_examples["train"]}
 
 
-def child_overhead(size, batch, steps):
-    """The L2-SP overhead measured in one process: tfxfer full with and without
-    L2-SP, alternating round after round (`benchmarks/l2sp_overhead.py`).
-    Across processes the same step varies by ±10% here, more than the overhead."""
-    from l2sp_overhead import measure, paired_ratio
-
-    rounds = 16 if size <= 64 else 6
-    times = measure(size, batch, steps=max(2, steps // 3), rounds=rounds, alpha=0.01, names=("without L2-SP", "L2-SP"))
-    return {"overhead": paired_ratio(times["L2-SP"], times["without L2-SP"]) - 1, "rounds": rounds,
-            "seconds": times}
-
-
 def child(args):
     if args.child == "step":
         result = child_step(args.contender, args.size, args.batch, args.steps, args.precision)
     elif args.child == "matmul":
         result = child_matmul()
-    elif args.child == "overhead":
-        result = child_overhead(args.size, args.batch, args.steps)
     else:
         result = child_pipeline(args.size, args.batch, args.folder)
-    print("RESULT " + json.dumps(result))
+    child_result(result)
 
 
 # --- the driver ---------------------------------------------------------------------------------
 
 
-def run_child(*argv, env=None):
-    out = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})})
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"benchmark child {argv} failed:\n{out.stderr[-2000:]}")
-    return json.loads(line[7:])
-
-
 def jpeg_folder(root, count=2000):
-    """A folder of real JPEGs: the CIFAR-10 folder if `../shared/data` has it, else generated ones."""
+    """A folder of `count` generated 32 px JPEGs in 10 classes."""
     import numpy as np
     from PIL import Image
 
@@ -232,9 +206,9 @@ def jpeg_folder(root, count=2000):
     return root
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child")
+def main(argv, prog="python -m benchmarks suite"):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--contender")
     parser.add_argument("--size", type=int)
     parser.add_argument("--batch", type=int)
@@ -243,13 +217,13 @@ def main():
     parser.add_argument("--folder")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         return child(args)
 
-    from tfxfer.runtime import cpu_flags, describe_cpu
+    from tfxfer.runtime import cpu_flags
 
-    machine, flags = describe_cpu(), cpu_flags()
+    flags = cpu_flags()
     try:
         import torch  # noqa: F401
         contenders = CONTENDERS
@@ -258,39 +232,37 @@ def main():
         contenders = tuple(c for c in CONTENDERS if not c.startswith("torch"))
     precisions = ("float32", "mixed_bfloat16") if has_bf16(flags) else ("float32",)
     started = time.time()
-    peak = run_child("matmul")["flops"]
+    peak = run_child("suite", "matmul")["flops"]
     results = {}
     for size, batch, steps in SETTINGS:
         for precision in precisions:
             for repeat in range(args.repeats):
                 order = contenders if repeat % 2 == 0 else tuple(reversed(contenders))
                 for contender in order:
-                    r = run_child("step", "--contender", contender, "--size", str(size), "--batch", str(batch),
+                    r = run_child("suite", "step", "--contender", contender, "--size", str(size), "--batch", str(batch),
                                   "--steps", str(steps), "--precision", precision)
                     results.setdefault((size, batch, precision, contender), []).append(r)
                     print(size, precision, contender, round(r["images_per_second"], 1), flush=True)
-    overhead = {size: run_child("overhead", "--size", str(size), "--batch", str(batch), "--steps", str(steps))
-                for size, batch, steps in SETTINGS}
+    pairs = ",".join(f"{size}:{batch}" for size, batch, _ in SETTINGS)
+    overhead = {precision: run_child("paired", "--sizes", pairs, "--precision", precision) for precision in precisions}
     small = {}
     for backbone, batch in (("resnet9", 128), ("simplecnn", 128)):
-        runs = [run_child("step", "--contender", "tfxfer full", "--size", "32", "--batch", str(batch), "--steps", "20",
+        runs = [run_child("suite", "step", "--contender", "tfxfer full", "--size", "32", "--batch", str(batch), "--steps", "20",
                           env={"BENCH_BACKBONE": backbone}) for _ in range(args.repeats)]
         small[backbone] = (batch, runs)
     with tempfile.TemporaryDirectory() as folder:
         jpeg_folder(folder)
-        pipeline = {size: run_child("pipeline", "--size", str(size), "--batch", str(batch), "--folder", folder)
+        pipeline = {size: run_child("suite", "pipeline", "--size", str(size), "--batch", str(batch), "--folder", folder)
                     for size, batch, _ in SETTINGS}
     with open(os.path.join(ROOT, "benchmarks", "suite.json"), "w") as f:  # the raw measurements of the table
         json.dump({"peak": peak, "pipeline": pipeline, "small": small, "overhead": overhead,
                    "results": [[list(k), v] for k, v in results.items()]}, f, indent=1)
-    write(args.out, machine, peak, results, small, pipeline, overhead, contenders, precisions, args.repeats,
+    command = f"{prog} {' '.join(argv)}".strip()
+    write(args.out, command, peak, results, small, pipeline, overhead, contenders, precisions, args.repeats,
           time.time() - started)
 
 
-def write(path, machine, peak, results, small, pipeline, overhead, contenders, precisions, repeats, seconds):
-    import keras
-    import tensorflow as tf
-
+def write(path, command, peak, results, small, pipeline, overhead, contenders, precisions, repeats, seconds):
     def rate(key):
         return statistics.median(r["images_per_second"] for r in results[key])
 
@@ -301,10 +273,8 @@ def write(path, machine, peak, results, small, pipeline, overhead, contenders, p
         torch_version = "not installed"
     lines = [
         "# Benchmarks", "",
-        f"Machine: **{machine}**. TensorFlow {tf.__version__} "
-        f"(oneDNN on), Keras {keras.__version__}, PyTorch {torch_version}.", "",
-        f"Command: `python benchmarks/suite.py` ({repeats} repeats, contenders alternating, {seconds / 60:.0f} min). "
-        "Each figure: images/s = batch / median step time after "
+        *stamp(command),
+        f"PyTorch {torch_version}. {repeats} repeats, contenders alternating, {seconds / 60:.0f} min. Each figure: images/s = batch / median step time after "
         f"{WARMUP} warm-up steps, median over repeats; peak memory is the process's maximum resident set.", "",
         "ResNet50, random init, 10-class head, SGD momentum 0.9, BatchNorm frozen per layer (tfxfer's default) on every "
         "side, L2-SP α = 0.01 over the backbone's kernels.", "",
@@ -331,13 +301,13 @@ def write(path, machine, peak, results, small, pipeline, overhead, contenders, p
                 lines.append(f"| {contender} | {r:.1f} | {memory:,.0f} | {mine / r:.2f} | {achieved} |")
             lines.append("")
             across = rate((size, batch, precision, "tfxfer full")) / mine
-            if precision == "float32":  # the in-process child measures float32 only
-                measured = overhead[size]
-                cost = (f"**L2-SP overhead: {100 * measured['overhead']:+.1f}%** (tfxfer full+L2-SP against full in one "
-                        f"process, median of the ratio over {measured['rounds']} alternating rounds; across the "
-                        f"separate processes above: {100 * (across - 1):+.1f}%). ")
-            else:
-                cost = f"L2-SP overhead across the processes above: {100 * (across - 1):+.1f}%. "
+            measured = overhead[precision][str(size)]
+            rounds = len(measured["seconds"]["full"])
+            gain = (f"the CPU speed-ups make the full+L2-SP step **{measured['speedups']:.2f}×** as fast as Keras's own "
+                    "convolutions" if measured["speedups"] else "no convolution is small enough to reroute")
+            cost = (f"**L2-SP overhead: {100 * measured['l2sp']:+.1f}%** (tfxfer full+L2-SP against full in one process, "
+                    f"median of the ratio over {rounds} alternating rounds; across the separate processes above: "
+                    f"{100 * (across - 1):+.1f}%); in the same process, {gain}. ")
             lines.append(cost
                          + (f"tfxfer / PyTorch (full+L2-SP): **{mine / rate(torch_key):.2f}×**. " if torch_key in results else "")
                          + f"tfxfer / plain Keras (full+L2-SP vs full): {mine / rate(keras_key):.2f}×.")
@@ -358,10 +328,4 @@ def write(path, machine, peak, results, small, pipeline, overhead, contenders, p
         lines.append(f"| {backbone} | {batch} | {statistics.median(r['images_per_second'] for r in runs):.1f} | "
                      f"{max(r['peak_mb'] for r in runs):,.0f} |")
     lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main()
+    write_report(path, lines)

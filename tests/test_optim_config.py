@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 import tfxfer
+from tfxfer import runs
 from tfxfer.config import load_config
 from tfxfer.optim import make_optimizer, make_optimizers, make_schedule
 from tests.conftest import random_images
@@ -73,7 +74,7 @@ def test_config_layers_defaults_file_and_flags(tmp_path):
     path.write_text("dataset: digits\nlr: 0.1\nfreeze: stages:2\ntrain-bn: true\n")
     config = load_config(str(path), lr=0.5, epochs=None)
     assert (config.optim.lr, config.transfer.freeze, config.transfer.train_bn, config.optim.epochs) == (0.5, "stages:2", True, 5)
-    assert config.default_run_name() == "digits-resnet50-stages2"
+    assert runs.default_run_name(config) == "digits-resnet50-stages2"
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,11 @@ import yaml
 from click.testing import CliRunner
 
 import tfxfer
-from tfxfer import atomic, runs
+from tfxfer import atomic, budget, runs
 from tfxfer.cli import main
-from tfxfer.config import FinetuneConfig, load_config, parse_duration
-from tfxfer.config import AUGMENTATIONS
+from tfxfer.budget import parse_duration
+from tfxfer.config import FinetuneConfig, load_config
+from tfxfer.data.augment import AUGMENTATIONS
 from tfxfer.optim import OPTIMIZERS
 from tests.conftest import write_class_folder
 
@@ -94,17 +95,17 @@ def test_bad_duration_is_one_sentence():
 
 def test_plan_epochs_fits_whole_epochs_in_what_is_left():
     # 100 steps of 0.1 s and 30 eval batches (a third of a step each): 11 s an epoch.
-    assert runs.plan_epochs(120, 0.1, 100, eval_steps_per_epoch=30) == 10
-    assert runs.plan_epochs(120, 0.1, 100, eval_steps_per_epoch=30, spent_seconds=21) == 9
-    assert runs.plan_epochs(120, 0.2, 100, eval_steps_per_epoch=30) == 5  # a slower step: fewer epochs
-    assert runs.plan_epochs(5, 1.0, 100) == 1  # never zero
+    assert budget.plan_epochs(120, 0.1, 100, eval_steps_per_epoch=30) == 10
+    assert budget.plan_epochs(120, 0.1, 100, eval_steps_per_epoch=30, spent_seconds=21) == 9
+    assert budget.plan_epochs(120, 0.2, 100, eval_steps_per_epoch=30) == 5  # a slower step: fewer epochs
+    assert budget.plan_epochs(5, 1.0, 100) == 1  # never zero
 
 
 @pytest.mark.parametrize("step_seconds, epochs", [(120.0, 4), (240.0, 2)])
 def test_time_budget_picks_fewer_epochs_for_a_slower_step(tmp_path, folder, monkeypatch, step_seconds, epochs):
     # Injected step time: 6 train + 1 eval batches an epoch; a 1 h budget holds
     # 3600 / (t * 6.33) epochs whatever the start-up took (under 9 minutes).
-    monkeypatch.setattr(runs, "measure_seconds_per_step", lambda model, dataset: step_seconds)
+    monkeypatch.setattr(budget, "measure_seconds_per_step", lambda model, dataset: step_seconds)
     lines = []
     result = tfxfer.finetune(_config(tmp_path, folder, time_budget="1h", epochs=99), verbose=0, log=lines.append)
     assert len(_rows(result.run_dir)) == epochs
@@ -122,7 +123,7 @@ def test_measuring_the_step_trains_nothing(tiny_model_factory):
     before = [v.numpy().copy() for v in model.variables]
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8)
     data = tf.data.Dataset.from_tensor_slices((images, np.arange(16) % 3)).batch(8)
-    seconds = runs.measure_seconds_per_step(model, data, seconds=0.5, max_steps=20)
+    seconds = budget.measure_seconds_per_step(model, data, seconds=0.5, max_steps=20)
     assert seconds > 0
     for a, b in zip(before, model.variables):
         np.testing.assert_array_equal(a, b.numpy())
@@ -137,7 +138,7 @@ def test_budget_guard_stops_a_run_that_falls_behind(tiny_model_factory):
     model = tiny_model_factory()
     model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
     lines = []
-    guard = runs.BudgetGuard(deadline=time.time(), log=lines.append)  # already used up
+    guard = budget.BudgetGuard(deadline=time.time(), log=lines.append)  # already used up
     history = model.fit(np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8), epochs=3, callbacks=[guard], verbose=0)
     assert len(history.history["loss"]) == 1 and guard.stopped_after == 1
     assert lines == ["time budget: stopping after epoch 1, the next one would end past the budget"]

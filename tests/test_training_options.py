@@ -13,7 +13,7 @@ from sklearn.metrics import f1_score
 import tfxfer
 from tfxfer import atomic
 from tests.conftest import run_cli, write_class_folder
-from tfxfer.config import parse_augment
+from tfxfer.data.augment import parse_augment
 from tfxfer.data.pipeline import set_epoch
 from tfxfer.losses import Crossentropy
 from tfxfer.metrics import Accuracy, MacroF1

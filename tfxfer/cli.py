@@ -95,7 +95,9 @@ def _run_command(name, kind, engine, summary):
         try:
             run(config, resume=resume, overwrite=overwrite)
         except KeyboardInterrupt:
-            run_name = config.run.run_name or config.default_run_name()
+            from tfxfer.runs import default_run_name  # TensorFlow is loaded by now
+
+            run_name = config.run.run_name or default_run_name(config)
             _interrupted(f"continue with: tfxfer {name} --resume --run-name {run_name} --output-dir {config.run.output_dir}")
 
     command.__doc__ = summary

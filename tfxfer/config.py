@@ -13,7 +13,6 @@ is unique across the groups of a command.
 import dataclasses
 import math
 import os
-import re
 import typing
 from typing import Optional
 
@@ -35,43 +34,15 @@ __all__ = [
     "StudyConfig",
     "load_config",
     "option",
-    "parse_duration",
 ]
 
 # The names a user can type, declared here so that `tfxfer --help` and the
 # config need no TensorFlow; the modules that implement them import these.
-# Augmentations (tfxfer.data.augment), as a comma-separated list of NAME[:VALUE].
-AUGMENTATIONS = ("none", "flip", "crop", "flip_crop", "rotate", "zoom", "color", "randaugment", "mixup", "cutmix")
 MONITORS = ("val_accuracy", "val_loss", "val_macro_f1")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 SCOPES = ("kernels", "all")  # L2-SP: kernels (as the paper) or all weights
 DISTRIBUTE = ("none", "mirrored", "multiworker")
-
-
-def parse_augment(text):
-    """`[(name, value or None), ...]` of an `--augment` text; `[]` for none.
-    `flip_crop` is `flip,crop`. A name is checked against `AUGMENTATIONS`."""
-    items = []
-    for item in str(text or "none").replace(" ", "").split(","):
-        name, _, value = item.partition(":")
-        if name not in AUGMENTATIONS:
-            raise did_you_mean(name, AUGMENTATIONS, "augmentation")
-        if name == "none":
-            continue
-        if name == "flip_crop":
-            items += [("flip", None), ("crop", None)]
-            continue
-        number = None
-        if value:
-            try:
-                number = float(value)
-            except ValueError:
-                raise TfxferError(f"--augment {name}:{value}: the value must be a number.") from None
-            if not number > 0 or math.isinf(number):
-                raise TfxferError(f"--augment {name}:{value}: the value must be above 0.")
-        items.append((name, number))
-    return items
 
 
 def option(default, help, choices=None):
@@ -102,6 +73,8 @@ class DataConfig:
     def validate(self):
         if (self.dataset is None) == (self.data_dir is None):
             raise TfxferError("Give exactly one of --dataset NAME or --data-dir FOLDER.")
+        from tfxfer.data.augment import parse_augment  # where the augmentations are built
+
         parse_augment(self.augment)
         if not 0.0 < self.val_fraction < 1.0:
             raise TfxferError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
@@ -190,6 +163,8 @@ class OptimConfig:
             if not getattr(self, key) > 0:
                 raise TfxferError(f"{key} must be > 0, got {getattr(self, key)}.")
         if self.time_budget is not None:
+            from tfxfer.budget import parse_duration
+
             parse_duration(self.time_budget)
 
 
@@ -268,26 +243,6 @@ class CommandConfig:
         defaults = type(self).defaults()
         return {k for k, v in self.flat().items() if v != defaults[k]}
 
-    def use_pretrained_spec(self):
-        """With `--weights RUN_FOLDER`: the backbone and image size from its
-        `backbone.json`, unless set to the same; a different value fails."""
-        from tfxfer.backbones.pretrained import find_pretrained
-
-        found = find_pretrained(self.model.weights)
-        if not found:
-            return None
-        _, spec = found
-        explicit = self.explicit_options()
-        for key in ("backbone", "image_size"):
-            value = getattr(self.model, key)
-            if key in explicit and value is not None and value != spec[key]:
-                raise TfxferError(
-                    f"--{key.replace('_', '-')} {value} conflicts with --weights {self.model.weights}, a "
-                    f"{spec['backbone']} backbone pretrained at {spec['image_size']} px; drop --{key.replace('_', '-')}."
-                )
-            setattr(self.model, key, spec[key])
-        return spec
-
     @classmethod
     def defaults(cls):
         """`{option: default}`: a command may change a group's defaults."""
@@ -334,22 +289,6 @@ class FinetuneConfig(CommandConfig):
             return parse_unfreeze(self.transfer.unfreeze)[0].policy
         return parse_freeze(self.transfer.freeze)
 
-    def default_run_name(self):
-        """`<data>-<backbone>-<policy>[-l2sp]`, e.g. `cifar10-resnet50-stages2-l2sp`
-        (with --unfreeze, the phases' policies: `digits-resnet50-head-full`;
-        with --strategy, its name: `digits-resnet50-l2sp0.01`)."""
-        if self.transfer.strategy:
-            return _clean(f"{self.data.source_name()}-{self.model.backbone}-{self.transfer.strategy.replace('@', '').replace('+', '-')}")
-        policy = self.transfer.freeze
-        if self.transfer.unfreeze:
-            from tfxfer.freezing import parse_unfreeze
-
-            policy = "-".join(str(p.policy) for p in parse_unfreeze(self.transfer.unfreeze))
-        name = f"{self.data.source_name()}-{self.model.backbone}-{policy}"
-        if self.transfer.l2sp:
-            name += "-l2sp"
-        return _clean(name)
-
 
 @dataclasses.dataclass
 class PretextConfig:
@@ -382,10 +321,6 @@ class PretrainConfig(CommandConfig):
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
     COMMAND = "pretrain"
-
-    def default_run_name(self):
-        """`<data>-<backbone>-<method>`, e.g. `cifar10-resnet9-simclr`."""
-        return _clean(f"{self.data.source_name()}-{self.model.backbone}-{self.pretext.method}")
 
 
 @dataclasses.dataclass
@@ -438,13 +373,6 @@ class StudyConfig(CommandConfig):
                 f"--{key.replace('_', '-')} is set by each run of a study (from --strategies, --seeds and --folds); drop it."
             )
         return self
-
-    def default_run_name(self):
-        return _clean(f"{self.data.source_name()}-{self.model.backbone}")
-
-
-def _clean(name):
-    return re.sub(r"[^A-Za-z0-9_.-]+", "", name.replace(":", ""))
 
 
 def load_config(path=None, kind=FinetuneConfig, validate=True, **overrides):
@@ -540,15 +468,3 @@ def _coerce(key, value, type_):
     if isinstance(number, float) and math.isnan(number):
         raise TfxferError(f"Config key {key} must be a number, got NaN.")
     return number
-
-
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h|hr)?\s*$")
-
-
-def parse_duration(text):
-    """Seconds in `"90s"`, `"20m"`, `"1.5h"` (a bare number is seconds)."""
-    match = _DURATION.match(str(text))
-    if not match or float(match.group(1)) <= 0:
-        raise TfxferError(f"Time budget {text!r} is not a duration; write it as 90s, 20m or 1.5h.")
-    unit = (match.group(2) or "s")[0]
-    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[unit]

@@ -20,7 +20,7 @@ import time
 
 import keras
 
-from tfxfer import distributed, runs, speedups
+from tfxfer import budget, distributed, runs, speedups
 from tfxfer.callbacks import (
     DataEpoch, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
     tensorboard_callbacks,
@@ -75,7 +75,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
         if config.optim.time_budget and not resume:
             val_steps = -(-info.num_examples["val"] // config.optim.batch_size)
-            runs.apply_time_budget(config, model, train, steps_per_epoch, val_steps, started, log)
+            budget.apply_time_budget(config, model, train, steps_per_epoch, val_steps, started, log)
             method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
@@ -104,7 +104,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started):
         callbacks=[
             DataEpoch(train), StopOnNonFinite(), *method.callbacks(model, run_dir, val, info, config), LearningRateLog(),
             HistoryLogger(os.path.join(run_dir, runs.HISTORY_FILE), initial_epoch), checkpoint, timer,
-            *runs.budget_callbacks(config, started, resume, log), *extra, *callbacks,
+            *budget.budget_callbacks(config, started, resume, log), *extra, *callbacks,
         ],
         verbose=verbose,
         shuffle=False,  # the pipeline shuffles, seeded by epoch

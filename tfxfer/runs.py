@@ -3,25 +3,25 @@
 A run is a folder `<output_dir>/<run_name>/` that is never overwritten silently.
 It holds the resolved `config.yaml` and a `checkpoint/` to resume from, plus what
 each command writes. Here: the folder and its rules, resuming with the saved
-config, seeding, the distribution strategy and the time budget; the run's
-callbacks are `tfxfer.callbacks`.
+config, seeding; the run's
+callbacks are `tfxfer.callbacks`, the time budget `tfxfer.budget`.
 """
 
 import contextlib
 import csv
 import os
 import random
+import re
 import shutil
-import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 import yaml
 
 from tfxfer import atomic
-from tfxfer.config import config_from_flat, parse_duration
-from tfxfer.callbacks import CHECKPOINT_STATE, BudgetGuard
+from tfxfer.backbones.pretrained import apply_pretrained_spec
+from tfxfer.config import config_from_flat
+from tfxfer.callbacks import CHECKPOINT_STATE
 from tfxfer.errors import TfxferError
 from tfxfer.runtime import onednn_enabled, set_precision
 
@@ -32,10 +32,8 @@ __all__ = [
     "create_run_dir",
     "seed_everything",
     "set_op_determinism",
-    "plan_epochs",
-    "measure_seconds_per_step",
-    "apply_time_budget",
     "read_history",
+    "default_run_name",
     "backbone_spec",
 ]
 
@@ -56,8 +54,8 @@ def prepare_run(config, resume=False, overwrite=False, worker=None):
     """
     if not resume:
         config.validate()
-        config.use_pretrained_spec()
-    config.run.run_name = config.run.run_name or config.default_run_name()
+        apply_pretrained_spec(config)
+    config.run.run_name = config.run.run_name or default_run_name(config)
     run_dir = os.path.join(config.run.output_dir, *([worker] if worker else []), config.run.run_name)
     if resume:
         if not os.path.exists(os.path.join(run_dir, CHECKPOINT_STATE)):
@@ -69,6 +67,32 @@ def prepare_run(config, resume=False, overwrite=False, worker=None):
             "--overwrite to replace it, or choose another --run-name."
         )
     return config, run_dir
+
+
+def default_run_name(config):
+    """The run (or study) folder name a command config gets without `--run-name`:
+
+    * finetune: `<data>-<backbone>-<policy>[-l2sp]`, e.g. `cifar10-resnet50-stages2-l2sp`;
+      with --unfreeze, the phases' policies (`digits-resnet50-head-full`); with
+      --strategy, its name (`digits-resnet50-l2sp0.01`);
+    * pretrain: `<data>-<backbone>-<method>`, e.g. `cifar10-resnet9-simclr`;
+    * study: `<data>-<backbone>`.
+    """
+    stem = f"{config.data.source_name()}-{config.model.backbone}"
+    if config.COMMAND == "pretrain":
+        name = f"{stem}-{config.pretext.method}"
+    elif config.COMMAND == "study":
+        name = stem
+    elif config.transfer.strategy:
+        name = f"{stem}-{config.transfer.strategy.replace('@', '').replace('+', '-')}"
+    else:
+        policy = config.transfer.freeze
+        if config.transfer.unfreeze:
+            from tfxfer.freezing import parse_unfreeze
+
+            policy = "-".join(str(p.policy) for p in parse_unfreeze(config.transfer.unfreeze))
+        name = f"{stem}-{policy}" + ("-l2sp" if config.transfer.l2sp else "")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", name.replace(":", ""))
 
 
 def _resumed_config(config, run_dir):
@@ -174,64 +198,6 @@ def set_op_determinism(enabled):
         tf_config.enable_op_determinism()
     else:
         tf_config.disable_op_determinism()
-
-
-# Evaluating a batch costs about a third of a training step (forward only).
-EVAL_STEP_SHARE = 1 / 3
-
-
-def plan_epochs(budget_seconds, seconds_per_step, steps_per_epoch, eval_steps_per_epoch=0, spent_seconds=0.0):
-    """How many whole epochs fit in what is left of the budget (at least 1)."""
-    per_epoch = seconds_per_step * (steps_per_epoch + EVAL_STEP_SHARE * eval_steps_per_epoch)
-    return max(1, int((budget_seconds - spent_seconds) // per_epoch))
-
-
-def measure_seconds_per_step(model, dataset, seconds=30.0, max_steps=500):
-    """The mean time of a training step, over about `seconds` of real steps
-    after one warm-up step. The model's and its optimizers' variables are put
-    back afterwards, so the measurement trains nothing."""
-    optimizers = [o for o in (model.optimizer, getattr(model, "backbone_optimizer", None)) if o is not None]
-    for optimizer in optimizers:
-        if not optimizer.built:
-            optimizer.build(model.trainable_variables)
-    variables = list(model.variables) + [v for o in optimizers for v in o.variables]
-    saved = [v.numpy() for v in variables]
-    ends = []
-
-    class Clock(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            ends.append(time.perf_counter())
-            if len(ends) > 2 and ends[-1] - ends[1] > seconds:
-                self.model.stop_training = True
-
-    model.fit(dataset.repeat(), steps_per_epoch=max_steps, epochs=1, callbacks=[Clock()], verbose=0, shuffle=False)
-    for variable, value in zip(variables, saved):
-        variable.assign(value)
-    # The mean, not the median: wall time includes the occasional slow step
-    # (measured: the median under-read a 20-minute run's steps by 30%).
-    return (ends[-1] - ends[1]) / (len(ends) - 2) if len(ends) > 2 else ends[-1] - ends[0]
-
-
-def budget_callbacks(config, started, resume, log=print):
-    """`[BudgetGuard]` for a fresh run with a time budget, else `[]`."""
-    if not config.optim.time_budget or resume:
-        return []
-    return [BudgetGuard(started + parse_duration(config.optim.time_budget), log)]
-
-
-def apply_time_budget(config, model, train, steps_per_epoch, eval_steps_per_epoch, started, log=print):
-    """With `--time-budget`: measure the step, fix the epochs that fit, save the
-    choice in `config` (whose schedule must then be built). Returns the epochs."""
-    budget = parse_duration(config.optim.time_budget)
-    seconds_per_step = measure_seconds_per_step(model, train)
-    spent = time.time() - started
-    epochs = plan_epochs(budget, seconds_per_step, steps_per_epoch, eval_steps_per_epoch, spent)
-    log(
-        f"time budget {config.optim.time_budget}: {seconds_per_step:.3f} s a step, {steps_per_epoch} steps an epoch, "
-        f"{spent:.0f} s spent on start-up and measuring -> {epochs} epochs"
-    )
-    config.optim.epochs = epochs
-    return epochs
 
 
 def backbone_spec(config, info, image_size, settings, metrics):

@@ -23,7 +23,7 @@ still pays; each has a test that proves it runs.
   paths where the output is that small (`POINTWISE_MAX_PIXELS`,
   `PATCH_GRADIENT_MAX_PIXELS`); the rest keep Keras's own convolution. Results
   are the same to float rounding. Only on CPUs: a GPU's cuDNN has its own
-  kernels for small maps. Measured effect: `benchmarks/convolutions.md`.
+  kernels for small maps. Measured effect: `python -m benchmarks paired`.
 """
 
 import contextlib

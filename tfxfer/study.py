@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 
 from tfxfer import atomic, runs
+from tfxfer.backbones.pretrained import apply_pretrained_spec
 from tfxfer.config import FinetuneConfig, StudyConfig, config_from_flat
 from tfxfer.errors import TfxferError
 from tfxfer.reporting import plots
@@ -51,11 +52,11 @@ def study(config, log=print, verbose=2):
     if not isinstance(config, StudyConfig):
         raise TypeError("study() takes a StudyConfig; build one with tfxfer.load_config(path, kind=StudyConfig).")
     config.validate()
-    config.use_pretrained_spec()  # backbone and image size of a pretrained source, for scratch too
+    apply_pretrained_spec(config)  # backbone and image size of a pretrained source, for scratch too
     strategies = parse_strategies(config.study.strategies)
     seeds = config.study.seed_list()
     folds = list(range(config.data.folds)) if config.data.folds else [None]
-    name = config.study.name or config.default_run_name()
+    name = config.study.name or runs.default_run_name(config)
     study_dir = os.path.join(config.run.output_dir, name)
     shared = _shared_options(config, study_dir)
     _check_saved(study_dir, shared)

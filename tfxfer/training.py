@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfxfer import atomic, distributed, feature_cache, runs, speedups
+from tfxfer import atomic, budget, distributed, feature_cache, runs, speedups
 from tfxfer.callbacks import (
     DataEpoch, EarlyStop, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
     tensorboard_callbacks,
@@ -119,7 +119,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started, strategy):
             val_steps = -(-info.num_examples["val"] // config.optim.batch_size)
             if phases:  # plan with the slowest step: the last phase's
                 model.set_freeze(phases[-1].policy)
-            runs.apply_time_budget(config, model, train, steps_per_epoch, val_steps, started, log)
+            budget.apply_time_budget(config, model, train, steps_per_epoch, val_steps, started, log)
             model.set_freeze(config.first_policy())
             _compile(model, config, steps_per_epoch)  # the schedule spans the epochs picked
         schedule = resolve_phases(phases, config.optim.epochs) if phases else [(0, config.first_policy())]
@@ -152,7 +152,7 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started, strategy):
     logger = HistoryLogger(os.path.join(run_dir, runs.HISTORY_FILE), initial_epoch, extra=lambda m: {"phase": m.freeze})
     fit_callbacks = [
         UnfreezeSchedule(schedule, log), StopOnNonFinite(), LearningRateLog(), logger, checkpoint, timer,
-        *runs.budget_callbacks(config, started, resume, log), *callbacks,
+        *budget.budget_callbacks(config, started, resume, log), *callbacks,
     ]
     if config.transfer.early_stopping:
         fit_callbacks.append(EarlyStop(checkpoint, config.transfer.early_stopping, log))

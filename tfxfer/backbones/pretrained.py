@@ -16,7 +16,7 @@ import os
 from tfxfer import atomic
 from tfxfer.errors import TfxferError
 
-__all__ = ["WEIGHTS_FILE", "SPEC_FILE", "save_backbone", "read_spec", "find_pretrained"]
+__all__ = ["WEIGHTS_FILE", "SPEC_FILE", "save_backbone", "read_spec", "find_pretrained", "apply_pretrained_spec"]
 
 WEIGHTS_FILE = "backbone.weights.h5"
 SPEC_FILE = "backbone.json"
@@ -59,4 +59,25 @@ def read_spec(folder):
         raise TfxferError(f"Cannot read {path} ({e}); the run folder is damaged or incomplete.") from None
     if not os.path.exists(os.path.join(folder, WEIGHTS_FILE)):
         raise TfxferError(f"{folder} has {SPEC_FILE} but no {WEIGHTS_FILE}; the run did not finish.")
+    return spec
+
+
+def apply_pretrained_spec(config):
+    """With `--weights RUN_FOLDER`: set the command config's backbone and image
+    size from the folder's `backbone.json`, unless set to the same; a different
+    value fails. Returns the spec, or `None` when the weights are not a run."""
+    found = find_pretrained(config.model.weights)
+    if not found:
+        return None
+    _, spec = found
+    explicit = config.explicit_options()
+    for key in ("backbone", "image_size"):
+        value = getattr(config.model, key)
+        if key in explicit and value is not None and value != spec[key]:
+            flag = "--" + key.replace("_", "-")
+            raise TfxferError(
+                f"{flag} {value} conflicts with --weights {config.model.weights}, a {spec['backbone']} backbone "
+                f"pretrained at {spec['image_size']} px; drop {flag}."
+            )
+        setattr(config.model, key, spec[key])
     return spec

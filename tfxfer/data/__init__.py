@@ -15,7 +15,7 @@ import numpy as np
 
 from tfxfer.data.digits import digits
 from tfxfer.data.folders import image_folder
-from tfxfer.config import AUGMENTATIONS, parse_augment
+from tfxfer.data.augment import AUGMENTATIONS, parse_augment
 from tfxfer.data.pipeline import build_pipeline
 from tfxfer.data.splits import carve, kfold, sample, sample_per_class, select_classes
 from tfxfer.data.tfds import tfds_dataset

@@ -2,23 +2,53 @@
 `tf.data` pipeline (never in the exported model).
 
 `--augment flip,crop,rotate:15,zoom:0.1,color:0.2,randaugment,mixup:0.2,cutmix:1`
-(`tfxfer.config.parse_augment`). Per-image layers run on each image, in one
+(`parse_augment`). Per-image layers run on each image, in one
 tf.data thread, so their seed generators are drawn in a fixed order; mixup
 and cutmix mix the images of a batch and make its labels class
 probabilities. Before each epoch every generator is set from the run's seed
 and the epoch, so epoch e's augmentations are the same in a resumed run.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 
-from tfxfer.config import parse_augment
+from tfxfer.errors import TfxferError, did_you_mean
 
-__all__ = ["Augmenter", "DEFAULTS"]
+__all__ = ["AUGMENTATIONS", "Augmenter", "DEFAULTS", "parse_augment"]
+
+# The names `--augment` takes, as a comma-separated list of NAME[:VALUE].
+AUGMENTATIONS = ("none", "flip", "crop", "flip_crop", "rotate", "zoom", "color", "randaugment", "mixup", "cutmix")
 
 # The value of an item given without one: degrees, zoom share, jitter strength, Beta alpha.
 DEFAULTS = {"crop": 0.125, "rotate": 15.0, "zoom": 0.1, "color": 0.2, "randaugment": 0.5, "mixup": 0.2, "cutmix": 1.0}
 MIXING = ("mixup", "cutmix")
+
+
+def parse_augment(text):
+    """`[(name, value or None), ...]` of an `--augment` text; `[]` for none.
+    `flip_crop` is `flip,crop`. A name is checked against `AUGMENTATIONS`."""
+    items = []
+    for item in str(text or "none").replace(" ", "").split(","):
+        name, _, value = item.partition(":")
+        if name not in AUGMENTATIONS:
+            raise did_you_mean(name, AUGMENTATIONS, "augmentation")
+        if name == "none":
+            continue
+        if name == "flip_crop":
+            items += [("flip", None), ("crop", None)]
+            continue
+        number = None
+        if value:
+            try:
+                number = float(value)
+            except ValueError:
+                raise TfxferError(f"--augment {name}:{value}: the value must be a number.") from None
+            if not number > 0 or math.isinf(number):
+                raise TfxferError(f"--augment {name}:{value}: the value must be above 0.")
+        items.append((name, number))
+    return items
 
 
 class Augmenter:

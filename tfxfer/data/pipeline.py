@@ -6,7 +6,7 @@ the decode and resize of `tfxfer.data.images`, which the SavedModel uses too.
 
 import tensorflow as tf
 
-from tfxfer.config import AUGMENTATIONS, parse_augment
+from tfxfer.data.augment import AUGMENTATIONS, parse_augment
 from tfxfer.data.images import decode_image, resize_uint8
 
 __all__ = ["AUGMENTATIONS", "build_pipeline", "epoch_passes", "prefetched", "set_epoch", "augment_examples", "augment_batches"]

@@ -6,13 +6,13 @@ per precision, pretraining included, in a scratch folder, and compares the mean
 test accuracy of each strategy. On CPUs without AVX512-BF16/AMX, bfloat16 is
 emulated: slower, but the numbers still say whether it trains as well.
 
-    python benchmarks/precision.py
-    python benchmarks/precision.py --study configs/precision-digits.yaml --out benchmarks/precision-digits.md
+    python docs/studies/precision.py
+    python docs/studies/precision.py --study configs/precision-digits.yaml --out docs/studies/precision-digits.md
 
 With `--study CONFIG`, runs that study alone once per precision instead, and
 reports the paired difference per seed with a 95% t-interval: the check that
 can resolve one point where the quickstart's seed noise cannot.
-Writes benchmarks/precision.md (or --out).
+Writes docs/studies/precision-quickstart.md (or --out).
 """
 
 import argparse
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from tfxfer.runtime import describe_cpu  # noqa: E402
@@ -82,7 +82,7 @@ def paired_study(config, out):
         f"**Mean difference {mean:+.2f} points, 95% CI {low:+.2f} to {high:+.2f}** ({len(seeds)} seeds, t-interval); "
         f"float32 mean {100 * statistics.mean(fp32.values()):.2f}%, bfloat16 {100 * statistics.mean(bf16.values()):.2f}%.", "",
         f"Wall time: float32 {t32:.0f} s, mixed_bfloat16 {t16:.0f} s.", "",
-        f"Command: `python benchmarks/precision.py --study {config} --out {os.path.relpath(out, ROOT)}`", "",
+        f"Command: `python docs/studies/precision.py --study {config} --out {os.path.relpath(out, ROOT)}`", "",
     ]
     with open(out, "w") as f:
         f.write("\n".join(lines))
@@ -91,7 +91,7 @@ def paired_study(config, out):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "precision.md"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "studies", "precision-quickstart.md"))
     parser.add_argument("--study", help="A study config to run once per precision, paired by seed.")
     args = parser.parse_args()
     if args.study:
@@ -116,7 +116,7 @@ def main():
             f"{[round(x, 3) for x in b]} | {100 * (statistics.mean(b) - statistics.mean(a)):+.1f} |"
         )
     lines += ["", "Wall time, pretrain + study: " + ", ".join(f"{p} {results[p][1]:.0f} s" for p in PRECISIONS) + ".",
-              "", "Command: `python benchmarks/precision.py`", ""]
+              "", "Command: `python docs/studies/precision.py`", ""]
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
