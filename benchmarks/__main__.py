@@ -11,7 +11,8 @@ import sys
 BENCHMARKS = {
     "suite": ("suite", "tfxfer's training step against plain Keras fit and PyTorch; writes BENCHMARKS.md"),
     "paired": ("paired", "L2-SP and the CPU speed-ups, each against the step without it, in one process"),
-    "profile": ("profile_step", "op time by kind in tfxfer's training step, from TensorFlow's profiler"),
+    "precision-modes": ("precision_modes", "bfloat16 routes (Keras policy, oneDNN rewrite, XLA) against float32"),
+    "profile": ("profile_step", "op time by kind in the training step, tfxfer's and PyTorch's, from their profilers"),
     "feature-cache": ("feature_cache", "a head-only epoch through the backbone against one on cached features"),
     "export-formats": ("export_formats", "size and batch-1 latency of SavedModel, ONNX and LiteRT"),
 }

@@ -1,14 +1,17 @@
-"""Where tfxfer's training step spends its time, from TensorFlow's profiler.
+"""Where the training step spends its time: TensorFlow's profiler on tfxfer's step, torch.profiler on PyTorch's.
 
-Random-init ResNet50, full fine-tune (BatchNorm frozen) + L2-SP, tfxfer's SGD,
-float32, on cached random uint8 images. Profiles `--steps` steps after warm-up
-and sums the time of every TensorFlow op by kind. TensorFlow runs up to two
-ops at once here (its executor has a thread per core), so op time adds up to
-more than the wall time; the shares say what the cores were busy with.
+ResNet50 from random weights, full fine-tune with BatchNorm frozen, L2-SP 0.01,
+SGD with momentum, on cached random uint8 images, in `--precision`. The tfxfer
+step is the one `tfxfer finetune` runs (the CPU speed-ups applied); the
+PyTorch step is the suite's eager loop (channels-last input, `torch.autocast`
+for bfloat16). Each profiles `--steps` steps after warm-up and sums op time by
+kind. TensorFlow runs up to two ops at once here (its executor has a thread per
+core), so op time adds up to more than the wall time; the shares say what the
+cores were busy with.
 
-    python -m benchmarks profile                       # 32 px, batch 64
-    python -m benchmarks profile --size 224 --batch-size 16 --steps 3
-Writes benchmarks/profile_step-<size>px.md (or --out).
+    python -m benchmarks profile                                   # 32 px, batch 64, float32
+    python -m benchmarks profile --size 224 --batch-size 16 --steps 3 --precision mixed_bfloat16
+Writes benchmarks/profile-<size>px-<precision>.md (or --out).
 """
 
 import argparse
@@ -16,56 +19,57 @@ import collections
 import glob
 import os
 import tempfile
+import time
 
 from benchmarks.harness import ROOT, median_step_seconds, quiet_tensorflow, random_batches, stamp, write_report
 
 # (kind, test on the op's type and name), first match wins.
 KINDS = (
-    ("convolution, kernel gradient (oneDNN)", lambda t, n: t.startswith("_MklNativeConv2DBackpropFilter")),
-    ("convolution, input gradient (oneDNN)", lambda t, n: "Conv2DBackpropInput" in t),
-    ("convolution, forward (oneDNN)", lambda t, n: "Conv2D" in t),
-    ("matrix products (1x1 convolutions, patch gradients, head)", lambda t, n: "MatMul" in t),
+    ("convolution, kernel gradient", lambda t, n: "Conv2DBackpropFilter" in t),
+    ("convolution, input gradient", lambda t, n: "Conv2DBackpropInput" in t),
+    ("convolution, forward", lambda t, n: "Conv2D" in t),
+    ("matrix products (rerouted 1x1 convolutions, patch gradients, head)", lambda t, n: "MatMul" in t),
     ("image patches (patch gradients)", lambda t, n: t == "ExtractImagePatches"),
-    ("optimizer update", lambda t, n: t.startswith("ResourceApply") or "/sgd/" in n),
-    ("L2-SP: w - w0, its square sum and gradient", lambda t, n: "L2Loss" in n or (t == "Sub" and "transfer_model" not in n)),
-    ("gradient sums (AddN)", lambda t, n: t == "AddN" and "gradient_tape" not in n and "transfer_model" not in n),
-    ("BatchNorm, ReLU, pooling, loss, other", lambda t, n: True),
+    ("casts", lambda t, n: t == "Cast"),
+    ("layout: transposes and reorders", lambda t, n: "Transpose" in t or "Reorder" in t or "ToTf" in t),
+    ("L2-SP: w - w0, its square sum and gradient", lambda t, n: "l2sp" in n.lower() or t == "L2Loss"),
+    ("optimizer update", lambda t, n: t.startswith("ResourceApply") or "/sgd/" in n.lower()
+     or t in ("AssignSubVariableOp", "AssignAddVariableOp", "AssignVariableOp")),
+    ("BatchNorm (frozen: scale and shift, and their gradients)", lambda t, n: "FusedBatchNorm" in t or "_bn" in n
+     or "batchnorm" in n.lower()),
+    ("ReLU, additions and other elementwise ops", lambda t, n: t in (
+        "Relu", "ReluGrad", "AddV2", "Add", "AddN", "Mul", "Sub", "BiasAdd", "BiasAddGrad", "Square", "Neg",
+        "RealDiv", "Maximum", "Select", "SelectV2", "ZerosLike", "OnesLike")),
+    ("pooling, loss, reductions, other", lambda t, n: True),
 )
 
 
-def main(argv, prog="python -m benchmarks profile"):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--out")
-    args = parser.parse_args(argv)
-    out = args.out or os.path.join(ROOT, "benchmarks", f"profile_step-{args.size}px.md")
-
+def _tensorflow_profile(size, batch, steps, precision):
     quiet_tensorflow()
     import tfxfer
     import keras
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
+    from tfxfer import speedups
 
+    keras.config.set_dtype_policy(precision)
     keras.utils.set_random_seed(0)
-    batches = iter(random_batches(args.size, args.batch_size))
-    model = tfxfer.build_model("resnet50", num_classes=10, weights=None, image_size=args.size, freeze="full", l2sp=0.01)
-    model.compile(tfxfer.optim.make_optimizer("sgd", 0.001), "sparse_categorical_crossentropy")
+    batches = iter(random_batches(size, batch))
+    model = tfxfer.build_model("resnet50", num_classes=10, weights=None, image_size=size, freeze="full", l2sp=0.01)
+    model.compile(keras.optimizers.SGD(0.001, momentum=0.9), "sparse_categorical_crossentropy")
+    speedups.apply(model, log=lambda line: None)
     model.make_train_function()
-    step_seconds = median_step_seconds(model, batches, args.steps, warmup=3)
-
+    step_seconds = median_step_seconds(model, batches, steps, warmup=3)
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
-        for _ in range(args.steps):
+        for _ in range(steps):
             float(model.train_function(batches)["loss"])
         tf.profiler.experimental.stop()
         space = xplane_pb2.XSpace()
         with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
             space.ParseFromString(f.read())
-
-    per_kind, example = collections.Counter(), {}
+    per_kind, per_type, examples = collections.Counter(), collections.Counter(), {}
     for plane in space.planes:
         for line in plane.lines:
             if not line.name.startswith("tf_Compute"):
@@ -78,20 +82,106 @@ def main(argv, prog="python -m benchmarks profile"):
                 if op_type in ("StatefulPartitionedCall", "PartitionedCall"):
                     continue
                 kind = next(k for k, test in KINDS if test(op_type, name))
-                per_kind[kind] += event.duration_ps / 1e9 / args.steps
-                example.setdefault(kind, collections.Counter())[op_type] += event.duration_ps
-    total = sum(per_kind.values())
-    step_ms = 1000 * step_seconds
-    lines = [
-        f"# Where the training step's time goes: ResNet50, {args.size} px, batch {args.batch_size}", "",
-        *stamp(f"{prog} {' '.join(argv)}".strip()),
-        f"Full fine-tune (BatchNorm frozen) + L2-SP 0.01, tfxfer's SGD, float32. Step: **{step_ms:.0f} ms** "
-        f"({args.batch_size / step_seconds:.1f} img/s, median of {args.steps}, without the profiler). "
-        f"Op time: {total:.0f} ms per step, summed over TensorFlow's executor threads (ops overlap).", "",
-        "| kind of op | ms per step | share of op time | largest op types |", "|---|---|---|---|",
-        *[f"| {kind} | {per_kind[kind]:.1f} | {per_kind[kind] / total:.1%} | "
-          f"{', '.join(f'`{t}`' for t, _ in example[kind].most_common(3))} |"
-          for kind, _ in KINDS if kind in per_kind],
-    ]
-    write_report(out, lines)
+                ms = event.duration_ps / 1e9 / steps
+                per_kind[kind] += ms
+                per_type[op_type] += ms
+                examples.setdefault(kind, collections.Counter())[op_type] += ms
+    return step_seconds, per_kind, per_type, examples
 
+
+def _torch_profile(size, batch, steps, precision):
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from benchmarks.torch_resnet import ResNet50, freeze_batchnorm
+
+    torch.manual_seed(0)
+    model = ResNet50(10)
+    model.train()
+    freeze_batchnorm(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9)
+    anchors = [(p, p.detach().clone()) for name, p in model.named_parameters()
+               if p.requires_grad and p.dim() > 1 and not name.startswith("fc")]
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
+    labels = torch.arange(batch) % 10
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        x = images.permute(0, 3, 1, 2).float() - 127.5  # channels-last memory, as the TF side's NHWC
+        optimizer.zero_grad(set_to_none=True)
+        with record_function("forward"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32"):
+                logits = model(x)
+            loss = loss_fn(logits.float(), labels)
+        with record_function("l2sp"):
+            loss = loss + 0.01 * sum(((p - p0) ** 2).sum() for p, p0 in anchors)
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            optimizer.step()
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    phases = {e.key: e.cpu_time_total / 1e3 / steps for e in events if e.key in ("forward", "l2sp", "backward", "optimizer")}
+    ops = collections.Counter({e.key: e.self_cpu_time_total / 1e3 / steps for e in events
+                               if e.key not in phases and not e.key.startswith("ProfilerStep")})
+    return sorted(times)[len(times) // 2], phases, ops
+
+
+def main(argv, prog="python -m benchmarks profile"):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"))
+    parser.add_argument("--framework", default="both", choices=("tensorflow", "torch", "both"))
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    out = args.out or os.path.join(ROOT, "benchmarks", f"profile-{args.size}px-{args.precision}.md")
+    lines = [f"# Where the training step's time goes: ResNet50, {args.size} px, batch {args.batch_size}, "
+             f"{args.precision}", "", *stamp(f"{prog} {' '.join(argv)}".strip())]
+    if args.framework in ("tensorflow", "both"):
+        step, per_kind, per_type, examples = _tensorflow_profile(args.size, args.batch_size, args.steps, args.precision)
+        total = sum(per_kind.values())
+        lines += [
+            "## tfxfer (TensorFlow profiler)", "",
+            f"Full fine-tune (BatchNorm frozen) + L2-SP 0.01, Keras's SGD, the speed-ups `tfxfer finetune` applies. "
+            f"Step: **{step * 1000:.0f} ms** ({args.batch_size / step:.1f} img/s, median of {args.steps}, without the "
+            f"profiler). Op time: {total:.0f} ms per step, summed over TensorFlow's executor threads (ops overlap).", "",
+            "| kind of op | ms per step | share of op time | largest op types |", "|---|---|---|---|",
+            *[f"| {kind} | {per_kind[kind]:.1f} | {per_kind[kind] / total:.1%} | "
+              f"{', '.join(f'`{t}`' for t, _ in examples[kind].most_common(3))} |"
+              for kind, _ in KINDS if kind in per_kind],
+            "", "Top five op types:", "", "| op type | ms per step | share |", "|---|---|---|",
+            *[f"| `{t}` | {ms:.1f} | {ms / total:.1%} |" for t, ms in per_type.most_common(5)], "",
+        ]
+    if args.framework in ("torch", "both"):
+        try:
+            import torch
+        except ImportError:
+            lines += ["PyTorch is not installed (`pip install -e '.[bench]'`): no PyTorch profile.", ""]
+        else:
+            step, phases, ops = _torch_profile(args.size, args.batch_size, args.steps, args.precision)
+            total = sum(ops.values())
+            lines += [
+                f"## PyTorch {torch.__version__} eager (torch.profiler)", "",
+                f"The same model, batch and recipe (BatchNorm frozen, L2-SP 0.01, SGD momentum), channels-last input"
+                f"{', torch.autocast bfloat16' if args.precision != 'float32' else ''}. Step: **{step * 1000:.0f} ms** "
+                f"({args.batch_size / step:.1f} img/s, median of {args.steps}, without the profiler). Self CPU time of "
+                f"all ops: {total:.0f} ms per step.", "",
+                "| phase | ms per step |", "|---|---|",
+                *[f"| {name} | {phases.get(name, 0):.1f} |" for name in ("forward", "l2sp", "backward", "optimizer")],
+                "", "Top five ops by self time:", "", "| op | ms per step | share |", "|---|---|---|",
+                *[f"| `{op}` | {ms:.1f} | {ms / total:.1%} |" for op, ms in ops.most_common(5)], "",
+            ]
+    write_report(out, lines)

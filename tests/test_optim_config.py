@@ -73,17 +73,37 @@ def test_config_layers_defaults_file_and_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("dataset: digits\nlr: 0.1\nfreeze: stages:2\ntrain-bn: true\n")
     config = load_config(str(path), lr=0.5, epochs=None)
-    assert (config.optim.lr, config.transfer.freeze, config.transfer.train_bn, config.optim.epochs) == (0.5, "stages:2", True, 5)
+    assert (config.optim.lr, config.transfer.freeze, config.transfer.train_bn, config.optim.epochs) == (0.5, "stages:2", "on", 5)
     assert runs.default_run_name(config) == "digits-resnet50-stages2"
 
 
 @pytest.mark.parametrize(
     "values, message",
-    [({"lerning_rate": 1}, "Unknown config key 'lerning_rate'"), ({"epochs": "many"}, "must be a whole number"), ({"train_bn": "yes"}, "true or false"), ({"lr": -1.0}, "must be > 0")],
+    [({"lerning_rate": 1}, "Unknown config key 'lerning_rate'"), ({"epochs": "many"}, "must be a whole number"), ({"train_bn": "yes"}, "train-bn"), ({"lr": -1.0}, "must be > 0")],
 )
 def test_bad_config_values_fail_clearly(values, message):
     with pytest.raises(tfxfer.TfxferError, match=message):
         load_config(dataset="digits", **values)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lr: null\n", "Config key lr cannot be null; it takes a number, e.g. 0.001."),
+        ("optimizer: ~\n", "Config key optimizer cannot be null; it takes one of sgd, adam, adamw"),
+        ("epochs: 2.5\n", "Config key epochs must be a whole number, got 2.5."),
+        ("epochs: true\n", "Config key epochs must be a whole number, got True."),
+        ("lr: .nan\n", "lr must be a number, got NaN"),
+        ("lr: 0.1\nepochs: 3\nlr: 0.2\n", "YAML error at line 4, column 1: the key 'lr' is given twice."),
+        ("optim:\n  lr: 0.1\n  lr: 0.2\n", "the key 'lr' is given twice"),
+    ],
+)
+def test_bad_yaml_values_are_one_sentence_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text("dataset: digits\n" + text)
+    with pytest.raises(tfxfer.TfxferError) as error:
+        load_config(str(path))
+    assert message in str(error.value)
 
 
 def test_every_shipped_config_loads():

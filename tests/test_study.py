@@ -46,12 +46,12 @@ def test_paired_test_matches_scipy_and_reads_plainly():
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("scratch", {"weights": "none", "train_bn": True, "freeze": "full", "l2sp": 0.0, "unfreeze": None}),
-        ("head", {"freeze": "head", "train_bn": False}),
-        ("stages:2+bn", {"freeze": "stages:2", "train_bn": True}),
+        ("scratch", {"weights": "none", "train_bn": "on", "freeze": "full", "l2sp": 0.0, "unfreeze": None}),
+        ("head", {"freeze": "head", "train_bn": "off"}),
+        ("stages:2+bn", {"freeze": "stages:2", "train_bn": "on"}),
         ("lp-ft", {"freeze": "head", "unfreeze": LP_FT_SCHEDULE}),
         ("l2sp@0.1", {"freeze": "full", "l2sp": 0.1, "unfreeze": None}),
-        ("full+bn", {"freeze": "full", "train_bn": True}),
+        ("full+bn", {"freeze": "full", "train_bn": "on"}),
     ],
 )
 def test_strategies_expand_to_plain_options(name, expected):

@@ -10,12 +10,11 @@ import importlib.metadata
 import os
 import sys
 
-# Quieter TensorFlow start-up for command-line users; an explicit setting wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# Before anything loads TensorFlow: oneDNN is read once, at TensorFlow's import.
+# Before anything loads TensorFlow: oneDNN and the C++ log level are read once,
+# at TensorFlow's import; an explicit setting of either wins.
 from tfxfer import runtime as _runtime  # noqa: E402
 
+_runtime.quiet_logging()
 _runtime.enable_onednn()
 
 __version__ = importlib.metadata.version("tfxfer")

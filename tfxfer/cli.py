@@ -4,10 +4,11 @@ import functools
 import importlib
 import json
 import os
+import sys
 
 import click
 
-from tfxfer import atomic
+from tfxfer import atomic, runtime
 from tfxfer.config import FinetuneConfig, PretrainConfig, StudyConfig, load_config
 from tfxfer.errors import TfxferError, write_failure
 
@@ -35,6 +36,18 @@ def _option(name, field, type_, default):
         text += f" [default: {default}]"
     if type_ is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=text)
+    if field.metadata.get("choices") == ("auto", "on", "off"):
+        # `--train-bn` alone is on and `--no-train-bn` is off, as when it was a switch.
+        def no_flag(context, parameter, value):
+            if value:
+                context.params[name] = "off"
+
+        def decorate(command):
+            command = click.option(flag, name, is_flag=False, flag_value="on", default=None, help=text,
+                                   type=click.Choice(["auto", "on", "off"]))(command)
+            return click.option(f"--no-{flag[2:]}", is_flag=True, hidden=True, expose_value=False,
+                                callback=no_flag)(command)
+        return decorate
     return click.option(flag, name, type=None if type_ is str else type_, default=None, help=text)
 
 
@@ -49,12 +62,18 @@ EVALUATE_OPTIONS = (
 INTERRUPTED = 130
 
 
+def _progress():
+    """Keras's `verbose`: a progress bar on a terminal, one line per epoch in a log file."""
+    return 1 if sys.stdout.isatty() else 2
+
+
 def _friendly(command):
     """Turn a user's mistake (`TfxferError`) into one line on stderr and exit 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            runtime.load_tensorflow_quietly()  # every command but --help needs it
             return command(*args, **kwargs)
         except TfxferError as e:
             raise click.ClickException(str(e)) from None
@@ -93,7 +112,7 @@ def _run_command(name, kind, engine, summary):
         run = getattr(importlib.import_module(module), function)
         config = load_config(config_path, kind, validate=not resume, **flags)
         try:
-            run(config, resume=resume, overwrite=overwrite)
+            run(config, resume=resume, overwrite=overwrite, verbose=_progress())
         except KeyboardInterrupt:
             from tfxfer.runs import default_run_name  # TensorFlow is loaded by now
 

@@ -43,6 +43,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 SCOPES = ("kernels", "all")  # L2-SP: kernels (as the paper) or all weights
 DISTRIBUTE = ("none", "mirrored", "multiworker")
+BN_MODES = ("auto", "on", "off")  # --train-bn (tfxfer.freezing.resolve_train_bn)
 
 
 def option(default, help, choices=None):
@@ -112,7 +113,10 @@ class TransferConfig:
     unfreeze: Optional[str] = option(
         None, "Freeze schedule by epoch, e.g. head@0,full@5 or head@0,full@25% (LP-FT); its first policy replaces --freeze."
     )
-    train_bn: bool = option(False, "Let BatchNorm statistics of the training part update (frozen by default).")
+    train_bn: str = option(
+        "auto", "BatchNorm of the training part: auto (trains from random weights, frozen from pretrained ones), on "
+        "(always trains) or off (always frozen, in inference mode). A bare --train-bn is on.", BN_MODES
+    )
     dropout: float = option(0.0, "Dropout rate before the new head.")
     l2sp: float = option(0.0, "L2-SP alpha: pull the backbone toward its starting weights (Li et al. 2018).")
     l2sp_scope: str = option("kernels", "Weights L2-SP pulls: kernels (as the paper) or all.", SCOPES)
@@ -400,6 +404,8 @@ def config_from_flat(values, kind=FinetuneConfig, validate=True):
         if key not in fields:
             raise did_you_mean(key, fields, "config key")
         group, field, type_ = fields[key]
+        if value is None and field.default is not None:
+            raise TfxferError(f"Config key {key} cannot be null; {_accepts(type_, field)}, e.g. {field.default!r}.")
         grouped.setdefault(group, {})[key] = _coerce(key, value, type_)
     config = kind(**{g.name: dataclasses.replace(g.default_factory(), **grouped.get(g.name, {})) for g in dataclasses.fields(kind)})
     config.explicit = frozenset(values)
@@ -422,10 +428,23 @@ def _with_strategy(values, fields):
     return values
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice is an error, not the last one silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path):
     try:
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            values = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise TfxferError(f"Config file {path!r} does not exist.") from None
     except yaml.YAMLError as e:
@@ -451,6 +470,14 @@ def _flatten(values, kind):
     return flat
 
 
+def _accepts(type_, field):
+    """What a field accepts, in words."""
+    choices = field.metadata.get("choices")
+    if choices and not callable(choices):
+        return "it takes one of " + ", ".join(map(str, choices))
+    return "it takes " + {bool: "true or false", int: "a whole number", float: "a number"}.get(type_, "text")
+
+
 def _coerce(key, value, type_):
     if value is None:
         return None
@@ -459,7 +486,12 @@ def _coerce(key, value, type_):
             raise TfxferError(f"Config key {key} must be true or false, got {value!r}.")
         return value
     if type_ is str:
+        if isinstance(value, bool):  # YAML reads on/off/yes/no as booleans: `train_bn: true` is on
+            return "on" if value else "off"
         return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    if isinstance(value, bool) or (type_ is int and isinstance(value, float) and not value.is_integer()):
+        what = {int: "a whole number", float: "a number"}[type_]
+        raise TfxferError(f"Config key {key} must be {what}, got {value!r}.")
     try:
         number = type_(value)
     except (TypeError, ValueError):

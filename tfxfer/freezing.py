@@ -25,7 +25,7 @@ import numpy as np
 from tfxfer.backbones import layer_stages
 from tfxfer.errors import TfxferError, did_you_mean
 
-__all__ = ["FreezePolicy", "parse_freeze", "apply_freeze", "Phase", "parse_unfreeze", "resolve_phases", "phase_at", "UnfreezeSchedule"]
+__all__ = ["FreezePolicy", "parse_freeze", "apply_freeze", "Phase", "parse_unfreeze", "resolve_phases", "phase_at", "UnfreezeSchedule", "resolve_train_bn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,3 +172,19 @@ class UnfreezeSchedule(keras.callbacks.Callback):
             self.model.make_train_function(force=True)
             trainable = sum(int(np.prod(w.shape)) for w in self.model.trainable_weights)
             self.log(f"epoch {epoch + 1}: freeze {policy}, {trainable:,} trainable parameters")
+
+
+def resolve_train_bn(mode, weights):
+    """`(train, reason)` for `--train-bn auto|on|off` and the weights a run starts from.
+
+    `auto` trains BatchNorm from random weights, whose running statistics were
+    never learned and are not worth keeping, and freezes it from pretrained
+    weights, whose statistics small target batches would only blur.
+    """
+    if mode in (True, "on"):
+        return True, "--train-bn on"
+    if mode in (False, "off"):
+        return False, "--train-bn off"
+    if weights == "none":
+        return True, "auto: random weights have no statistics worth keeping"
+    return False, "auto: pretrained statistics are kept"

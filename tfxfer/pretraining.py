@@ -16,7 +16,6 @@ The methods live in `tfxfer.pretext`; the run plumbing is `tfxfer.runs`.
 
 import dataclasses
 import os
-import time
 
 import keras
 
@@ -57,69 +56,71 @@ def pretrain(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
     if config.run.distribute == "multiworker":
         raise TfxferError("--distribute multiworker is for finetune; pretrain on one machine (none or mirrored).")
     get_method(config.pretext.method)  # an unknown method fails before any work
-    config, run_dir = runs.prepare_run(config, resume, overwrite)
-    with runs.started(config, log):
-        return _run(config, run_dir, resume, callbacks, verbose, log, time.time())
+    with runs.Run.open(config, resume, overwrite, log=log) as run:
+        config = run.config  # on resume, the saved one
+        method = get_method(config.pretext.method)
+        train, val, test, info, image_size = run.load_data(augment=method.augment(config))
+        if method.needs_labels and info.num_classes < 2:
+            raise TfxferError(f"--method {method.name} trains on labels, and {info.name} has one class; use simclr or "
+                              "autoencoder.")
+        model, plain = _build(run, method, info, image_size, train)
+        run.create()
+        monitor, mode = method.monitor(info)
+        best_path = run.path("checkpoint", "best_backbone.weights.h5")
+        os.makedirs(os.path.dirname(best_path), exist_ok=True)
+        checkpoint = RunCheckpoint(run.dir, {"model": model, "optimizer": model.optimizer, "random": random_state(model)},
+                                   model.backbone.save_weights, best_path, monitor, mode)
+        initial_epoch = checkpoint.restore() if resume else 0
+        if initial_epoch:
+            log(f"resuming {config.run.run_name} after epoch {initial_epoch}")
+        timer = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
+        history = model.fit(
+            train,
+            validation_data=method.validation(val, config) if method.validation else val,
+            epochs=config.optim.epochs,
+            initial_epoch=initial_epoch,
+            # The method's callbacks add metrics (kNN accuracy) that the checkpoint and the log read.
+            callbacks=[
+                DataEpoch(train), StopOnNonFinite(), *method.callbacks(model, run.dir, val, info, config),
+                LearningRateLog(), HistoryLogger(run.path(runs.HISTORY_FILE), initial_epoch), checkpoint, timer,
+                *budget.budget_callbacks(config, run.started, resume, log),
+                *(tensorboard_callbacks(run.path("tensorboard"), train, log) if config.run.tensorboard else []),
+                *callbacks,
+            ],
+            verbose=verbose,
+            shuffle=False,  # the pipeline shuffles, seeded by epoch
+        )
+        plain()  # the backbone is saved as built
+
+        model.backbone.load_weights(best_path)
+        best = checkpoint.best_epoch
+        logs = ({k: float(v[best - initial_epoch - 1]) for k, v in history.history.items()}
+                if best and best > initial_epoch else {})
+        spec = runs.backbone_spec(config, info, image_size, method.settings(config), {
+            "best_epoch": best, "monitor": monitor, "best_value": checkpoint.best_value, "best_epoch_logs": logs,
+            "train_images_per_second": timer.images_per_second, "wall_time_seconds": run.elapsed(),
+        })
+        weights = save_backbone(run.dir, model.backbone, spec)
+        log(f"backbone of epoch {best} ({monitor} {checkpoint.best_value}) saved as {weights}; "
+            f"fine-tune it with: tfxfer finetune --weights {run.dir} ...")
+    return PretrainResult(run.dir, weights, spec, {k: [float(x) for x in v] for k, v in history.history.items()}, model)
 
 
-def _run(config, run_dir, resume, callbacks, verbose, log, started):
-    method = get_method(config.pretext.method)
-    train, val, test, info, image_size = runs.load_data(config, log, augment=method.augment(config))
-    if method.needs_labels and info.num_classes < 2:
-        raise TfxferError(f"--method {method.name} trains on labels, and {info.name} has one class; use simclr or autoencoder.")
+def _build(run, method, info, image_size, train):
+    """`(model, plain)`: the method's compiled model with the training-time
+    speed-ups on (`plain()` takes them off); with a time budget, the epochs it fits."""
+    config, log = run.config, run.log
     steps_per_epoch = -(-info.num_examples["train"] // config.optim.batch_size)
-    validation = method.validation(val, config) if method.validation else val
     with distributed.make_strategy(config.run.distribute).scope():
         model = method.build(config, info, image_size)
-        plain = speedups.apply(model, log)  # undone before the backbone is saved
+        plain = speedups.apply(model, log)
         method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
-        if config.optim.time_budget and not resume:
+        if config.optim.time_budget and not run.resume:
             val_steps = -(-info.num_examples["val"] // config.optim.batch_size)
-            budget.apply_time_budget(config, model, train, steps_per_epoch, val_steps, started, log)
+            budget.apply_time_budget(config, model, train, steps_per_epoch, val_steps, run.started, log)
             method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
     log(f"pretrain: {method.name} on {info.name}, {config.model.backbone} at {image_size}px, "
         f"{config.optim.epochs} epochs of {steps_per_epoch} steps")
-
-    if not resume:
-        runs.create_run_dir(run_dir, config)
-    monitor, mode = method.monitor(info)
-    best_path = os.path.join(run_dir, "checkpoint", "best_backbone.weights.h5")
-    os.makedirs(os.path.dirname(best_path), exist_ok=True)
-    checkpoint = RunCheckpoint(
-        run_dir, {"model": model, "optimizer": model.optimizer, "random": random_state(model)}, model.backbone.save_weights, best_path, monitor, mode
-    )
-    initial_epoch = checkpoint.restore() if resume else 0
-    if initial_epoch:
-        log(f"resuming {config.run.run_name} after epoch {initial_epoch}")
-    timer = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
-    extra = tensorboard_callbacks(os.path.join(run_dir, "tensorboard"), train, log) if config.run.tensorboard else []
-    history = model.fit(
-        train,
-        validation_data=validation,
-        epochs=config.optim.epochs,
-        initial_epoch=initial_epoch,
-        # The method's callbacks add metrics (kNN accuracy) that the checkpoint and the log read.
-        callbacks=[
-            DataEpoch(train), StopOnNonFinite(), *method.callbacks(model, run_dir, val, info, config), LearningRateLog(),
-            HistoryLogger(os.path.join(run_dir, runs.HISTORY_FILE), initial_epoch), checkpoint, timer,
-            *budget.budget_callbacks(config, started, resume, log), *extra, *callbacks,
-        ],
-        verbose=verbose,
-        shuffle=False,  # the pipeline shuffles, seeded by epoch
-    )
-    plain()
-
-    model.backbone.load_weights(best_path)
-    logs = {k: float(v[checkpoint.best_epoch - initial_epoch - 1]) for k, v in history.history.items()} if (
-        checkpoint.best_epoch and checkpoint.best_epoch > initial_epoch) else {}
-    spec = runs.backbone_spec(config, info, image_size, method.settings(config), {
-        "best_epoch": checkpoint.best_epoch, "monitor": monitor, "best_value": checkpoint.best_value,
-        "best_epoch_logs": logs, "train_images_per_second": timer.images_per_second,
-        "wall_time_seconds": round(time.time() - started, 1),
-    })
-    weights = save_backbone(run_dir, model.backbone, spec)
-    log(f"backbone of epoch {checkpoint.best_epoch} ({monitor} {checkpoint.best_value}) saved as {weights}; "
-        f"fine-tune it with: tfxfer finetune --weights {run_dir} ...")
-    return PretrainResult(run_dir, weights, spec, {k: [float(x) for x in v] for k, v in history.history.items()}, model)
+    return model, plain

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import time
 
 import keras
 import numpy as np
@@ -26,10 +27,10 @@ from tfxfer.errors import TfxferError
 from tfxfer.runtime import onednn_enabled, set_precision
 
 __all__ = [
-    "prepare_run",
-    "started",
+    "Run",
+    "RunFolderLock",
+    "check_run_name",
     "load_data",
-    "create_run_dir",
     "seed_everything",
     "set_op_determinism",
     "read_history",
@@ -40,33 +41,225 @@ __all__ = [
 CONFIG_FILE = "config.yaml"
 
 
-def prepare_run(config, resume=False, overwrite=False, worker=None):
-    """`(config, run_dir)` before any work: the run name resolved, the folder
-    checked, and on `resume` the saved config with the allowed changes.
+# What a run folder may hold: what finetune, pretrain and evaluate write there.
+# `--overwrite` replaces a folder only if it holds nothing else.
+RUN_FILES = frozenset({
+    CONFIG_FILE, "history.csv", "checkpoint", "best.weights.h5", "model.keras", "metrics.json", "export",
+    "learning_curves.png", "confusion_matrix.png", "test_predictions.npz", "predictions.csv", "tensorboard",
+    "backbone.weights.h5", "backbone.json", "reconstructions",
+})
+LOCK_FILE = ".lock"
 
-    `worker` names the copy of a non-chief worker of a distributed run
-    (`tfxfer.distributed.worker_folder`): its run folder is
-    `<output_dir>/<worker>/<run_name>`, and the chief's is left alone.
 
-    A resumed run keeps its saved config. An option set explicitly (the
-    config's `explicit`, else any non-default value) that differs from the
-    saved value is a conflict, except where and how long the run goes on.
+class RunFolderLock:
+    """An exclusive OS lock on a run folder's `.lock` file, held while a run works there.
+
+    The kernel releases it when the process ends, however it ends, so a killed
+    run leaves no stale lock: `--resume` after a SIGKILL takes it at once. The
+    file holds the holder's PID and start time, for the message a second
+    process gets. The file is left in place when the lock is released:
+    deleting it could let two processes hold locks on two different files.
     """
-    if not resume:
-        config.validate()
-        apply_pretrained_spec(config)
-    config.run.run_name = config.run.run_name or default_run_name(config)
-    run_dir = os.path.join(config.run.output_dir, *([worker] if worker else []), config.run.run_name)
-    if resume:
-        if not os.path.exists(os.path.join(run_dir, CHECKPOINT_STATE)):
-            raise TfxferError(f"Run folder {run_dir} has no checkpoint to resume from; start it without --resume.")
-        return _resumed_config(config, run_dir), run_dir
-    if os.path.exists(run_dir) and not overwrite:
-        raise TfxferError(
-            f"Run folder {run_dir} already exists; pass --resume to continue it, "
-            "--overwrite to replace it, or choose another --run-name."
-        )
-    return config, run_dir
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self._file = None
+
+    def holder(self):
+        """The holder's `"PID n, started at T"` as written in the file, or a stand-in."""
+        try:
+            with open(self.path) as f:
+                text = f.read().strip()
+        except OSError:
+            text = ""
+        return text or "another process that is starting"
+
+    def try_acquire(self, create):
+        """Take the lock; `False` when another process holds it. With `create`
+        false, a folder without a lock file is left as it is (nothing written)."""
+        import fcntl
+
+        if self._file is not None:
+            return True
+        if not create and not os.path.exists(self.path):
+            return True
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._file = handle
+        return True
+
+    def stamp(self):
+        """Write this process's PID and start time into the held lock's file."""
+        if self._file is None:
+            self.try_acquire(create=True)
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"PID {os.getpid()}, started at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._file.flush()
+
+    def release(self):
+        if self._file is not None:
+            self._file.close()  # closing the last descriptor releases the lock
+            self._file = None
+
+
+def check_run_name(name, flag="--run-name"):
+    """A run name is one plain folder name: never a path that leaves --output-dir."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
+        raise TfxferError(f"{flag} {name!r} must be a plain folder name, without '/' or '..'.")
+
+
+def in_use(path, lock, what="Run folder", flag="--run-name"):
+    """The one sentence a process gets for a folder another process holds."""
+    return TfxferError(f"{what} {path} is in use by {lock.holder()}; wait for it to finish, or choose another {flag}.")
+
+
+def _missing_ancestor(path):
+    """The top-most folder of `path` that does not exist yet (what `makedirs` will make), or `None`."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def _only_lock(run_dir):
+    """A folder holding nothing but a lock file: a run that died before it began."""
+    return os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {LOCK_FILE}
+
+
+def _foreign_entries(run_dir):
+    """What in `run_dir` tfxfer did not write; a folder without tfxfer's `config.yaml` is foreign entirely."""
+    entries = set(os.listdir(run_dir)) - {LOCK_FILE}
+    unknown = sorted(e for e in entries if e not in RUN_FILES and not e.startswith("tmp-"))
+    if unknown:
+        return unknown
+    try:
+        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+            saved = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if entries and not (isinstance(saved, dict) and {"data", "model", "run"} <= set(saved)):
+        return [CONFIG_FILE + (" (not a tfxfer config)" if CONFIG_FILE in entries else " (missing)")]
+    return []
+
+
+class Run:
+    """The life of one run folder, shared by `finetune` and `pretrain`:
+
+        with Run.open(config, resume, overwrite, log=log) as run:   # checked and locked
+            train, val, test, info, image_size = run.load_data()
+            ...                                                      # build the model
+            run.create()                                             # the folder, with config.yaml
+            ...                                                      # fit with run.checkpoint
+            run.finish(metrics)
+
+    `open` resolves the run name, validates the config (or, on resume, reads
+    the saved one) and takes the folder's lock before anything is written. A
+    fresh run writes nothing in the folder until `create`; a run that fails
+    before it leaves no folder behind. Seeds, op determinism and the dtype
+    policy are set while the block runs and put back after it.
+    """
+
+    def __init__(self, config, run_dir, resume, overwrite, log, made_folder, lock):
+        self.config, self.dir, self.resume, self.overwrite, self.log = config, run_dir, resume, overwrite, log
+        self.started = time.time()
+        self._made_folder, self._lock, self.created = made_folder, lock, resume
+        self._policy = None
+
+    @classmethod
+    def open(cls, config, resume=False, overwrite=False, worker=None, log=print):
+        """Check and lock the run folder of `config`; see `Run`.
+
+        `worker` names the copy of a non-chief worker of a distributed run
+        (`tfxfer.distributed.worker_folder`): its run folder is
+        `<output_dir>/<worker>/<run_name>`, and the chief's is left alone.
+
+        A resumed run keeps its saved config. An option set explicitly (the
+        config's `explicit`, else any non-default value) that differs from the
+        saved value is a conflict, except where and how long the run goes on.
+        """
+        if not resume:
+            config.validate()
+            apply_pretrained_spec(config)
+        config.run.run_name = config.run.run_name or default_run_name(config)
+        check_run_name(config.run.run_name)
+        run_dir = os.path.join(config.run.output_dir, *([worker] if worker else []), config.run.run_name)
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise TfxferError(f"{run_dir} is a file, not a run folder; choose another --run-name or --output-dir.")
+        lock = RunFolderLock(run_dir)
+        exists = os.path.isdir(run_dir) and not _only_lock(run_dir)
+        if os.path.isdir(run_dir) and not lock.try_acquire(create=False):
+            raise in_use(run_dir, lock)
+        try:
+            if resume:
+                if not os.path.exists(os.path.join(run_dir, CHECKPOINT_STATE)):
+                    raise TfxferError(f"Run folder {run_dir} has no checkpoint to resume from; start it without --resume.")
+                config = _resumed_config(config, run_dir)
+            elif exists and not overwrite:
+                raise TfxferError(f"Run folder {run_dir} already exists; pass --resume to continue it, "
+                                  "--overwrite to replace it, or choose another --run-name.")
+            elif exists:
+                foreign = _foreign_entries(run_dir)
+                if foreign:
+                    raise TfxferError(f"--overwrite replaces only a tfxfer run folder, and {run_dir} holds "
+                                      f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}; "
+                                      "move it away or choose another --run-name.")
+            made_folder = _missing_ancestor(run_dir)
+            os.makedirs(run_dir, exist_ok=True)
+            if not lock.try_acquire(create=True):  # another run made the folder a moment ago
+                raise in_use(run_dir, lock)
+            lock.stamp()
+        except BaseException:
+            lock.release()
+            raise
+        return cls(config, run_dir, resume, overwrite, log, made_folder, lock)
+
+    def __enter__(self):
+        seed_everything(self.config.run.seed, self.config.run.deterministic)
+        self._policy = set_precision(self.config.run.precision)
+        self.log(f"precision: {self._policy}, oneDNN {'on' if onednn_enabled() else 'off'}, "
+                 f"op determinism {'on' if self.config.run.deterministic else 'off'}")
+        return self
+
+    def __exit__(self, *exc):
+        keras.mixed_precision.set_global_policy("float32")  # one run must not leak into the next
+        if not self.created and os.path.isdir(self.dir) and _only_lock(self.dir):
+            # Failed before it began: leave the output folder as it was.
+            self._lock.release()
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.dir, LOCK_FILE))
+                folder = os.path.abspath(self.dir)
+                while self._made_folder and os.path.commonpath([folder, self._made_folder]) == self._made_folder:
+                    os.rmdir(folder)  # only the folders this run made, and only empty ones
+                    folder = os.path.dirname(folder)
+        self._lock.release()
+        return False
+
+    def load_data(self, augment=None):
+        """`(train, val, test, info, image_size)` of the run's data."""
+        return load_data(self.config, self.log, augment)
+
+    def create(self):
+        """Make the folder the run's own: an overwritten run's files go, the
+        resolved config is written. A resumed run keeps its folder."""
+        if self.resume:
+            return
+        for entry in os.listdir(self.dir):
+            if entry != LOCK_FILE:
+                path = os.path.join(self.dir, entry)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        save_config(self.dir, self.config)
+        self.created = True
+
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    def elapsed(self):
+        return round(time.time() - self.started, 1)
 
 
 def default_run_name(config):
@@ -112,20 +305,6 @@ def _resumed_config(config, run_dir):
     return config_from_flat(merged, type(config))
 
 
-@contextlib.contextmanager
-def started(config, log=print):
-    """Seeds, op determinism and the dtype policy for the run; the policy is
-    put back to float32 afterwards, so one run does not leak into the next."""
-    seed_everything(config.run.seed, config.run.deterministic)
-    policy = set_precision(config.run.precision)
-    log(f"precision: {policy}, oneDNN {'on' if onednn_enabled() else 'off'}, "
-        f"op determinism {'on' if config.run.deterministic else 'off'}")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 def load_data(config, log=print, augment=None):
     """`(train, val, test, info, image_size)` for a command config's data group."""
     from tfxfer.backbones import get_backbone
@@ -141,6 +320,14 @@ def load_data(config, log=print, augment=None):
         classes=data.classes, labels_per_class=data.labels_per_class, folds=data.folds, fold=data.fold,
         count_classes=bool(getattr(getattr(config, "transfer", None), "class_weight", None)),
     )
+    if not info.num_examples.get("train"):
+        raise TfxferError(f"{info.name} has no training image left after the selection; it needs at least one per class.")
+    if not info.num_examples.get("val"):
+        raise TfxferError(
+            f"{info.name} leaves no image to validate on ({info.num_examples['train']} training images): the "
+            "validation split is carved per class, so each class needs at least 2 labelled images "
+            "(--labels-per-class 2 or more), or give a validation split (a val/ folder, --val-split)."
+        )
     counts = ", ".join(f"{k} {v}" for k, v in info.num_examples.items())
     log(f"data: {info.name}, {info.num_classes} classes, {counts} images at {image_size}px")
     if info.skipped_files:
@@ -149,14 +336,6 @@ def load_data(config, log=print, augment=None):
         log(f"note: --batch-size {config.optim.batch_size} is more than the {info.num_examples['train']} training "
             "images; each epoch is one smaller batch")
     return train, val, test, info, image_size
-
-
-def create_run_dir(run_dir, config):
-    """A fresh run folder holding the resolved config; made once data and model load."""
-    if os.path.exists(run_dir):
-        shutil.rmtree(run_dir)
-    os.makedirs(run_dir)
-    save_config(run_dir, config)
 
 
 def save_config(run_dir, config):

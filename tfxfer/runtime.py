@@ -19,6 +19,8 @@ import warnings
 
 __all__ = [
     "PRECISIONS",
+    "quiet_logging",
+    "load_tensorflow_quietly",
     "enable_onednn",
     "onednn_enabled",
     "cpu_flags",
@@ -31,6 +33,52 @@ ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 # CPU flags (Linux /proc/cpuinfo names) of native bfloat16 arithmetic.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+
+
+LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
+_quiet_start = False
+
+
+def quiet_logging():
+    """TensorFlow's C++ warnings and info lines off, unless the user chose a level;
+    then `load_tensorflow_quietly` also hides the lines TensorFlow prints before
+    its logging starts. Call before TensorFlow loads."""
+    global _quiet_start
+    if LOG_LEVEL_VARIABLE not in os.environ:
+        os.environ[LOG_LEVEL_VARIABLE] = "2"
+        _quiet_start = True
+
+
+def load_tensorflow_quietly():
+    """Import TensorFlow and look for its devices with file descriptor 2 sent
+    to a temporary file, and replay it only if that fails.
+
+    TensorFlow prints several lines at import and at its first device query
+    (the oneDNN notice, "Could not find cuda drivers", "failed call to cuInit"
+    on a machine without a GPU) through absl before absl's logging starts, so
+    `TF_CPP_MIN_LOG_LEVEL` does not reach them. A user who set that variable
+    gets TensorFlow's own output.
+    """
+    if not _quiet_start or "tensorflow" in sys.modules:
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def enable_onednn():

@@ -43,8 +43,8 @@ def apply(model, log=print):
     """Give `model` the speed-ups this host takes, for training; logs one line
     naming them. Returns the function that puts `model` back as built."""
     parts = [f"oneDNN {'on' if onednn_enabled() else 'off'}"]
-    if fast_convolutions(model):
-        counts = routes(model)
+    counts = routes(model) if fast_convolutions(model) else {"pointwise": 0, "patch gradient": 0}
+    if counts["pointwise"] or counts["patch gradient"]:
         parts.append(f"{counts['pointwise']} 1x1 convolutions as matrix products, "
                      f"{counts['patch gradient']} kernel gradients as matrix products over patches")
     else:

@@ -26,7 +26,7 @@ LP_FT_SCHEDULE = "head@0,full@25%"
 
 # Every option a strategy sets, so a strategy fully decides them (nothing leaks
 # from the study's shared options into one strategy and not another).
-_NEUTRAL = {"freeze": "full", "unfreeze": None, "l2sp": 0.0, "train_bn": False}
+_NEUTRAL = {"freeze": "full", "unfreeze": None, "l2sp": 0.0, "train_bn": "off"}
 
 
 def expand(strategy):
@@ -39,10 +39,10 @@ def expand(strategy):
     base, plus, extra = name.partition("+")
     if plus and extra != "bn":
         raise TfxferError(f"Strategy {name!r} ends in {'+' + extra!r}; the only suffix is +bn.")
-    options = dict(_NEUTRAL, train_bn=bool(plus))
+    options = dict(_NEUTRAL, train_bn="on" if plus else "off")
     if base == "scratch":
         # Random BatchNorm statistics are worthless: from scratch, BN always trains.
-        options.update(weights="none", train_bn=True)
+        options.update(weights="none", train_bn="on")
     elif base in ("head", "full"):
         options["freeze"] = base
     elif base.startswith("stages:") and base[7:].isdigit() and int(base[7:]) > 0:

@@ -57,11 +57,26 @@ def study(config, log=print, verbose=2):
     seeds = config.study.seed_list()
     folds = list(range(config.data.folds)) if config.data.folds else [None]
     name = config.study.name or runs.default_run_name(config)
+    runs.check_run_name(name, "--name")
     study_dir = os.path.join(config.run.output_dir, name)
     shared = _shared_options(config, study_dir)
-    _check_saved(study_dir, shared)
     _require_test_split(config)
+    # One process runs a study at a time: a second would run the same runs and
+    # write the same report.
+    lock = runs.RunFolderLock(study_dir)
+    if os.path.isdir(study_dir) and not lock.try_acquire(create=False):
+        raise runs.in_use(study_dir, lock, "Study folder", "--name")
+    try:
+        _check_saved(study_dir, shared)
+        if not lock.try_acquire(create=True):
+            raise runs.in_use(study_dir, lock, "Study folder", "--name")
+        lock.stamp()
+        return _run_study(config, name, study_dir, shared, strategies, seeds, folds, log, verbose)
+    finally:
+        lock.release()
 
+
+def _run_study(config, name, study_dir, shared, strategies, seeds, folds, log, verbose):
     planned = [(s, seed, fold) for s in strategies for seed in seeds for fold in folds]
     log(f"study {name}: {len(strategies)} strategies x {len(seeds)} seeds"
         + (f" x {len(folds)} folds" if config.data.folds else "") + f" = {len(planned)} runs in {study_dir}")

@@ -38,7 +38,7 @@ from tfxfer.backbones.pretrained import save_backbone
 from tfxfer.config import FinetuneConfig
 from tfxfer.errors import TfxferError
 from tfxfer.evaluation import classification_report, format_report
-from tfxfer.freezing import UnfreezeSchedule, parse_unfreeze, phase_at, resolve_phases
+from tfxfer.freezing import UnfreezeSchedule, parse_unfreeze, phase_at, resolve_phases, resolve_train_bn
 from tfxfer.export import export_saved_model, next_version_dir
 from tfxfer.export.precision import at_precision
 from tfxfer.model import TransferModel, build_model
@@ -62,147 +62,167 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
     Args:
         resume: continue the interrupted run of the same name from its last
             checkpoint, with its saved config (a conflicting option fails).
-        overwrite: delete an existing run folder of the same name first.
+        overwrite: replace an existing run folder of the same name (a folder
+            that holds anything but a tfxfer run is refused).
         callbacks: extra Keras callbacks for `fit`.
     """
     if not isinstance(config, FinetuneConfig):
         raise TypeError("finetune() takes a FinetuneConfig; build one with tfxfer.load_config().")
-    started = time.time()
     strategy = distributed.make_strategy(config.run.distribute)  # before any TensorFlow op
     worker = distributed.worker_folder(strategy)
-    config, run_dir = runs.prepare_run(config, resume, overwrite, worker)
-    with runs.started(config, log):
-        if config.run.distribute != "none":
-            log(f"distribute: {config.run.distribute}, {distributed.worker_description(strategy)}")
-        result = _run(config, run_dir, resume, callbacks, verbose, log, started, strategy)
+    with runs.Run.open(config, resume, overwrite, worker, log) as run:
+        if run.config.run.distribute != "none":
+            log(f"distribute: {run.config.run.distribute}, {distributed.worker_description(strategy)}")
+        train, val, test, info, image_size = run.load_data()
+        _check_data(run.config, info, log)
+        model, schedule, plain = _build(run, info, image_size, train, strategy)
+        run.create()
+        checkpoint, fit_callbacks, initial_epoch = _callbacks(run, model, schedule, train, info, callbacks)
+        histories = _train(run, model, strategy, schedule, checkpoint, fit_callbacks, initial_epoch, train, val, info,
+                           verbose)
+        plain()  # evaluation and export get the model as built
+        if not distributed.is_chief(strategy):
+            result = RunResult(run.dir, None, _history_dict(histories), {}, model)
+        else:
+            if run.config.run.distribute != "none":
+                model = _local_copy(model, run.config, _steps(run.config, info))
+            result = _finish(run, model, checkpoint, val, test, info, image_size, histories)
     if worker:
         # A non-chief worker's copy of the run only served the collectives.
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(run.dir, ignore_errors=True)
         with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(run_dir))
+            os.rmdir(os.path.dirname(run.dir))
         log(f"{worker}: training done; the chief wrote the run folder")
     return result
 
 
-def _run(config, run_dir, resume, callbacks, verbose, log, started, strategy):
-    train, val, test, info, image_size = runs.load_data(config, log)
+def _check_data(config, info, log):
     if info.num_classes < 2:
         raise TfxferError(f"{info.name} has a single class ({info.class_names[0]}); a classifier needs at least two.")
     val_images = info.num_examples["val"]
     if config.transfer.monitor == "val_accuracy" and val_images < 50:
-        log(f"note: {val_images} validation images: val_accuracy moves in steps of {100 / val_images:.0f} points and "
-            "ties across epochs; a tie goes to the epoch with the lower val_loss")
-    is_distributed = config.run.distribute != "none"
-    if is_distributed and config.optim.time_budget:
+        log(f"note: {val_images} validation images: val_accuracy moves in steps of {100 / max(val_images, 1):.0f} "
+            "points and ties across epochs; a tie goes to the epoch with the lower val_loss")
+    if config.run.distribute != "none" and config.optim.time_budget:
         raise TfxferError("--time-budget is not available with --distribute yet; give --epochs.")
-    steps_per_epoch = -(-info.num_examples["train"] // config.optim.batch_size)
+    if config.run.distribute != "none" and config.transfer.feature_cache not in ("auto", "off"):
+        raise TfxferError("--feature-cache is not available with --distribute; drop it (auto turns it off).")
+
+
+def _steps(config, info, split="train"):
+    return -(-info.num_examples[split] // config.optim.batch_size)
+
+
+def _build(run, info, image_size, train, strategy):
+    """`(model, schedule, plain)`: the compiled model with the training-time
+    speed-ups applied (`plain()` takes them off), the freeze schedule as
+    `[(start epoch, policy)]`, and with a time budget the epochs it fits."""
+    config, log = run.config, run.log
+    train_bn, why = resolve_train_bn(config.transfer.train_bn, config.model.weights)
     with strategy.scope():
         model = build_model(
-            config.model.backbone,
-            num_classes=info.num_classes,
-            weights=config.model.weights,
-            image_size=image_size,
-            freeze=config.first_policy(),
-            train_bn=config.transfer.train_bn,
-            bn_momentum=config.model.bn_momentum,
-            dropout=config.transfer.dropout,
-            l2sp=config.transfer.l2sp,
-            l2sp_scope=config.transfer.l2sp_scope,
-            head_l2=config.transfer.head_l2,
-            class_names=info.class_names,
+            config.model.backbone, num_classes=info.num_classes, weights=config.model.weights,
+            image_size=image_size, freeze=config.first_policy(), train_bn=train_bn,
+            bn_momentum=config.model.bn_momentum, dropout=config.transfer.dropout, l2sp=config.transfer.l2sp,
+            l2sp_scope=config.transfer.l2sp_scope, head_l2=config.transfer.head_l2, class_names=info.class_names,
         )
-        _compile(model, config, steps_per_epoch)
-        # Undone before evaluation and export, which get the model as built.
+        _compile(model, config, _steps(config, info))
         plain = speedups.apply(model, log)
         phases = parse_unfreeze(config.transfer.unfreeze) if config.transfer.unfreeze else None
-        if config.optim.time_budget and not resume:
-            val_steps = -(-info.num_examples["val"] // config.optim.batch_size)
+        if config.optim.time_budget and not run.resume:
             if phases:  # plan with the slowest step: the last phase's
                 model.set_freeze(phases[-1].policy)
-            budget.apply_time_budget(config, model, train, steps_per_epoch, val_steps, started, log)
+            budget.apply_time_budget(config, model, train, _steps(config, info), _steps(config, info, "val"),
+                                     run.started, log)
             model.set_freeze(config.first_policy())
-            _compile(model, config, steps_per_epoch)  # the schedule spans the epochs picked
+            _compile(model, config, _steps(config, info))  # the schedule spans the epochs picked
         schedule = resolve_phases(phases, config.optim.epochs) if phases else [(0, config.first_policy())]
         if phases:
             log("unfreeze: " + ", ".join(f"{policy} from epoch {start + 1}" for start, policy in schedule))
-    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-    frozen = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
-    log(
-        f"model: {config.model.backbone} ({config.model.weights} weights), freeze {config.transfer.freeze}: "
-        f"{trainable:,} trainable and {frozen:,} frozen parameters"
-    )
-    if config.model.weights == "none" and not config.transfer.train_bn:
-        log("note: random-init weights with frozen BatchNorm rarely train well; consider --train-bn")
-
-    if not resume:
+    run.parameter_counts = (sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+                            sum(int(np.prod(w.shape)) for w in model.non_trainable_weights))
+    log(f"model: {config.model.backbone} ({config.model.weights} weights), freeze {config.transfer.freeze}: "
+        f"{run.parameter_counts[0]:,} trainable and {run.parameter_counts[1]:,} frozen parameters")
+    log(f"BatchNorm: {'trains' if train_bn else 'frozen'} ({why})")
+    if not run.resume:
         config.transfer.freeze = str(config.first_policy())  # the saved config says what the run starts with
-        runs.create_run_dir(run_dir, config)
-    best_path = os.path.join(run_dir, "best.weights.h5")
+    return model, schedule, plain
+
+
+def _callbacks(run, model, schedule, train, info, extra):
+    """`(checkpoint, callbacks, initial epoch)`; on resume the checkpoint is restored."""
+    config, log = run.config, run.log
     monitor = config.transfer.monitor
-    checkpoint = RunCheckpoint(run_dir, lambda: _trackables(model), model.save_weights, best_path, monitor=monitor,
-                               mode="min" if monitor.endswith("loss") else "max")
+    checkpoint = RunCheckpoint(run.dir, lambda: _trackables(model), model.save_weights, run.path(BEST_WEIGHTS),
+                               monitor=monitor, mode="min" if monitor.endswith("loss") else "max")
     initial_epoch = 0
-    if resume:
+    if run.resume:
         # The checkpoint holds the optimizers of the phase of its last epoch; the
         # next phase, if one begins now, regrows them as an unbroken run does.
         model.set_freeze(phase_at(schedule, checkpoint.saved_epoch() - 1))
         initial_epoch = checkpoint.restore()
         log(f"resuming {config.run.run_name} after epoch {initial_epoch}, freeze {model.freeze}")
-    timer = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
-    logger = HistoryLogger(os.path.join(run_dir, runs.HISTORY_FILE), initial_epoch, extra=lambda m: {"phase": m.freeze})
-    fit_callbacks = [
-        UnfreezeSchedule(schedule, log), StopOnNonFinite(), LearningRateLog(), logger, checkpoint, timer,
-        *budget.budget_callbacks(config, started, resume, log), *callbacks,
+    run.throughput = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
+    callbacks = [
+        UnfreezeSchedule(schedule, log), StopOnNonFinite(), LearningRateLog(),
+        HistoryLogger(run.path(runs.HISTORY_FILE), initial_epoch, extra=lambda m: {"phase": m.freeze}),
+        checkpoint, run.throughput, *budget.budget_callbacks(config, run.started, run.resume, log), *extra,
     ]
     if config.transfer.early_stopping:
-        fit_callbacks.append(EarlyStop(checkpoint, config.transfer.early_stopping, log))
+        callbacks.append(EarlyStop(checkpoint, config.transfer.early_stopping, log))
     if config.run.tensorboard:
-        fit_callbacks += tensorboard_callbacks(os.path.join(run_dir, "tensorboard"), train, log)
+        callbacks += tensorboard_callbacks(run.path("tensorboard"), train, log)
+    return checkpoint, callbacks, initial_epoch
+
+
+def _train(run, model, strategy, schedule, checkpoint, callbacks, initial_epoch, train, val, info, verbose):
+    """Fit from `initial_epoch`: the cached-feature epochs of a frozen backbone
+    first, then the rest; returns the Keras histories."""
+    config, log = run.config, run.log
     class_weight = _class_weight(config, info, log)
-    histories = []
-    cached_epochs = 0
-    if is_distributed and config.transfer.feature_cache not in ("auto", "off"):
-        raise TfxferError("--feature-cache is not available with --distribute; drop it (auto turns it off).")
+    is_distributed = config.run.distribute != "none"
+    histories, cached_epochs = [], 0
     if not is_distributed and feature_cache.use_feature_cache(
             config.transfer.feature_cache, config.first_policy(), config.data.augment, log):
         cached_epochs = schedule[1][0] if len(schedule) > 1 else config.optim.epochs
     if initial_epoch < cached_epochs:
-        histories.append(_fit_cached(model, config, train, val, initial_epoch, cached_epochs, fit_callbacks, verbose, log,
+        histories.append(_fit_cached(model, config, train, val, initial_epoch, cached_epochs, callbacks, verbose, log,
                                      class_weight, info.num_classes))
         initial_epoch = cached_epochs
     if is_distributed:
         distributed.synchronize_batchnorm(model)
         histories.append(distributed.fit(
             model, strategy, train, val, epochs=config.optim.epochs, initial_epoch=initial_epoch,
-            callbacks=[DataEpoch(train), *fit_callbacks], verbose=verbose, class_weight=class_weight,
+            callbacks=[DataEpoch(train), *callbacks], verbose=verbose, class_weight=class_weight,
         ))
-        if not distributed.is_chief(strategy):
-            return RunResult(run_dir, None, _history_dict(histories), {}, model)
-        plain()
-        model = _local_copy(model, config, steps_per_epoch)
     elif initial_epoch < config.optim.epochs and not (histories and histories[-1].model.stop_training):
         histories.append(model.fit(
             train, validation_data=val, epochs=config.optim.epochs, initial_epoch=initial_epoch,
-            callbacks=[DataEpoch(train), *fit_callbacks], verbose=verbose, class_weight=class_weight,
+            callbacks=[DataEpoch(train), *callbacks], verbose=verbose, class_weight=class_weight,
             shuffle=False,  # the pipeline shuffles, seeded by epoch
         ))
+    return histories
 
-    plain()
-    if os.path.exists(best_path):
+
+def _finish(run, model, checkpoint, val, test, info, image_size, histories):
+    """The best epoch's weights evaluated, saved and exported; `metrics.json`."""
+    config, log = run.config, run.log
+    if os.path.exists(run.path(BEST_WEIGHTS)):
         with warnings.catch_warnings():
             # Keras's weights file carries the optimizers too; a best epoch from an
             # earlier phase had fewer slots, and only the model's weights matter here.
             warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
-            model.load_weights(best_path)
+            model.load_weights(run.path(BEST_WEIGHTS))
+    trainable, frozen = run.parameter_counts
     metrics = {
         "run": config.run.run_name,
         "best_epoch": checkpoint.best_epoch,
-        "epochs": len(runs.read_history(run_dir).get("epoch", [])),
+        "epochs": len(runs.read_history(run.dir).get("epoch", [])),
         "trainable_params": trainable,
         "frozen_params": frozen,
         "num_examples": info.num_examples,
         "skipped_files": {"count": len(info.skipped_files), "files": info.skipped_files},
-        "train_images_per_second": timer.images_per_second,
+        "train_images_per_second": run.throughput.images_per_second,
     }
     metrics["val"] = classification_report(*predict_dataset(model.predict, val), info.class_names)
     log(format_report(metrics["val"], "validation (best epoch)"))
@@ -210,28 +230,30 @@ def _run(config, run_dir, resume, callbacks, verbose, log, started, strategy):
         labels, probabilities = predict_dataset(model.predict, test)
         metrics["test"] = classification_report(labels, probabilities, info.class_names)
         log(format_report(metrics["test"], "test"))
-        atomic.write_npz(os.path.join(run_dir, PREDICTIONS), labels=labels, probabilities=probabilities)
-    _plot_run(run_dir, config.run.run_name, metrics, info.class_names)
-    with atomic.replacing(os.path.join(run_dir, "model.keras")) as temporary:
+        atomic.write_npz(run.path(PREDICTIONS), labels=labels, probabilities=probabilities)
+    _plot_run(run.dir, config.run.run_name, metrics, info.class_names)
+    with atomic.replacing(run.path("model.keras")) as temporary:
         model.save(temporary)
-    settings = {"freeze": config.transfer.freeze, "unfreeze": config.transfer.unfreeze, "l2sp": config.transfer.l2sp, "train_bn": config.transfer.train_bn}
+    settings = {"freeze": config.transfer.freeze, "unfreeze": config.transfer.unfreeze, "l2sp": config.transfer.l2sp,
+                "train_bn": model.train_bn}
     spec_metrics = {"val_accuracy": metrics["val"]["accuracy"], "best_epoch": checkpoint.best_epoch}
     if test is not None:
         spec_metrics["test_accuracy"] = metrics["test"]["accuracy"]
-    save_backbone(run_dir, model.backbone, runs.backbone_spec(config, info, image_size, settings, spec_metrics))
-    export_dir = export_saved_model(model, next_version_dir(os.path.join(run_dir, "export")), info.class_names)
+    save_backbone(run.dir, model.backbone, runs.backbone_spec(config, info, image_size, settings, spec_metrics))
+    export_dir = export_saved_model(model, next_version_dir(run.path("export")), info.class_names)
     metrics["export_dir"] = export_dir
     metrics["export_max_abs_diff"] = _round_trip(model, export_dir, test if test is not None else val)
     log(f"SavedModel round trip: max |probability difference| {metrics['export_max_abs_diff']:.2e} on one batch")
-    metrics["wall_time_seconds"] = round(time.time() - started, 1)
-    atomic.write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    metrics["wall_time_seconds"] = run.elapsed()
+    atomic.write_json(run.path("metrics.json"), metrics)
     summary = f"validation accuracy {metrics['val']['accuracy']:.4f}"
     if test is not None:
         summary += f", test accuracy {metrics['test']['accuracy']:.4f}"
-    log(f"{summary}; run folder {run_dir}, SavedModel {export_dir} ({metrics['wall_time_seconds']} s)")
-    return RunResult(run_dir, export_dir, _history_dict(histories), metrics, model)
+    log(f"{summary}; run folder {run.dir}, SavedModel {export_dir} ({metrics['wall_time_seconds']} s)")
+    return RunResult(run.dir, export_dir, _history_dict(histories), metrics, model)
 
 
+BEST_WEIGHTS = "best.weights.h5"
 PREDICTIONS = "test_predictions.npz"  # labels and probabilities of the test split, in its order
 
 
