@@ -67,7 +67,7 @@ def main(argv, prog="python -m benchmarks precision-modes"):
         steps = args.steps or (5 if size > 64 else 15)
         for r in range(args.rounds):
             for route in (routes if r % 2 == 0 else list(reversed(routes))):
-                rate = run_child("precision-modes", "--child", route, pair, str(steps))["images_per_second"]
+                rate = run_child("precision-modes", route, pair, str(steps))["images_per_second"]
                 results.setdefault((pair, route), []).append(rate)
                 print(pair, route, f"{rate:.1f}", flush=True)
     lines = ["# bfloat16 routes against float32", "", *stamp(f"{prog} {' '.join(argv)}".strip()),

@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 
-from benchmarks.harness import ROOT, median_step_seconds, quiet_tensorflow, random_batches, stamp, write_report
+from benchmarks.harness import ROOT, child_result, median_step_seconds, quiet_tensorflow, random_batches, run_child, stamp, write_report
 
 # (kind, test on the op's type and name), first match wins.
 KINDS = (
@@ -90,37 +90,11 @@ def _tensorflow_profile(size, batch, steps, precision):
 
 
 def _torch_profile(size, batch, steps, precision):
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from benchmarks.torch_resnet import ResNet50, freeze_batchnorm
+    from benchmarks.torch_resnet import training_step
 
-    torch.manual_seed(0)
-    model = ResNet50(10)
-    model.train()
-    freeze_batchnorm(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9)
-    anchors = [(p, p.detach().clone()) for name, p in model.named_parameters()
-               if p.requires_grad and p.dim() > 1 and not name.startswith("fc")]
-    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
-    labels = torch.arange(batch) % 10
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def step():
-        x = images.permute(0, 3, 1, 2).float() - 127.5  # channels-last memory, as the TF side's NHWC
-        optimizer.zero_grad(set_to_none=True)
-        with record_function("forward"):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32"):
-                logits = model(x)
-            loss = loss_fn(logits.float(), labels)
-        with record_function("l2sp"):
-            loss = loss + 0.01 * sum(((p - p0) ** 2).sum() for p, p0 in anchors)
-        with record_function("backward"):
-            loss.backward()
-        with record_function("optimizer"):
-            optimizer.step()
-
+    step = training_step(size, batch, precision, l2sp=0.01, phases=record_function)
     for _ in range(3):
         step()
     times = []
@@ -138,6 +112,43 @@ def _torch_profile(size, batch, steps, precision):
     return sorted(times)[len(times) // 2], phases, ops
 
 
+def _tensorflow_section(args):
+    step, per_kind, per_type, examples = _tensorflow_profile(args.size, args.batch_size, args.steps, args.precision)
+    total = sum(per_kind.values())
+    return [
+        "## tfxfer (TensorFlow profiler)", "",
+        f"Full fine-tune (BatchNorm frozen) + L2-SP 0.01, Keras's SGD, the speed-ups `tfxfer finetune` applies. "
+        f"Step: **{step * 1000:.0f} ms** ({args.batch_size / step:.1f} img/s, median of {args.steps}, without the "
+        f"profiler). Op time: {total:.0f} ms per step, summed over TensorFlow's executor threads (ops overlap).", "",
+        "| kind of op | ms per step | share of op time | largest op types |", "|---|---|---|---|",
+        *[f"| {kind} | {per_kind[kind]:.1f} | {per_kind[kind] / total:.1%} | "
+          f"{', '.join(f'`{t}`' for t, _ in examples[kind].most_common(3))} |"
+          for kind, _ in KINDS if kind in per_kind],
+        "", "Top five op types:", "", "| op type | ms per step | share |", "|---|---|---|",
+        *[f"| `{t}` | {ms:.1f} | {ms / total:.1%} |" for t, ms in per_type.most_common(5)], "",
+    ]
+
+
+def _torch_section(args):
+    try:
+        import torch
+    except ImportError:
+        return ["PyTorch is not installed (`pip install -e '.[bench]'`): no PyTorch profile.", ""]
+    step, phases, ops = _torch_profile(args.size, args.batch_size, args.steps, args.precision)
+    total = sum(ops.values())
+    return [
+        f"## PyTorch {torch.__version__} eager (torch.profiler)", "",
+        f"The same model, batch and recipe (BatchNorm frozen, L2-SP 0.01, SGD momentum), channels-last input"
+        f"{', torch.autocast bfloat16' if args.precision != 'float32' else ''}. Step: **{step * 1000:.0f} ms** "
+        f"({args.batch_size / step:.1f} img/s, median of {args.steps}, without the profiler). Self CPU time of "
+        f"all ops: {total:.0f} ms per step.", "",
+        "| phase | ms per step |", "|---|---|",
+        *[f"| {name} | {phases.get(name, 0):.1f} |" for name in ("forward", "l2sp", "backward", "optimizer")],
+        "", "Top five ops by self time:", "", "| op | ms per step | share |", "|---|---|---|",
+        *[f"| `{op}` | {ms:.1f} | {ms / total:.1%} |" for op, ms in ops.most_common(5)], "",
+    ]
+
+
 def main(argv, prog="python -m benchmarks profile"):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=32)
@@ -145,43 +156,17 @@ def main(argv, prog="python -m benchmarks profile"):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"))
     parser.add_argument("--framework", default="both", choices=("tensorflow", "torch", "both"))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    if args.child:
+        section = _tensorflow_section if args.framework == "tensorflow" else _torch_section
+        return child_result({"lines": section(args)})
     out = args.out or os.path.join(ROOT, "benchmarks", f"profile-{args.size}px-{args.precision}.md")
     lines = [f"# Where the training step's time goes: ResNet50, {args.size} px, batch {args.batch_size}, "
              f"{args.precision}", "", *stamp(f"{prog} {' '.join(argv)}".strip())]
-    if args.framework in ("tensorflow", "both"):
-        step, per_kind, per_type, examples = _tensorflow_profile(args.size, args.batch_size, args.steps, args.precision)
-        total = sum(per_kind.values())
-        lines += [
-            "## tfxfer (TensorFlow profiler)", "",
-            f"Full fine-tune (BatchNorm frozen) + L2-SP 0.01, Keras's SGD, the speed-ups `tfxfer finetune` applies. "
-            f"Step: **{step * 1000:.0f} ms** ({args.batch_size / step:.1f} img/s, median of {args.steps}, without the "
-            f"profiler). Op time: {total:.0f} ms per step, summed over TensorFlow's executor threads (ops overlap).", "",
-            "| kind of op | ms per step | share of op time | largest op types |", "|---|---|---|---|",
-            *[f"| {kind} | {per_kind[kind]:.1f} | {per_kind[kind] / total:.1%} | "
-              f"{', '.join(f'`{t}`' for t, _ in examples[kind].most_common(3))} |"
-              for kind, _ in KINDS if kind in per_kind],
-            "", "Top five op types:", "", "| op type | ms per step | share |", "|---|---|---|",
-            *[f"| `{t}` | {ms:.1f} | {ms / total:.1%} |" for t, ms in per_type.most_common(5)], "",
-        ]
-    if args.framework in ("torch", "both"):
-        try:
-            import torch
-        except ImportError:
-            lines += ["PyTorch is not installed (`pip install -e '.[bench]'`): no PyTorch profile.", ""]
-        else:
-            step, phases, ops = _torch_profile(args.size, args.batch_size, args.steps, args.precision)
-            total = sum(ops.values())
-            lines += [
-                f"## PyTorch {torch.__version__} eager (torch.profiler)", "",
-                f"The same model, batch and recipe (BatchNorm frozen, L2-SP 0.01, SGD momentum), channels-last input"
-                f"{', torch.autocast bfloat16' if args.precision != 'float32' else ''}. Step: **{step * 1000:.0f} ms** "
-                f"({args.batch_size / step:.1f} img/s, median of {args.steps}, without the profiler). Self CPU time of "
-                f"all ops: {total:.0f} ms per step.", "",
-                "| phase | ms per step |", "|---|---|",
-                *[f"| {name} | {phases.get(name, 0):.1f} |" for name in ("forward", "l2sp", "backward", "optimizer")],
-                "", "Top five ops by self time:", "", "| op | ms per step | share |", "|---|---|---|",
-                *[f"| `{op}` | {ms:.1f} | {ms / total:.1%} |" for op, ms in ops.most_common(5)], "",
-            ]
+    # One process each: TensorFlow and PyTorch bring their own oneDNN and threads.
+    for framework in (("tensorflow", "torch") if args.framework == "both" else (args.framework,)):
+        lines += run_child("profile", "--framework", framework, "--size", str(args.size), "--batch-size",
+                           str(args.batch_size), "--steps", str(args.steps), "--precision", args.precision)["lines"]
     write_report(out, lines)

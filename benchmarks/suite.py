@@ -96,33 +96,13 @@ def child_step(contender, size, batch, steps, precision):
 
 
 def _torch_step(contender, size, batch, steps, precision):
-    import torch
+    from benchmarks.torch_resnet import training_step
 
-    from benchmarks.torch_resnet import ResNet50, freeze_batchnorm
-
-    torch.manual_seed(0)
-    model = ResNet50(10)
-    model.train()
-    freeze_batchnorm(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9)
-    anchors = [(p, p.detach().clone()) for name, p in model.named_parameters()
-               if p.requires_grad and p.dim() > 1 and not name.startswith("fc")]
-    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
-    labels = torch.arange(batch) % 10
-    loss_fn = torch.nn.CrossEntropyLoss()
+    step = training_step(size, batch, precision, l2sp=0.01 if "L2-SP" in contender else 0.0)
     times = []
     for _ in range(steps + WARMUP):
         start = time.perf_counter()
-        x = images.permute(0, 3, 1, 2).float() - 127.5  # the same preprocessing work as the TF side
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32"):
-            logits = model(x)
-        loss = loss_fn(logits.float(), labels)
-        if "L2-SP" in contender:
-            loss = loss + 0.01 * sum(((p - p0) ** 2).sum() for p, p0 in anchors)
-        loss.backward()
-        optimizer.step()
+        step()
         times.append(time.perf_counter() - start)
     return {"images_per_second": batch / statistics.median(times[WARMUP:]), "peak_mb": _peak_mb()}
 

@@ -63,3 +63,45 @@ def freeze_batchnorm(model):
             module.eval()
             for p in module.parameters():
                 p.requires_grad_(False)
+
+
+def training_step(size, batch, precision="float32", l2sp=0.0, phases=None):
+    """The classic eager step on one random batch: zero_grad, forward, loss (+ L2-SP), backward, step.
+
+    ResNet50 from random weights with BatchNorm frozen (tfxfer's default), SGD
+    with momentum 0.9, channels-last input (the NHWC uint8 batch permuted, as
+    the TensorFlow side's layout), `torch.autocast` for bfloat16. `phases`, a
+    `name -> context manager` factory such as `torch.profiler.record_function`,
+    labels the forward, l2sp, backward and optimizer parts. Returns `step()`.
+    """
+    import contextlib
+
+    torch.manual_seed(0)
+    model = ResNet50(10)
+    model.train()
+    freeze_batchnorm(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9)
+    anchors = [(p, p.detach().clone()) for name, p in model.named_parameters()
+               if p.requires_grad and p.dim() > 1 and not name.startswith("fc")]
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
+    labels = torch.arange(batch) % 10
+    loss_fn = nn.CrossEntropyLoss()
+    phase = phases or (lambda name: contextlib.nullcontext())
+
+    def step():
+        x = images.permute(0, 3, 1, 2).float() - 127.5  # the same preprocessing work as the TF side
+        optimizer.zero_grad(set_to_none=True)
+        with phase("forward"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32"):
+                logits = model(x)
+            loss = loss_fn(logits.float(), labels)
+        if l2sp:
+            with phase("l2sp"):
+                loss = loss + l2sp * sum(((p - p0) ** 2).sum() for p, p0 in anchors)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            optimizer.step()
+
+    return step
