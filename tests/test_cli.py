@@ -216,6 +216,15 @@ def test_help_does_not_import_tensorflow(argv):
     assert "HEAVY []" in done.stdout and "Usage:" in done.stdout
 
 
+def test_python_dash_m_help_does_not_import_tensorflow():
+    # runpy imports the package while sys.argv[0] is "-m", then runs __main__.
+    code = ("import runpy, sys\nsys.argv = ['-m', '--help']\ntry:\n    runpy.run_module('tfxfer', run_name='__main__', "
+            f"alter_sys=True)\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n{HEAVY}")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert "HEAVY []" in done.stdout and "Usage:" in done.stdout
+
+
 def test_shell_completion_answers_without_tensorflow():
     completing = {"_TFXFER_COMPLETE": "bash_complete", "COMP_WORDS": "tfxfer finetune --backb", "COMP_CWORD": "2"}
     done = _as_the_command(f"from tfxfer.cli import main\ntry:\n    main(prog_name='tfxfer')\nexcept SystemExit:\n    pass\n{HEAVY}", completing)

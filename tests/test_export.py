@@ -22,8 +22,12 @@ SERVE = textwrap.dedent(
     images = tf.constant(np.load(inputs))
     by_array = loaded.signatures["serving_default"](images=images)
     by_bytes = loaded.signatures["serve_bytes"](image_bytes=tf.constant([open(png, "rb").read()]))
+    empty_array = loaded.signatures["serving_default"](images=tf.zeros([0, 40, 40, 3], tf.uint8))
+    empty_bytes = loaded.signatures["serve_bytes"](image_bytes=tf.constant([], tf.string))
     np.savez(out, probabilities=by_array["probabilities"].numpy(), class_id=by_array["class_id"].numpy(),
              class_name=by_array["class_name"].numpy().astype(str), bytes_probabilities=by_bytes["probabilities"].numpy(),
+             empty_shapes=[empty_array["probabilities"].shape, empty_bytes["probabilities"].shape],
+             empty_ids=[empty_array["class_id"].shape[0], empty_bytes["class_name"].shape[0]],
              tfxfer_imported="tfxfer" in sys.modules)
     """
 )
@@ -56,6 +60,8 @@ def test_saved_model_serves_in_a_tensorflow_only_process(tmp_path, backbone):
     np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(served["class_id"], expected.argmax(1))
     assert list(served["class_name"]) == [names[i] for i in expected.argmax(1)]
+    # A batch of 0 gets an empty answer from both signatures, not a failed kernel.
+    assert served["empty_shapes"].tolist() == [[0, 4], [0, 4]] and served["empty_ids"].tolist() == [0, 0]
 
     # serve_bytes decodes and resizes 50 px -> 32 px exactly as the training pipeline does.
     from tfxfer.data.images import decode_image, resize_uint8

@@ -7,7 +7,7 @@ import yaml
 from click.testing import CliRunner
 
 import tfxfer
-from tfxfer import atomic, budget, runs
+from tfxfer import atomic, budget
 from tfxfer.cli import main
 from tfxfer.budget import parse_duration
 from tfxfer.config import FinetuneConfig, load_config

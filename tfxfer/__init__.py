@@ -61,7 +61,8 @@ def __dir__():
 
 
 def _run_as_command():
-    return bool(sys.argv) and os.path.basename(sys.argv[0]) in ("tfxfer", "tfxfer.exe")
+    # `python -m tfxfer` imports this package while sys.argv[0] is still "-m".
+    return bool(sys.argv) and (os.path.basename(sys.argv[0]) in ("tfxfer", "tfxfer.exe") or sys.argv[0] == "-m")
 
 
 if not _run_as_command():

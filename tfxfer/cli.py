@@ -212,6 +212,9 @@ def predict(images, model_path, backbone, weights, top, as_json):
 
     if bool(model_path) == bool(backbone):
         raise TfxferError("Give exactly one of --model (a fine-tuned run) or --backbone (ImageNet head).")
+    if not expand_inputs(images):
+        raise TfxferError(f"No image to predict: {', '.join(images) or 'no IMAGE was given'} holds no file; give image "
+                          "files, folders of them or quoted globs.")
     if model_path:
         results = predict_files(model_path, images, top)
     else:

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tfxfer.data.images import not_an_image
 from tfxfer.errors import TfxferError, is_network_failure
 from tfxfer.export.layout import find_export, load_export
 
@@ -67,7 +68,7 @@ def predict_files(model_path, inputs, top=5):
                 try:
                     results.append(ranked(path, serve(image_bytes=tf.constant([one]))["probabilities"].numpy()[0]))
                 except tf.errors.InvalidArgumentError:
-                    results.append({"file": path, "error": f"{path} is not an image (JPEG, PNG, BMP or GIF)."})
+                    results.append({"file": path, "error": not_an_image(path, one)})
     order = {path: i for i, path in enumerate(files)}
     return sorted(results, key=lambda r: order.get(r["file"], len(files)))
 

@@ -20,6 +20,8 @@ __all__ = ["WEIGHTS_FILE", "SPEC_FILE", "save_backbone", "read_spec", "find_pret
 
 WEIGHTS_FILE = "backbone.weights.h5"
 SPEC_FILE = "backbone.json"
+# A finetune run's whole-model files, which `--weights` does not take.
+RUN_MODEL_FILES = ("model.keras", "best.weights.h5")
 
 
 def save_backbone(run_dir, backbone, spec):
@@ -45,6 +47,11 @@ def find_pretrained(weights):
             )
     elif os.path.basename(weights) == WEIGHTS_FILE and os.path.exists(os.path.join(os.path.dirname(weights), SPEC_FILE)):
         folder = os.path.dirname(weights)
+    elif os.path.basename(weights) in RUN_MODEL_FILES and os.path.exists(os.path.join(os.path.dirname(weights) or ".", SPEC_FILE)):
+        raise TfxferError(
+            f"--weights {weights} is a finetune run's whole model (backbone and head); to start from its backbone, "
+            f"pass the run folder: --weights {os.path.dirname(weights) or '.'}."
+        )
     else:
         return None
     return os.path.join(folder, WEIGHTS_FILE), read_spec(folder)

@@ -42,7 +42,13 @@ def _save(model, path, class_names, precision):
     names = names or [str(i) for i in range(model.num_classes)]
 
     def predict(images):
-        probabilities = model(resize_uint8(images, size), training=False)
+        # An empty batch gets an empty answer: some kernels (oneDNN's BatchNorm)
+        # fail on a batch of 0 instead of returning one.
+        probabilities = tf.cond(
+            tf.shape(images)[0] > 0,
+            lambda: tf.cast(model(resize_uint8(images, size), training=False), tf.float32),
+            lambda: tf.zeros([0, len(names)], tf.float32),
+        )
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         return {
             "probabilities": probabilities,
@@ -69,7 +75,8 @@ def _save(model, path, class_names, precision):
     signatures = {"serving_default": module.serving_default, "serve_bytes": module.serve_bytes}
     # Serving ignores tfxfer.json; `tfxfer evaluate` and `predict` read it.
     metadata = metadata_of(model, names, "serving_default: uint8 images [N, H, W, 3], any H and W (resized inside); "
-                                         "serve_bytes: encoded JPEG/PNG/BMP/GIF strings [N]")
+                                         "serve_bytes: encoded JPEG/PNG/BMP/GIF/WebP strings [N], JPEGs "
+                                         "turned upright by their EXIF orientation")
     metadata["precision"] = precision
     with atomic.replacing(path) as temporary:  # a killed export leaves no version folder
         tf.saved_model.save(module, temporary, signatures=signatures)

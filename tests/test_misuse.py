@@ -1,0 +1,129 @@
+"""What a person gets wrong, driven through the command line: each case exits
+non-zero with one sentence that names what is wrong, and never a traceback."""
+
+import pytest
+
+from tests.conftest import run_cli, write_class_folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("misuse")
+    write_class_folder(str(root / "images"), per_class=6)
+    (root / "empty").mkdir()
+    (root / "file.txt").write_text("not a folder")
+    return root
+
+
+def _finetune(data, out, *extra):
+    return ("finetune", "--data-dir", data / "images", "--backbone", "tiny", "--weights", "none", "--image-size", "32",
+            "--epochs", "1", "--batch-size", "8", "--output-dir", out, *extra)
+
+
+# (arguments after the common ones, what the message must name)
+FINETUNE_CASES = [
+    (("--lr", "0"), "lr must be > 0"),
+    (("--lr", "-0.1"), "lr must be > 0"),
+    (("--lr", "nan"), "Config key lr must be a number, got NaN."),
+    (("--epochs", "0"), "epochs must be > 0"),
+    (("--batch-size", "0"), "batch_size must be > 0"),
+    (("--weight-decay", "-1"), "weight_decay must be >= 0"),
+    (("--warmup-epochs", "-2"), "warmup_epochs must be >= 0"),
+    (("--l2sp", "-0.01"), "l2sp must be >= 0"),
+    (("--head-l2", "nan"), "Config key head_l2 must be a number, got NaN."),
+    (("--dropout", "1.5"), "dropout must be below 1"),
+    (("--label-smoothing", "1"), "label_smoothing must be below 1"),
+    (("--val-fraction", "1.5"), "val_fraction must be between 0 and 1"),
+    (("--labels-per-class", "0"), "labels_per_class must be at least 1"),
+    (("--max-train-examples", "0"), "max_train_examples must be at least 1"),
+    (("--image-size", "8"), "image_size must be at least 28"),
+    (("--bn-momentum", "1"), "bn_momentum must be in [0, 1)"),
+    (("--backbone-lr-mult", "0"), "backbone_lr_mult must be > 0"),
+    (("--early-stopping", "0"), "early_stopping must be at least 1"),
+    (("--folds", "1"), "--folds must be at least 2"),
+    (("--folds", "3", "--fold", "3"), "--fold in 0..folds-1"),
+    (("--optimizer", "adamm"), "did you mean 'adam'"),
+    (("--schedule", "cosin"), "did you mean 'cosine'"),
+    (("--monitor", "val_acc"), "val_accuracy"),
+    (("--l2sp-scope", "everything"), "l2sp-scope"),
+    (("--class-weight", "balance"), "did you mean 'balanced'"),
+    (("--precision", "bf16"), "precision"),
+    (("--distribute", "mirror"), "did you mean 'mirrored'"),
+    (("--freeze", "stage:2"), "freeze policy"),
+    (("--freeze", "stages:two"), "freeze policy"),
+    (("--unfreeze", "head@0,full@x"), "Unfreeze phase 'full@x' is not POLICY@EPOCH"),
+    (("--augment", "flipp"), "did you mean 'flip'"),
+    (("--augment", "rotate:-5"), "--augment rotate:-5"),
+    (("--augment", "zoom:big"), "--augment zoom:big"),
+    (("--strategy", "l2sp@"), "l2sp@"),
+    (("--strategy", "full+xyz"), "+bn"),
+    (("--strategy", "full", "--freeze", "head"), "conflicts with --strategy"),
+    (("--time-budget", "soon"), "Time budget 'soon' is not a duration"),
+    (("--time-budget", "-5m"), "is not a duration"),
+    (("--feature-cache", "memory", "--distribute", "mirrored"), "--feature-cache"),
+    (("--jit-compile", "--deterministic"), "--jit-compile needs --no-deterministic"),
+    (("--precision", "mixed_float16", "--backbone-lr-mult", "0.1"), "mixed_float16"),
+    (("--classes", "cat,unicorn"), "unicorn"),
+    (("--run-name", "../escape"), "--run-name '../escape' must be a plain folder name"),
+    (("--run-name", "a/b"), "must be a plain folder name"),
+    (("--resume", "--run-name", "never-ran"), "no checkpoint to resume from"),
+    (("--config", "missing.yaml"), "Config file 'missing.yaml' does not exist"),
+]
+
+
+@pytest.mark.parametrize("extra, message", FINETUNE_CASES, ids=[" ".join(c[0]) for c in FINETUNE_CASES])
+def test_bad_finetune_options_get_one_sentence(data, tmp_path, extra, message):
+    result = run_cli(*_finetune(data, tmp_path / "runs", *extra))
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert message in result.output, result.output
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+OTHER_CASES = [
+    (("finetune", "--backbone", "tiny", "--weights", "none", "--epochs", "1"), "Give exactly one of --dataset"),
+    (("finetune", "--data-dir", "{data}/empty", "--backbone", "tiny", "--weights", "none"), "empty"),
+    (("finetune", "--data-dir", "{data}/images", "--backbone", "resnet5", "--weights", "none"), "did you mean"),
+    (("finetune", "--data-dir", "{data}/images", "--backbone", "tiny", "--weights", "{data}/nowhere.h5"), "nowhere.h5"),
+    (("finetune", "--data-dir", "{data}/images", "--backbone", "tiny", "--weights", "{data}/empty"), "without backbone.json"),
+    (("pretrain", "--data-dir", "{data}/images", "--method", "simclear"), "did you mean 'simclr'"),
+    (("pretrain", "--data-dir", "{data}/images", "--temperature", "0"), "temperature must be > 0"),
+    (("pretrain", "--data-dir", "{data}/images", "--denoise", "-1"), "denoise must be >= 0"),
+    (("study", "--data-dir", "{data}/images", "--strategies", "ful"), "ful"),
+    (("study", "--data-dir", "{data}/images", "--seeds", "0,0"), "--seeds must name at least one seed, none twice"),
+    (("study", "--data-dir", "{data}/images", "--seeds", "a"), "--seeds must be whole numbers"),
+    (("study", "--data-dir", "{data}/images", "--name", "../up"), "--name '../up' must be a plain folder name"),
+    (("evaluate", "--model", "{data}/nowhere", "--data-dir", "{data}/images"), "nowhere"),
+    (("predict", "--model", "{data}/nowhere", "{data}/images"), "nowhere"),
+    (("predict", "--model", "{data}/runs", "{data}/empty"), "No image to predict"),
+    (("predict", "{data}/images"), "Give exactly one of --model"),
+    (("export", "{data}/nowhere"), "nowhere"),
+]
+
+
+@pytest.mark.parametrize("argv, message", OTHER_CASES, ids=[" ".join(c[0][:3]) for c in OTHER_CASES])
+def test_bad_commands_get_one_sentence(data, argv, message):
+    result = run_cli(*[str(a).format(data=data) for a in argv])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert message.format(data=data) in result.output, result.output
+
+
+def test_a_run_file_as_weights_names_the_run_folder(data, tmp_path):
+    assert run_cli(*_finetune(data, tmp_path, "--run-name", "src")).exit_code == 0
+    for name in ("model.keras", "best.weights.h5"):
+        result = run_cli("finetune", "--data-dir", data / "images", "--weights", tmp_path / "src" / name,
+                         "--epochs", "1", "--output-dir", tmp_path)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert f"pass the run folder: --weights {tmp_path / 'src'}" in result.output, result.output
+
+
+def test_a_tiff_is_named_by_its_format(data, tmp_path):
+    from PIL import Image
+
+    assert run_cli(*_finetune(data, tmp_path, "--run-name", "m")).exit_code == 0
+    tiff = tmp_path / "scan.tif"
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(tiff)
+    result = run_cli("predict", "--model", tmp_path / "m", tiff)
+    assert result.exit_code == 1
+    assert f"{tiff} is a TIFF image, which TensorFlow cannot decode; convert it to PNG or JPEG." in result.output
