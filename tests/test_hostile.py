@@ -272,7 +272,7 @@ def test_predict_on_a_file_that_is_not_an_image(trained):
     good = next((trained / "data" / "test" / "cat").iterdir())
     result = run_cli("predict", "--model", trained / "runs" / "r", trained / "notes.txt", good)
     assert result.exit_code == 1
-    assert "notes.txt is not an image (JPEG, PNG, BMP or GIF)" in result.output
+    assert "notes.txt is not an image (JPEG, PNG, BMP, GIF or WebP)" in result.output
     assert str(good) in result.output  # the good file is still predicted
 
 
