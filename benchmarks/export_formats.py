@@ -114,8 +114,6 @@ def main(argv, prog="python -m benchmarks export-formats"):
         "ONNX and LiteRT take images already at the model's size (the antialiased resize of training has no ONNX "
         "or LiteRT op; see `tfxfer/export/portable.py`); the SavedModel resizes inside, at the same size a no-op.",
         "",
-        f"--warmup {args.warmup} --repeats {args.repeats} --rounds {args.rounds}`",
-        "",
     ]
     write_report(args.out, lines)
 
