@@ -94,8 +94,6 @@ class RunFolderLock:
 
     def stamp(self):
         """Write this process's PID and start time into the held lock's file."""
-        if self._file is None:
-            self.try_acquire(create=True)
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"PID {os.getpid()}, started at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -109,7 +107,7 @@ class RunFolderLock:
 
 def check_run_name(name, flag="--run-name"):
     """A run name is one plain folder name: never a path that leaves --output-dir."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise TfxferError(f"{flag} {name!r} must be a plain folder name, without '/' or '..'.")
 
 
@@ -154,8 +152,7 @@ class Run:
             train, val, test, info, image_size = run.load_data()
             ...                                                      # build the model
             run.create()                                             # the folder, with config.yaml
-            ...                                                      # fit with run.checkpoint
-            run.finish(metrics)
+            ...                                                      # train, evaluate, export
 
     `open` resolves the run name, validates the config (or, on resume, reads
     the saved one) and takes the folder's lock before anything is written. A
@@ -164,11 +161,10 @@ class Run:
     policy are set while the block runs and put back after it.
     """
 
-    def __init__(self, config, run_dir, resume, overwrite, log, made_folder, lock):
-        self.config, self.dir, self.resume, self.overwrite, self.log = config, run_dir, resume, overwrite, log
+    def __init__(self, config, run_dir, resume, log, made_folder, lock):
+        self.config, self.dir, self.resume, self.log = config, run_dir, resume, log
         self.started = time.time()
         self._made_folder, self._lock, self.created = made_folder, lock, resume
-        self._policy = None
 
     @classmethod
     def open(cls, config, resume=False, overwrite=False, worker=None, log=print):
@@ -216,12 +212,12 @@ class Run:
         except BaseException:
             lock.release()
             raise
-        return cls(config, run_dir, resume, overwrite, log, made_folder, lock)
+        return cls(config, run_dir, resume, log, made_folder, lock)
 
     def __enter__(self):
         seed_everything(self.config.run.seed, self.config.run.deterministic)
-        self._policy = set_precision(self.config.run.precision)
-        self.log(f"precision: {self._policy}, oneDNN {'on' if onednn_enabled() else 'off'}, "
+        policy = set_precision(self.config.run.precision)
+        self.log(f"precision: {policy}, oneDNN {'on' if onednn_enabled() else 'off'}, "
                  f"op determinism {'on' if self.config.run.deterministic else 'off'}")
         return self
 
