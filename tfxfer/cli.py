@@ -9,7 +9,7 @@ import sys
 import click
 
 from tfxfer import atomic, runtime
-from tfxfer.config import FinetuneConfig, PretrainConfig, StudyConfig, load_config
+from tfxfer.config import BN_MODES, FinetuneConfig, PretrainConfig, StudyConfig, load_config
 from tfxfer.errors import TfxferError, write_failure
 
 def config_options(kind, names=None):
@@ -36,7 +36,7 @@ def _option(name, field, type_, default):
         text += f" [default: {default}]"
     if type_ is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=text)
-    if field.metadata.get("choices") == ("auto", "on", "off"):
+    if field.metadata.get("choices") is BN_MODES:
         # `--train-bn` alone is on and `--no-train-bn` is off, as when it was a switch.
         def no_flag(context, parameter, value):
             if value:
@@ -44,7 +44,7 @@ def _option(name, field, type_, default):
 
         def decorate(command):
             command = click.option(flag, name, is_flag=False, flag_value="on", default=None, help=text,
-                                   type=click.Choice(["auto", "on", "off"]))(command)
+                                   type=click.Choice(BN_MODES))(command)
             return click.option(f"--no-{flag[2:]}", is_flag=True, hidden=True, expose_value=False,
                                 callback=no_flag)(command)
         return decorate
