@@ -1,5 +1,5 @@
 """Hostile inputs: each gets one clear sentence (or is skipped and counted), and
-no finished work is lost. The closing note of issue 8 lists what each produced."""
+no finished work is lost."""
 
 import errno
 import json

@@ -10,7 +10,7 @@ The width `w` is a constructor argument. DAWNBench used 64 (64-512 channels).
 A 20-minute pretraining budget on 2 AVX2-only cores must see at least 5 epochs
 of 30,000 images (125 img/s). Measured through tfxfer's training step (batch
 128, float32, oneDNN) on an AMD EPYC with AVX2 only: width 16, 710 img/s; 24,
-373; 32, 206; the issue's notes measured another AVX2 machine at half these
+373; 32, 206; another AVX2 machine measured half these
 rates. SimCLR's two views halve them again. The default is 24 (24-192).
 """
 

@@ -29,7 +29,7 @@ from tfxfer.pretext.registry import PretextMethod, register_method
 
 __all__ = ["SimCLR", "nt_xent", "embedding_std", "simclr_views", "KnnAccuracy", "knn_accuracy"]
 
-# Augmentations of the paper, at the strengths the issue fixes for small images.
+# Augmentations of the paper, at strengths chosen for small images.
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 JITTER_STRENGTH = 0.5
@@ -85,7 +85,7 @@ def _view(image, seed):
     x = tf.cond(tf.random.stateless_uniform([], seed=s[6]) < JITTER_PROBABILITY, lambda: jitter(x), lambda: x)
     gray = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(x))
     x = tf.cond(tf.random.stateless_uniform([], seed=s[7]) < GRAYSCALE_PROBABILITY, lambda: gray, lambda: x)
-    # No blur: the issue's images are 64 px or below, where blur removes too much.
+    # No blur: these images are 64 px or below, where blur removes too much.
     return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
 
 
