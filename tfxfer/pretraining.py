@@ -110,14 +110,14 @@ def _build(run, method, info, image_size, train):
     """`(model, plain)`: the method's compiled model with the training-time
     speed-ups on (`plain()` takes them off); with a time budget, the epochs it fits."""
     config, log = run.config, run.log
-    steps_per_epoch = -(-info.num_examples["train"] // config.optim.batch_size)
+    steps_per_epoch = runs.steps_per_epoch(config, info)
     with distributed.make_strategy(config.run.distribute).scope():
         model = method.build(config, info, image_size)
         plain = speedups.apply(model, log)
         method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
         if config.optim.time_budget and not run.resume:
-            val_steps = -(-info.num_examples["val"] // config.optim.batch_size)
-            budget.apply_time_budget(config, model, train, steps_per_epoch, val_steps, run.started, log)
+            budget.apply_time_budget(config, model, train, steps_per_epoch, runs.steps_per_epoch(config, info, "val"),
+                                     run.started, log)
             method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)

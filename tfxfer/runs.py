@@ -31,6 +31,7 @@ __all__ = [
     "RunFolderLock",
     "check_run_name",
     "load_data",
+    "steps_per_epoch",
     "seed_everything",
     "set_op_determinism",
     "read_history",
@@ -332,6 +333,11 @@ def load_data(config, log=print, augment=None):
         log(f"note: --batch-size {config.optim.batch_size} is more than the {info.num_examples['train']} training "
             "images; each epoch is one smaller batch")
     return train, val, test, info, image_size
+
+
+def steps_per_epoch(config, info, split="train"):
+    """Batches in an epoch of `split` (the last one may be smaller)."""
+    return -(-info.num_examples[split] // config.optim.batch_size)
 
 
 def save_config(run_dir, config):

@@ -85,7 +85,7 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
             result = RunResult(run.dir, None, _history_dict(histories), {}, model)
         else:
             if run.config.run.distribute != "none":
-                model = _local_copy(model, run.config, _steps(run.config, info))
+                model = _local_copy(model, run.config, runs.steps_per_epoch(run.config, info))
             result = _finish(run, model, checkpoint, val, test, info, image_size, histories)
     if worker:
         # A non-chief worker's copy of the run only served the collectives.
@@ -101,16 +101,12 @@ def _check_data(config, info, log):
         raise TfxferError(f"{info.name} has a single class ({info.class_names[0]}); a classifier needs at least two.")
     val_images = info.num_examples["val"]
     if config.transfer.monitor == "val_accuracy" and val_images < 50:
-        log(f"note: {val_images} validation images: val_accuracy moves in steps of {100 / max(val_images, 1):.0f} "
+        log(f"note: {val_images} validation images: val_accuracy moves in steps of {100 / val_images:.0f} "
             "points and ties across epochs; a tie goes to the epoch with the lower val_loss")
     if config.run.distribute != "none" and config.optim.time_budget:
         raise TfxferError("--time-budget is not available with --distribute yet; give --epochs.")
     if config.run.distribute != "none" and config.transfer.feature_cache not in ("auto", "off"):
         raise TfxferError("--feature-cache is not available with --distribute; drop it (auto turns it off).")
-
-
-def _steps(config, info, split="train"):
-    return -(-info.num_examples[split] // config.optim.batch_size)
 
 
 def _build(run, info, image_size, train, strategy):
@@ -119,6 +115,7 @@ def _build(run, info, image_size, train, strategy):
     `[(start epoch, policy)]`, and with a time budget the epochs it fits."""
     config, log = run.config, run.log
     train_bn, why = resolve_train_bn(config.transfer.train_bn, config.model.weights)
+    steps = runs.steps_per_epoch(config, info)
     with strategy.scope():
         model = build_model(
             config.model.backbone, num_classes=info.num_classes, weights=config.model.weights,
@@ -126,16 +123,16 @@ def _build(run, info, image_size, train, strategy):
             bn_momentum=config.model.bn_momentum, dropout=config.transfer.dropout, l2sp=config.transfer.l2sp,
             l2sp_scope=config.transfer.l2sp_scope, head_l2=config.transfer.head_l2, class_names=info.class_names,
         )
-        _compile(model, config, _steps(config, info))
+        _compile(model, config, steps)
         plain = speedups.apply(model, log)
         phases = parse_unfreeze(config.transfer.unfreeze) if config.transfer.unfreeze else None
         if config.optim.time_budget and not run.resume:
             if phases:  # plan with the slowest step: the last phase's
                 model.set_freeze(phases[-1].policy)
-            budget.apply_time_budget(config, model, train, _steps(config, info), _steps(config, info, "val"),
+            budget.apply_time_budget(config, model, train, steps, runs.steps_per_epoch(config, info, "val"),
                                      run.started, log)
             model.set_freeze(config.first_policy())
-            _compile(model, config, _steps(config, info))  # the schedule spans the epochs picked
+            _compile(model, config, steps)  # the schedule spans the epochs picked
         schedule = resolve_phases(phases, config.optim.epochs) if phases else [(0, config.first_policy())]
         if phases:
             log("unfreeze: " + ", ".join(f"{policy} from epoch {start + 1}" for start, policy in schedule))
