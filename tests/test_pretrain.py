@@ -1,5 +1,6 @@
-import glob
 import csv
+import dataclasses
+import glob
 import json
 import os
 
@@ -12,7 +13,9 @@ import tfxfer
 from tfxfer import budget
 from tfxfer.backbones.pretrained import find_pretrained
 from tfxfer.cli import main
-from tfxfer.config import PretrainConfig, load_config
+from tfxfer.config import PretrainConfig, load_config, option
+from tfxfer.errors import TfxferError
+from tfxfer.pretext import METHODS, get_method, register_method
 from tests.conftest import write_class_folder
 
 QUIET = {"verbose": 0, "log": lambda *_: None}
@@ -148,3 +151,37 @@ def test_same_seed_gives_identical_simclr_history(tmp_path, source):
         result = tfxfer.pretrain(_pretrain_config(tmp_path, source, method="simclr", seed=5, run_name=name), **QUIET)
         histories.append(_rows(result.run_dir))
     assert histories[0] == histories[1] and float(histories[0][0]["loss"]) > 0
+
+
+@dataclasses.dataclass
+class _SharpenOptions:
+    sharpen: float = option(1.0, "Sharpen: a made-up strength, recorded in backbone.json.")
+
+    def validate(self):
+        if not self.sharpen > 0:
+            raise TfxferError(f"sharpen must be > 0, got {self.sharpen}.")
+
+
+def test_a_method_registered_from_outside_brings_its_own_options(tmp_path, source):
+    supervised = get_method("supervised")
+    if "sharpen" not in METHODS:
+        register_method(dataclasses.replace(
+            supervised, name="sharpen", options=_SharpenOptions,
+            settings=lambda config: {"sharpen": config.pretext.sharpen},
+        ))
+    config = _pretrain_config(tmp_path, source, method="sharpen", sharpen=2.5, epochs=1, classes="ant,bee")
+    assert config.pretext.sharpen == 2.5 and "--sharpen" in CliRunner().invoke(main, ["pretrain", "--help"]).output
+    yaml_file = tmp_path / "sharpen.yaml"
+    yaml_file.write_text("pretext:\n  method: sharpen\n  sharpen: 0.5\n")
+    assert load_config(str(yaml_file), PretrainConfig, data_dir=source).pretext.sharpen == 0.5
+    with pytest.raises(TfxferError, match="sharpen must be > 0, got -1"):
+        _pretrain_config(tmp_path, source, method="sharpen", sharpen=-1)
+    bad = CliRunner().invoke(main, ["pretrain", "--data-dir", source, "--method", "sharpen", "--sharpen", "0"])
+    assert bad.exit_code == 1 and "sharpen must be > 0, got 0" in bad.output and "Traceback" not in bad.output
+    result = tfxfer.pretrain(config, **QUIET)
+    assert json.load(open(os.path.join(result.run_dir, "backbone.json")))["settings"]["sharpen"] == 2.5
+    # The built-in methods' options stay in force, and a name taken by another option is refused.
+    assert config.pretext.temperature == 0.2 and config.pretext.denoise == 0.0
+    clash = dataclasses.make_dataclass("Clash", [("lr", float, option(0.1, "lr again"))])
+    with pytest.raises(ValueError, match="'lr' of Clash is already an option"):
+        register_method(dataclasses.replace(supervised, name="clash", options=clash))

@@ -98,7 +98,24 @@ def main():
     """Transfer learning of image classifiers with TensorFlow/Keras."""
 
 
-def _run_command(name, kind, engine, summary):
+class _PretrainCommand(click.Command):
+    """`tfxfer pretrain`, whose options include those the pretext methods
+    declare. The methods load TensorFlow as they register, so their options
+    join when the command runs or shows its help, not at `tfxfer --help`."""
+
+    def get_params(self, ctx):
+        runtime.load_tensorflow_quietly()
+        import tfxfer.pretext  # noqa: F401  (the built-in methods register themselves)
+
+        known = {param.name for param in self.params}
+        defaults = PretrainConfig.defaults()
+        for name, (_group, field, type_) in PretrainConfig.fields().items():
+            if name not in known:  # a method registered since the last call
+                _option(name, field, type_, defaults[name])(self)
+        return super().get_params(ctx)
+
+
+def _run_command(name, kind, engine, summary, cls=click.Command):
     """A `tfxfer NAME` command: options generated from `kind`, then the library's
     `engine(config, resume=, overwrite=)` (imported when the command runs)."""
 
@@ -120,13 +137,14 @@ def _run_command(name, kind, engine, summary):
             _interrupted(f"continue with: tfxfer {name} --resume --run-name {run_name} --output-dir {config.run.output_dir}")
 
     command.__doc__ = summary
-    return main.command(name)(command)
+    return main.command(name, cls=cls)(command)
 
 
 finetune = _run_command("finetune", FinetuneConfig, "tfxfer.training.finetune",
                         "Fine-tune a backbone on a dataset and export a SavedModel.")
 pretrain = _run_command("pretrain", PretrainConfig, "tfxfer.pretraining.pretrain",
-                        "Pretrain a backbone (supervised, simclr or autoencoder) for `finetune --weights RUN`.")
+                        "Pretrain a backbone (supervised, simclr or autoencoder) for `finetune --weights RUN`.",
+                        _PretrainCommand)
 
 
 STUDY_OPTIONS = [k for k in StudyConfig.fields() if k not in StudyConfig.OWNED]

@@ -11,6 +11,7 @@ is unique across the groups of a command.
 """
 
 import dataclasses
+import functools
 import math
 import os
 import typing
@@ -29,6 +30,8 @@ __all__ = [
     "RunConfig",
     "FinetuneConfig",
     "PretextConfig",
+    "add_pretext_options",
+    "pretext_group",
     "PretrainConfig",
     "StudyOptions",
     "StudyConfig",
@@ -230,9 +233,9 @@ class CommandConfig:
     def fields(cls):
         """`{option: (group name, dataclasses.Field, type)}` for every option of the command."""
         out = {}
-        command_hints = typing.get_type_hints(cls)
         for group in dataclasses.fields(cls):
-            group_type = command_hints[group.name]
+            # The type of the default, not the annotation: the pretext group grows as methods register.
+            group_type = type(group.default_factory())
             hints = typing.get_type_hints(group_type)
             for f in dataclasses.fields(group_type):
                 assert f.name not in out, f"option {f.name} is in two groups"
@@ -296,21 +299,46 @@ class FinetuneConfig(CommandConfig):
 
 @dataclasses.dataclass
 class PretextConfig:
+    """The `pretext` group of `PretrainConfig`: the method, then the options
+    that each registered method declares (`pretext_group`)."""
+
     # Checked by the pretext registry (`tfxfer.pretext.get_method`), which users add to.
     method: str = option("supervised", "Pretext task: supervised, simclr, autoencoder or a registered one.")
-    temperature: float = option(0.2, "SimCLR: temperature of the NT-Xent loss.")
-    projection_dim: int = option(128, "SimCLR: output size of the projection head.")
-    denoise: float = option(0.0, "Autoencoder: std of Gaussian input noise, in [0, 1] pixel units.")
-    label_smoothing: float = option(0.0, "Supervised: label smoothing of the source labels.")
 
     def validate(self):
-        if not self.temperature > 0:
-            raise TfxferError(f"temperature must be > 0, got {self.temperature}.")
-        if self.projection_dim < 1:
-            raise TfxferError(f"projection_dim must be at least 1, got {self.projection_dim}.")
-        _at_least(self, ("denoise", "label_smoothing"), 0.0)
-        if not self.label_smoothing < 1:
-            raise TfxferError(f"label_smoothing must be below 1, got {self.label_smoothing}.")
+        for options in type(self).__mro__[1:]:
+            if dataclasses.is_dataclass(options) and "validate" in vars(options):
+                options.validate(self)
+
+
+# The options dataclasses of the registered pretext methods, in order of registration.
+_PRETEXT_OPTIONS = []
+
+
+def add_pretext_options(options):
+    """Make the fields of the dataclass `options` part of the `pretext` group
+    (`tfxfer.pretext.register_method` calls this for each method)."""
+    if options in _PRETEXT_OPTIONS:
+        return
+    taken = set(PretrainConfig.fields())  # option names are unique across the groups of a command
+    clash = sorted(taken & {f.name for f in dataclasses.fields(options)})
+    if clash:
+        raise ValueError(f"Pretext option {clash[0]!r} of {options.__name__} is already an option of tfxfer.")
+    _PRETEXT_OPTIONS.append(options)
+
+
+def pretext_group():
+    """`PretextConfig` with the options of every registered method: one group,
+    so YAML, flags and `config.pretext.NAME` reach them as before."""
+    return _merged_pretext(tuple(_PRETEXT_OPTIONS))
+
+
+@functools.lru_cache(maxsize=None)
+def _merged_pretext(options):
+    if not options:
+        return PretextConfig
+    # A dataclass's fields come base first: `method` ends up first.
+    return dataclasses.make_dataclass("PretextConfig", [], bases=(*reversed(options), PretextConfig))
 
 
 @dataclasses.dataclass
@@ -318,7 +346,7 @@ class PretrainConfig(CommandConfig):
     # From scratch, on small images: resnet9, weak augmentation, SGD with a cosine schedule.
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(augment="flip_crop"))
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(backbone="resnet9", weights="none"))
-    pretext: PretextConfig = dataclasses.field(default_factory=PretextConfig)
+    pretext: PretextConfig = dataclasses.field(default_factory=lambda: pretext_group()())
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(lr=0.05, schedule="cosine", warmup_epochs=1.0, weight_decay=5e-4, batch_size=128, epochs=20)
     )

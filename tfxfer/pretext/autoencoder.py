@@ -9,6 +9,7 @@ The loss is the mean squared error against the input in [0, 1]. With
 added to the input, and the clean image is the target (Vincent et al. 2008).
 """
 
+import dataclasses
 import math
 import os
 
@@ -16,6 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfxfer.config import option
+from tfxfer.errors import TfxferError
 from tfxfer.pretext.base import PretextModel
 from tfxfer.pretext.registry import PretextMethod, register_method
 
@@ -90,6 +93,15 @@ class ReconstructionGrid(keras.callbacks.Callback):
         os.replace(path + ".tmp", path)
 
 
+@dataclasses.dataclass
+class AutoencoderOptions:
+    denoise: float = option(0.0, "Autoencoder: std of Gaussian input noise, in [0, 1] pixel units.")
+
+    def validate(self):
+        if not self.denoise >= 0:  # also catches NaN
+            raise TfxferError(f"denoise must be >= 0, got {self.denoise}.")
+
+
 def _pairs(std, flip):
     """Per-example `(input, target)`: the (flipped) image, with noise on the input."""
 
@@ -124,5 +136,6 @@ register_method(
         monitor=lambda info: ("val_loss", "min"),
         callbacks=_grid,
         settings=lambda config: {"denoise": config.pretext.denoise, "loss": "mse", "flip": True},
+        options=AutoencoderOptions,
     )
 )

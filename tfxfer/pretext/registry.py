@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Callable, Optional
 
+from tfxfer.config import add_pretext_options
 from tfxfer.errors import did_you_mean
 
 __all__ = ["PretextMethod", "register_method", "get_method", "METHODS"]
@@ -35,6 +36,10 @@ class PretextMethod:
         validation: `(val, config) -> ` the validation data `fit` evaluates, or `None`.
         callbacks: `(model, run_dir, val, info, config) -> [callbacks]`.
         needs_labels: the method trains on the source labels.
+        options: a dataclass of the method's own options, declared with
+            `tfxfer.config.option` and checked by its `validate()`; they join
+            the `pretext` config group, so `--NAME` flags and YAML set them and
+            the method reads `config.pretext.NAME`.
     """
 
     name: str
@@ -46,11 +51,14 @@ class PretextMethod:
     validation: Optional[Callable] = None
     callbacks: Callable = _no_callbacks
     needs_labels: bool = False
+    options: Optional[type] = None
 
 
 def register_method(method):
     if method.name in _REGISTRY:
         raise ValueError(f"Pretext method {method.name!r} is already registered.")
+    if method.options is not None:
+        add_pretext_options(method.options)
     _REGISTRY[method.name] = method
     METHODS.append(method.name)
     return method

@@ -17,6 +17,7 @@ warning says so), and, when a labelled validation split exists, a cosine kNN
 accuracy of the backbone's features on it (leave-one-out, k = 20).
 """
 
+import dataclasses
 import math
 import warnings
 
@@ -24,6 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfxfer.config import option
+from tfxfer.errors import TfxferError
 from tfxfer.pretext.base import PretextModel, backbone_features
 from tfxfer.pretext.registry import PretextMethod, register_method
 
@@ -180,6 +183,18 @@ def knn_accuracy(features, labels, k=20, temperature=0.07):
     return float((votes.argmax(1) == labels).mean())
 
 
+@dataclasses.dataclass
+class SimCLROptions:
+    temperature: float = option(0.2, "SimCLR: temperature of the NT-Xent loss.")
+    projection_dim: int = option(128, "SimCLR: output size of the projection head.")
+
+    def validate(self):
+        if not self.temperature > 0:
+            raise TfxferError(f"temperature must be > 0, got {self.temperature}.")
+        if self.projection_dim < 1:
+            raise TfxferError(f"projection_dim must be at least 1, got {self.projection_dim}.")
+
+
 def _validation(val, config):
     from tfxfer.data.pipeline import augment_batches
 
@@ -210,5 +225,6 @@ register_method(
                               "jitter_probability": JITTER_PROBABILITY, "grayscale_probability": GRAYSCALE_PROBABILITY,
                               "blur": False},
         },
+        options=SimCLROptions,
     )
 )
