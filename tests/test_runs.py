@@ -210,3 +210,18 @@ def test_best_epoch_breaks_accuracy_ties_by_validation_loss_and_survives_resume(
         resumed.on_epoch_end(epoch, {"val_accuracy": accuracy, "val_loss": loss})
     assert resumed.best_epoch == expected_best
     assert (tmp_path / "best.h5").read_text() == str(float(expected_best))  # the best weights are that epoch's
+
+
+def test_op_determinism_turns_on_and_off():
+    # set_op_determinism reads TensorFlow's private config module, as Keras does:
+    # this fails if TensorFlow moves the switch or its query.
+    from tensorflow.python.framework import config as tf_config
+
+    from tfxfer.runs import set_op_determinism
+
+    try:
+        set_op_determinism(True)
+        assert tf_config.is_op_determinism_enabled()
+    finally:
+        set_op_determinism(False)
+    assert not tf_config.is_op_determinism_enabled()

@@ -226,7 +226,9 @@ def fit(model, strategy, train, validation_data, epochs, initial_epoch=0, callba
         val_steps = int(validation_data.cardinality())
         if steps <= 0 or val_steps <= 0:
             raise ValueError("distributed.fit needs finite datasets of known length.")
-        # Metrics and loss are built (from the batch's shapes) before the steps are traced.
+        # Metrics and loss are built (from the batch's shapes) before the steps are
+        # traced, as `fit` does; Keras offers no public call for it, and
+        # tests/test_distributed.py fails if this private one changes.
         model._symbolic_build(data_batch=train.element_spec)
         train_data = distributed(strategy, with_class_weight(train, class_weight))
         val_data = distributed(strategy, validation_data)

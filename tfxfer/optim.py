@@ -71,6 +71,10 @@ def regrow(optimizer, variables):
     weights that start training get fresh ones, and weights that stop
     training drop theirs. A Keras optimizer cannot take new variables once
     built, hence the copy.
+
+    Keras has no public way to read which slot belongs to which weight, so this
+    function alone reads the optimizer's private `_trainable_variables` and its
+    slot lists; `tests/test_unfreeze.py` fails if Keras changes them.
     """
     fresh = optimizer.__class__.from_config(optimizer.get_config())
     for attribute in ("_exclude_from_weight_decay", "_exclude_from_weight_decay_pattern"):
