@@ -75,9 +75,9 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
             log(f"distribute: {run.config.run.distribute}, {distributed.worker_description(strategy)}")
         train, val, test, info, image_size = run.load_data()
         _check_data(run.config, info, log)
-        model, schedule, plain = _build(run, info, image_size, train, strategy)
+        model, schedule, plain, parameters = _build(run, info, image_size, train, strategy)
         run.create()
-        checkpoint, fit_callbacks, initial_epoch = _callbacks(run, model, schedule, train, info, callbacks)
+        checkpoint, timer, fit_callbacks, initial_epoch = _callbacks(run, model, schedule, train, info, callbacks)
         histories = _train(run, model, strategy, schedule, checkpoint, fit_callbacks, initial_epoch, train, val, info,
                            verbose)
         plain()  # evaluation and export get the model as built
@@ -86,7 +86,8 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
         else:
             if run.config.run.distribute != "none":
                 model = _local_copy(model, run.config, runs.steps_per_epoch(run.config, info))
-            result = _finish(run, model, checkpoint, val, test, info, image_size, histories)
+            result = _finish(run, model, checkpoint, val, test, info, image_size, histories,
+                             {"train_images_per_second": timer.images_per_second, **parameters})
     if worker:
         # A non-chief worker's copy of the run only served the collectives.
         shutil.rmtree(run.dir, ignore_errors=True)
@@ -110,9 +111,10 @@ def _check_data(config, info, log):
 
 
 def _build(run, info, image_size, train, strategy):
-    """`(model, schedule, plain)`: the compiled model with the training-time
-    speed-ups applied (`plain()` takes them off), the freeze schedule as
-    `[(start epoch, policy)]`, and with a time budget the epochs it fits."""
+    """`(model, schedule, plain, parameters)`: the compiled model with the
+    training-time speed-ups applied (`plain()` takes them off), the freeze
+    schedule as `[(start epoch, policy)]`, the parameter counts it starts with,
+    and with a time budget the epochs it fits."""
     config, log = run.config, run.log
     train_bn, why = resolve_train_bn(config.transfer.train_bn, config.model.weights)
     steps = runs.steps_per_epoch(config, info)
@@ -136,18 +138,19 @@ def _build(run, info, image_size, train, strategy):
         schedule = resolve_phases(phases, config.optim.epochs) if phases else [(0, config.first_policy())]
         if phases:
             log("unfreeze: " + ", ".join(f"{policy} from epoch {start + 1}" for start, policy in schedule))
-    run.parameter_counts = (sum(int(np.prod(w.shape)) for w in model.trainable_weights),
-                            sum(int(np.prod(w.shape)) for w in model.non_trainable_weights))
+    parameters = {"trainable_params": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+                  "frozen_params": sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)}
     log(f"model: {config.model.backbone} ({config.model.weights} weights), freeze {config.transfer.freeze}: "
-        f"{run.parameter_counts[0]:,} trainable and {run.parameter_counts[1]:,} frozen parameters")
+        f"{parameters['trainable_params']:,} trainable and {parameters['frozen_params']:,} frozen parameters")
     log(f"BatchNorm: {'trains' if train_bn else 'frozen'} ({why})")
     if not run.resume:
         config.transfer.freeze = str(config.first_policy())  # the saved config says what the run starts with
-    return model, schedule, plain
+    return model, schedule, plain, parameters
 
 
 def _callbacks(run, model, schedule, train, info, extra):
-    """`(checkpoint, callbacks, initial epoch)`; on resume the checkpoint is restored."""
+    """`(checkpoint, throughput timer, callbacks, initial epoch)`; on resume the
+    checkpoint is restored."""
     config, log = run.config, run.log
     monitor = config.transfer.monitor
     checkpoint = RunCheckpoint(run.dir, lambda: _trackables(model), model.save_weights, run.path(BEST_WEIGHTS),
@@ -159,17 +162,17 @@ def _callbacks(run, model, schedule, train, info, extra):
         model.set_freeze(phase_at(schedule, checkpoint.saved_epoch() - 1))
         initial_epoch = checkpoint.restore()
         log(f"resuming {config.run.run_name} after epoch {initial_epoch}, freeze {model.freeze}")
-    run.throughput = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
+    timer = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
     callbacks = [
         UnfreezeSchedule(schedule, log), StopOnNonFinite(), LearningRateLog(),
         HistoryLogger(run.path(runs.HISTORY_FILE), initial_epoch, extra=lambda m: {"phase": m.freeze}),
-        checkpoint, run.throughput, *budget.budget_callbacks(config, run.started, run.resume, log), *extra,
+        checkpoint, timer, *budget.budget_callbacks(config, run.started, run.resume, log), *extra,
     ]
     if config.transfer.early_stopping:
         callbacks.append(EarlyStop(checkpoint, config.transfer.early_stopping, log))
     if config.run.tensorboard:
         callbacks += tensorboard_callbacks(run.path("tensorboard"), train, log)
-    return checkpoint, callbacks, initial_epoch
+    return checkpoint, timer, callbacks, initial_epoch
 
 
 def _train(run, model, strategy, schedule, checkpoint, callbacks, initial_epoch, train, val, info, verbose):
@@ -201,8 +204,9 @@ def _train(run, model, strategy, schedule, checkpoint, callbacks, initial_epoch,
     return histories
 
 
-def _finish(run, model, checkpoint, val, test, info, image_size, histories):
-    """The best epoch's weights evaluated, saved and exported; `metrics.json`."""
+def _finish(run, model, checkpoint, val, test, info, image_size, histories, facts):
+    """The best epoch's weights evaluated, saved and exported; `metrics.json`,
+    with `facts` (parameter counts, throughput) beside the reports."""
     config, log = run.config, run.log
     if os.path.exists(run.path(BEST_WEIGHTS)):
         with warnings.catch_warnings():
@@ -210,16 +214,15 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories):
             # earlier phase had fewer slots, and only the model's weights matter here.
             warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
             model.load_weights(run.path(BEST_WEIGHTS))
-    trainable, frozen = run.parameter_counts
     metrics = {
         "run": config.run.run_name,
         "best_epoch": checkpoint.best_epoch,
         "epochs": len(runs.read_history(run.dir).get("epoch", [])),
-        "trainable_params": trainable,
-        "frozen_params": frozen,
+        "trainable_params": facts["trainable_params"],
+        "frozen_params": facts["frozen_params"],
         "num_examples": info.num_examples,
         "skipped_files": {"count": len(info.skipped_files), "files": info.skipped_files},
-        "train_images_per_second": run.throughput.images_per_second,
+        "train_images_per_second": facts["train_images_per_second"],
     }
     metrics["val"] = classification_report(*predict_dataset(model.predict, val), info.class_names)
     log(format_report(metrics["val"], "validation (best epoch)"))
