@@ -19,7 +19,9 @@ def test_unknown_backbone_names_close_matches():
 
 def test_resnet50_stages_follow_keras_layer_names():
     spec = tfxfer.get_backbone("resnet50")
-    stages = layer_stages(create_backbone("resnet50", weights=None, image_size=32), spec)
+    backbone = create_backbone("resnet50", weights=None, image_size=32)
+    assert backbone.count_params() == spec.params  # what `tfxfer backbones` shows
+    stages = layer_stages(backbone, spec)
     assert stages["conv1_conv"] == "stem"
     assert stages["pool1_pool"] == "stem"
     assert stages["conv2_block1_1_conv"] == "conv2"
@@ -31,7 +33,9 @@ def test_resnet50_stages_follow_keras_layer_names():
 @pytest.mark.parametrize("name", ["mobilenetv2", "efficientnetb0", "resnet50v2"])
 def test_every_stage_of_other_families_has_layers(name):
     spec = tfxfer.get_backbone(name)
-    stages = layer_stages(create_backbone(name, weights=None, image_size=32), spec)
+    backbone = create_backbone(name, weights=None, image_size=32)
+    assert backbone.count_params() == spec.params
+    stages = layer_stages(backbone, spec)
     assert list(dict.fromkeys(stages.values())) == list(spec.stages)
 
 
@@ -67,7 +71,9 @@ def test_missing_weights_file_fails_clearly():
 def test_small_backbones_have_a_stage_map_and_train_by_stage(name, stages):
     spec = tfxfer.get_backbone(name)
     assert spec.stages == stages and spec.default_size == 32 and spec.sizes
-    by_layer = layer_stages(create_backbone(name, weights=None, image_size=32), spec)
+    backbone = create_backbone(name, weights=None, image_size=spec.default_size)
+    assert backbone.count_params() == spec.params
+    by_layer = layer_stages(backbone, spec)
     assert list(dict.fromkeys(by_layer.values())) == list(stages)
     model = tfxfer.build_model(name, num_classes=4, weights=None, image_size=32, freeze="stages:1")
     trained_stages = {by_layer[layer] for layer in model.trained_layers}

@@ -187,6 +187,18 @@ def test_backbones_lists_sizes_parameters_and_stages():
     assert "stem conv2 conv3 conv4 conv5" in result.output
 
 
+def test_backbones_answers_from_the_specs_without_tensorflow():
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.argv = ['tfxfer', 'backbones']; from tfxfer.cli import main; "
+              "main(standalone_mode=False); print('tensorflow loaded:', 'tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "efficientnetb3  300" in result.stdout and "58,370,944" in result.stdout
+    assert "tensorflow loaded: False" in result.stdout
+
+
 def test_python_dash_m_runs_the_command():
     import subprocess
     import sys

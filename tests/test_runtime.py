@@ -33,7 +33,7 @@ def test_explicit_precision_is_kept_and_unknown_is_one_sentence():
 
 
 def _python(code, **env):
-    environment = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    environment = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_CPP_MIN_LOG_LEVEL")}
     environment.update(env)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -56,3 +56,8 @@ def test_tensorflow_imported_first_gets_one_warning_where_onednn_is_off():
     # AVX-512 VNNI/AMX CPUs have oneDNN on by default: nothing to say there.
     assert warned == (enabled == "False")
     assert result.stderr.count("import tfxfer first") <= 1
+
+
+def test_import_tfxfer_is_quiet_unless_the_user_set_the_log_level():
+    assert "oneDNN custom operations" not in _python("import tfxfer").stderr
+    assert "oneDNN custom operations" in _python("import tfxfer", TF_CPP_MIN_LOG_LEVEL="0").stderr

@@ -66,5 +66,6 @@ def _run_as_command():
 
 
 if not _run_as_command():
+    _runtime.load_tensorflow_quietly()  # without TensorFlow's start-up lines, as the command does
     for _name in _PUBLIC:
         __getattr__(_name)

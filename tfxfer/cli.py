@@ -67,13 +67,17 @@ def _progress():
     return 1 if sys.stdout.isatty() else 2
 
 
-def _friendly(command):
-    """Turn a user's mistake (`TfxferError`) into one line on stderr and exit 1."""
+def _friendly(command=None, *, tensorflow=True):
+    """Turn a user's mistake (`TfxferError`) into one line on stderr and exit 1.
+    TensorFlow loads first, quietly, unless the command does without it."""
+    if command is None:
+        return functools.partial(_friendly, tensorflow=tensorflow)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            runtime.load_tensorflow_quietly()  # every command but --help needs it
+            if tensorflow:
+                runtime.load_tensorflow_quietly()
             return command(*args, **kwargs)
         except TfxferError as e:
             raise click.ClickException(str(e)) from None
@@ -281,23 +285,32 @@ def export_command(run, formats, output, precision):
 
 @main.command()
 @click.argument("pattern", default="*")
-@_friendly
+@_friendly(tensorflow=False)
 def backbones(pattern):
     """List backbones: default input size, parameter count and stage names."""
-    import keras
-
-    from tfxfer.backbones import create_backbone, get_backbone, list_backbones
+    from tfxfer.backbones import get_backbone, list_backbones
 
     rows = [("name", "size", "params", "stages", "suits")]
     for name in list_backbones(pattern):
         spec = get_backbone(name)
-        # Counting needs the model; build it small and without weights.
-        params = create_backbone(name, weights=None, image_size=spec.default_size if spec.default_size < 64 else 32).count_params()
-        keras.backend.clear_session()
-        rows.append((name, str(spec.default_size), f"{params:,}", " ".join(spec.stages), spec.sizes))
+        rows.append((name, str(spec.default_size), f"{spec.params or _count_params(spec):,}", " ".join(spec.stages),
+                     spec.sizes))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+
+
+def _count_params(spec):
+    """The parameters of a spec that does not state them: built small, without weights."""
+    runtime.load_tensorflow_quietly()
+    import keras
+
+    from tfxfer.backbones import create_backbone
+
+    size = spec.default_size if spec.default_size < 64 else max(32, spec.min_size)
+    count = create_backbone(spec.name, weights=None, image_size=size).count_params()
+    keras.backend.clear_session()
+    return count
 
 
 if __name__ == "__main__":

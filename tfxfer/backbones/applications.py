@@ -1,10 +1,13 @@
-"""The `keras.applications` families: ResNet v1 and v2, MobileNetV2, EfficientNetB0-B3."""
+"""The `keras.applications` families: ResNet v1 and v2, MobileNetV2, EfficientNetB0-B3.
+
+Constructors and preprocessing are named by `Reference`, so Keras loads when a
+network is built, not when the registry is read.
+"""
 
 import re
 
-import keras
+from tfxfer.backbones.registry import BackboneSpec, Reference, register_backbone
 
-from tfxfer.backbones.registry import BackboneSpec, register_backbone
 
 def _prefix_stage_of(rules):
     """A `stage_of` from (regex, stage) rules; the stage may use regex groups."""
@@ -37,28 +40,31 @@ _RESNET_STAGES = ("stem", "conv2", "conv3", "conv4", "conv5")
 _resnet_stage_of = _prefix_stage_of(
     [(r"(conv1|pool1)_", "stem"), (r"(conv[2-5])_", r"\1"), (r"post_", "conv5")]
 )
-_apps = keras.applications
+_APPS = "keras.applications"
 
-for _name, _builder, _module in [
-    ("resnet50", _apps.ResNet50, _apps.resnet),
-    ("resnet101", _apps.ResNet101, _apps.resnet),
-    ("resnet152", _apps.ResNet152, _apps.resnet),
-    ("resnet50v2", _apps.ResNet50V2, _apps.resnet_v2),
-    ("resnet101v2", _apps.ResNet101V2, _apps.resnet_v2),
+# Parameter counts are those of the headless networks (tests/test_backbones.py).
+for _name, _builder, _module, _params in [
+    ("resnet50", "ResNet50", "resnet", 23_587_712),
+    ("resnet101", "ResNet101", "resnet", 42_658_176),
+    ("resnet152", "ResNet152", "resnet", 58_370_944),
+    ("resnet50v2", "ResNet50V2", "resnet_v2", 23_564_800),
+    ("resnet101v2", "ResNet101V2", "resnet_v2", 42_626_560),
 ]:
     register_backbone(
-        BackboneSpec(_name, _builder, _module.preprocess_input, 224, _RESNET_STAGES, _resnet_stage_of, "224 px (32 px works from scratch)")
+        BackboneSpec(_name, Reference(f"{_APPS}:{_builder}"), Reference(f"{_APPS}.{_module}:preprocess_input"), 224,
+                     _RESNET_STAGES, _resnet_stage_of, "224 px (32 px works from scratch)", params=_params)
     )
 
 register_backbone(
     BackboneSpec(
         "mobilenetv2",
-        _apps.MobileNetV2,
-        _apps.mobilenet_v2.preprocess_input,
+        Reference(f"{_APPS}:MobileNetV2"),
+        Reference(f"{_APPS}.mobilenet_v2:preprocess_input"),
         224,
         ("stem", "stage1", "stage2", "stage3", "stage4", "top"),
         _mobilenetv2_stage_of,
         "96-224 px (32 px works from scratch)",
+        params=2_257_984,
     )
 )
 
@@ -66,16 +72,17 @@ _EFFICIENTNET_STAGES = ("stem",) + tuple(f"block{i}" for i in range(1, 8)) + ("t
 _efficientnet_stage_of = _prefix_stage_of(
     [(r"stem_", "stem"), (r"block(\d)[a-z]_", r"block\1"), (r"top_", "top")]
 )
-for _i, _size in enumerate((224, 240, 260, 300)):
+for _i, (_size, _params) in enumerate(zip((224, 240, 260, 300), (4_049_571, 6_575_239, 7_768_569, 10_783_535))):
     register_backbone(
         BackboneSpec(
             f"efficientnetb{_i}",
-            getattr(_apps, f"EfficientNetB{_i}"),
+            Reference(f"{_APPS}:EfficientNetB{_i}"),
             # EfficientNet rescales and normalizes inside the model itself.
-            _apps.efficientnet.preprocess_input,
+            Reference(f"{_APPS}.efficientnet:preprocess_input"),
             _size,
             _EFFICIENTNET_STAGES,
             _efficientnet_stage_of,
             f"{_size} px (32 px works from scratch)",
+            params=_params,
         )
     )

@@ -8,16 +8,16 @@ cannot disagree about preprocessing.
 
 import dataclasses
 import fnmatch
+import functools
+import importlib
 import os
-from typing import Callable
-
-
-import keras
+from typing import Callable, Optional
 
 from tfxfer.errors import TfxferError, did_you_mean, is_network_failure
 
 __all__ = [
     "BackboneSpec",
+    "Reference",
     "feature_pool",
     "set_bn_momentum",
     "scale_unit",
@@ -33,6 +33,28 @@ __all__ = [
 KERAS_CACHE = os.path.join(os.path.expanduser("~"), ".keras", "models")
 
 
+class Reference:
+    """A function named `"module:name"`, imported at its first call.
+
+    Specs name the `keras.applications` constructors and preprocessing this
+    way, so that the registry loads without Keras and `tfxfer backbones`
+    answers without starting TensorFlow.
+    """
+
+    def __init__(self, reference):
+        self.__module__, _, self.__qualname__ = reference.partition(":")
+
+    @functools.cached_property
+    def target(self):
+        return functools.reduce(getattr, self.__qualname__.split("."), importlib.import_module(self.__module__))
+
+    def __call__(self, *args, **kwargs):
+        return self.target(*args, **kwargs)
+
+    def __repr__(self):
+        return f"Reference({self.__module__}:{self.__qualname__})"
+
+
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
     """What tfxfer needs to know about one backbone family member.
@@ -40,7 +62,7 @@ class BackboneSpec:
     Args:
         name: registry name, e.g. `"resnet50"`.
         builder: `keras.applications`-style constructor taking `weights`,
-            `include_top` and `input_shape`.
+            `include_top` and `input_shape` (a function or a `Reference`).
         preprocess: maps raw 0-255 float pixels to what the weights expect.
         default_size: the input size the ImageNet weights were trained at.
         stages: stage names from input to output.
@@ -48,6 +70,9 @@ class BackboneSpec:
             the layer before it (padding, pooling and other glue layers).
         sizes: the input sizes it suits, as `tfxfer backbones` shows them.
         min_size: the smallest input size it builds at.
+        params: the headless network's parameter count at `default_size`, for
+            `tfxfer backbones` (tests check it against the built network);
+            `None` counts them by building it.
     """
 
     name: str
@@ -58,6 +83,7 @@ class BackboneSpec:
     stage_of: Callable
     sizes: str = ""
     min_size: int = 32  # keras.applications' floor
+    params: Optional[int] = None
 
 
 _REGISTRY = {}
@@ -153,10 +179,11 @@ def layer_stages(backbone, spec):
     return stages
 
 
-
 def feature_pool(backbone):
     """The layer from a backbone's output to a feature vector: global average
     pooling of a feature map; nothing for a vector (simplecnn's dense layer)."""
+    import keras
+
     if len(backbone.output.shape) == 4:
         return keras.layers.GlobalAveragePooling2D(name="pool")
     return keras.layers.Identity(name="pool")
@@ -166,6 +193,8 @@ def set_bn_momentum(backbone, momentum):
     """Set the momentum of every BatchNorm layer of `backbone`; `None` keeps them."""
     if momentum is None:
         return
+    import keras
+
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = float(momentum)

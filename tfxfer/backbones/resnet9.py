@@ -14,8 +14,6 @@ of 30,000 images (125 img/s). Measured through tfxfer's training step (batch
 rates. SimCLR's two views halve them again. The default is 24 (24-192).
 """
 
-import keras
-
 from tfxfer.backbones.registry import BackboneSpec, no_imagenet_weights, register_backbone, scale_symmetric
 
 __all__ = ["resnet9", "DEFAULT_WIDTH"]
@@ -24,12 +22,16 @@ DEFAULT_WIDTH = 24
 
 
 def _conv_bn(x, filters, name):
+    import keras
+
     x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
     x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
 def _stage(x, filters, name, residual):
+    import keras
+
     x = _conv_bn(x, filters, name)
     x = keras.layers.MaxPooling2D(2, name=f"{name}_pool")(x)
     if residual:
@@ -42,6 +44,8 @@ def _stage(x, filters, name, residual):
 def resnet9(weights=None, include_top=False, input_shape=(32, 32, 3), width=DEFAULT_WIDTH, name="resnet9"):
     """The headless ResNet-9 of the given `width`; `weights` must be `None`
     (`create_backbone` loads weights files)."""
+    import keras  # at build time: the spec registers without loading TensorFlow
+
     no_imagenet_weights("resnet9", weights, include_top)
     inputs = keras.Input(input_shape)
     x = _conv_bn(inputs, width, "prep")
@@ -60,5 +64,6 @@ register_backbone(
         ("prep", "layer1", "layer2", "layer3"),
         lambda layer: layer.split("_")[0] if layer.startswith(("prep", "layer")) else None,
         sizes="32-64 px",
+        params=926_760,
     )
 )

@@ -4,8 +4,6 @@ dense 128. Its features are the dense layer's 128 values; the new head replaces
 the old output layer, as in the example. For 28-32 px images.
 """
 
-import keras
-
 from tfxfer.backbones.registry import BackboneSpec, no_imagenet_weights, register_backbone, scale_unit
 
 __all__ = ["simplecnn"]
@@ -14,6 +12,8 @@ __all__ = ["simplecnn"]
 def simplecnn(weights=None, include_top=False, input_shape=(32, 32, 3), name="simplecnn"):
     """The headless network; `weights` must be `None`
     (`create_backbone` loads weights files)."""
+    import keras  # at build time: the spec registers without loading TensorFlow
+
     no_imagenet_weights("simplecnn", weights, include_top)
     inputs = keras.Input(input_shape)
     x = keras.layers.Conv2D(32, 3, activation="relu", name="conv1")(inputs)
@@ -34,5 +34,6 @@ register_backbone(
         lambda layer: {"conv1": "conv1", "conv2": "conv2", "dense": "dense"}.get(layer),
         sizes="28-32 px (the dense layer fixes the input size)",
         min_size=28,
+        params=1_625_152,
     )
 )
