@@ -1,5 +1,8 @@
+import contextlib
+import errno
 import io
 import os
+import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -121,3 +124,37 @@ def offline_keras(monkeypatch):
 
     for module in ("keras.src.utils.file_utils", "keras.src.applications.resnet.file_utils"):
         monkeypatch.setattr(module + ".get_file", offline)
+
+
+@contextlib.contextmanager
+def read_only(folder, monkeypatch):
+    """`folder` as the user who cannot write it sees it: a read-only bind mount
+    where the test may mount (root has no other way to be refused a write),
+    else no write permission, else every tfxfer write failing with EROFS."""
+    try:
+        mounted = os.geteuid() == 0 and subprocess.run(
+            ["mount", "--bind", "-o", "ro", folder, folder], capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+    try:
+        if not mounted and os.geteuid() != 0:
+            for root, _, _ in os.walk(folder):
+                os.chmod(root, 0o555)
+        elif not mounted:
+            from tfxfer import atomic
+
+            write_text = atomic.write_text
+
+            def refuse_inside(path, text):
+                if os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep):
+                    raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+                write_text(path, text)
+
+            monkeypatch.setattr(atomic, "write_text", refuse_inside)
+        yield
+    finally:
+        if mounted:
+            subprocess.run(["umount", folder], check=True)
+        elif os.geteuid() != 0:
+            for root, _, _ in os.walk(folder):
+                os.chmod(root, 0o755)

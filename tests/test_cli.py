@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import tfxfer
 from tfxfer.cli import main
-from tests.conftest import run_cli, write_class_folder
+from tests.conftest import read_only, run_cli, write_class_folder
 
 
 @pytest.fixture
@@ -135,6 +135,26 @@ def test_predict_and_evaluate_use_the_export(tmp_path, folder):
     wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["probability"]))
     if wrong:
         assert "most confidently wrong" in evaluated.output and wrong[0]["file"] in evaluated.output
+
+
+def test_a_read_only_model_folder_still_predicts_and_evaluates(tmp_path, folder, monkeypatch):
+    assert _finetune(tmp_path, folder, "--run-name", "ro", "--epochs", "1").exit_code == 0
+    run = str(tmp_path / "runs" / "ro")
+    before = {path: os.path.getmtime(path) for path in glob.glob(os.path.join(run, "**"), recursive=True)}
+    image = sorted(glob.glob(os.path.join(folder, "test", "owl", "*.png")))[0]
+    with read_only(run, monkeypatch):
+        predicted = CliRunner().invoke(main, ["predict", "--model", run, image])
+        evaluated = CliRunner().invoke(main, ["evaluate", "--model", run, "--data-dir", folder])
+        kept = CliRunner().invoke(main, ["evaluate", "--model", run, "--data-dir", folder,
+                                         "--output", str(tmp_path / "report")])
+    assert predicted.exit_code == 0 and predicted.output.startswith(image), predicted.output
+    assert evaluated.exit_code == 0 and "confusion matrix" in evaluated.output, evaluated.output
+    assert evaluated.output.count("could not write") == 1 and "--output FOLDER" in evaluated.output
+    assert "Traceback" not in evaluated.output and "--output-dir" not in evaluated.output
+    assert {path: os.path.getmtime(path) for path in before} == before
+    assert kept.exit_code == 0 and "could not write" not in kept.output, kept.output
+    assert json.load(open(tmp_path / "report" / "metrics.json"))["evaluations"]["data:test"]["accuracy"] >= 0
+    assert len(open(tmp_path / "report" / "predictions.csv").read().splitlines()) == 1 + 12
 
 
 def test_predict_takes_folders_and_globs_and_prints_json(tmp_path, folder):

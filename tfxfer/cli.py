@@ -177,11 +177,13 @@ def study(config_path, **flags):
 @click.option("--model", "model_path", required=True, help="Run folder or SavedModel folder.")
 @config_options(FinetuneConfig, EVALUATE_OPTIONS)
 @click.option("--split", default="test", show_default=True, help="Which split to evaluate: test, val or train.")
+@click.option("--output", "output_dir", type=click.Path(file_okay=False),
+              help="Folder for metrics.json and predictions.csv. [default: the run folder, or the SavedModel's]")
 @click.option("--predictions", "predictions_path", type=click.Path(),
               help="CSV of every image: file, true, predicted, probability, loss. [default: predictions.csv beside metrics.json]")
 @click.option("--top-wrong", default=10, show_default=True, help="How many of the most confidently wrong images to list.")
 @_friendly
-def evaluate(model_path, split, predictions_path, top_wrong, **data):
+def evaluate(model_path, split, output_dir, predictions_path, top_wrong, **data):
     """Accuracy, loss, per-class precision/recall/F1, confusion matrix, every
     prediction (predictions.csv) and the most confidently wrong images."""
     from tfxfer.evaluation import confident_mistakes, format_report, write_predictions
@@ -195,20 +197,26 @@ def evaluate(model_path, split, predictions_path, top_wrong, **data):
         click.echo(f"\nmost confidently wrong ({len(mistakes)} of {sum(r['true'] != r['predicted'] for r in rows)} wrong):")
         for r in mistakes:
             click.echo(f"  {r['probability']:.3f}  {r['predicted']} (true {r['true']})  {r['file']}")
-    metrics_path = _metrics_path(model_path, export_dir)
+    metrics_path = os.path.join(output_dir, "metrics.json") if output_dir else _metrics_path(export_dir)
     predictions_path = predictions_path or os.path.join(os.path.dirname(metrics_path), "predictions.csv")
-    write_predictions(predictions_path, rows)
-    click.echo(f"predictions of {len(rows)} images written to {predictions_path}")
-    metrics = {}
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            metrics = json.load(f)
-    metrics.setdefault("evaluations", {})[f"{report['data']}:{split}"] = report
-    atomic.write_json(metrics_path, metrics)
-    click.echo(f"written to {metrics_path}")
+    try:
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+        write_predictions(predictions_path, rows)
+        click.echo(f"predictions of {len(rows)} images written to {predictions_path}")
+        metrics = atomic.read_json(metrics_path) if os.path.exists(metrics_path) else {}
+        metrics.setdefault("evaluations", {})[f"{report['data']}:{split}"] = report
+        atomic.write_json(metrics_path, metrics)
+        click.echo(f"written to {metrics_path}")
+    except OSError as e:
+        if write_failure(e) is None:
+            raise
+        # The results are printed above; a model folder the user cannot write is not a failure.
+        click.echo(f"note: could not write {e.filename or metrics_path} ({e.strerror}); the results above are "
+                   "complete; pass --output FOLDER to keep metrics.json and predictions.csv.", err=True)
 
 
-def _metrics_path(model_path, export_dir):
+def _metrics_path(export_dir):
     # export_dir is <run>/export/<version>: the run folder holds metrics.json.
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(export_dir)))
     if os.path.exists(os.path.join(run_dir, "config.yaml")):
