@@ -125,6 +125,12 @@ def test_tiny_study_end_to_end_and_resume_after_a_killed_run(tmp_path, folder, m
     assert "| lp-ft | 4 |" in report and "Δ vs scratch (p)" in report and "2 seeds × 2 folds" in report
     assert "full vs scratch" in report and "scratch vs full" not in report
     assert "tfxfer finetune" in (study_dir / "commands.txt").read_text()
+    # One export per strategy, the run best on validation; every run keeps its metrics.
+    for strategy in ("scratch", "full", "lp-ft"):
+        own = [r for r in rows if r["strategy"] == strategy]
+        kept = [r["run"] for r in own if os.path.isdir(study_dir / r["run"] / "export")]
+        assert kept == [max(own, key=lambda r: float(r["val_accuracy"]))["run"]]
+    assert "removed 9 others" in result.output and "--keep-exports all keeps them" in result.output
     for name, min_size in (("bar_chart", (400, 300)), ("learning_curves", (800, 300)),
                            ("confusion_matrix", (300, 300)), ("top_losses", (400, 300))):
         with Image.open(study_dir / f"{name}.png") as image:

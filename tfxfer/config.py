@@ -362,6 +362,9 @@ class StudyOptions:
     )
     seeds: str = option("0,1,2", "Comma-separated seeds; each varies the labelled sample, the head's initialization and the data order.")
     name: Optional[str] = option(None, "Study folder under --output-dir (default: <data>-<backbone>).")
+    keep_exports: str = option(
+        "best", "SavedModels to keep: best (per strategy, the run best on validation) or all.", ("best", "all")
+    )
 
     def validate(self):
         from tfxfer.strategies import parse_strategies

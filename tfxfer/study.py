@@ -4,7 +4,9 @@ statistics and plots that say how sure the comparison is.
 A study folder `studies/<name>/` holds:
 
     study.yaml          the shared options (a re-run must match them)
-    runs/<run>/         one finetune run folder per strategy, seed and fold
+    runs/<run>/         one finetune run folder per strategy, seed and fold; only the
+                        run best on validation of each strategy keeps its export/
+                        (all of them with --keep-exports all)
     commands.txt        each run as a plain `tfxfer finetune` command
     results.csv         one row per run: every metric
     report.md           mean ± sd, 95% CI, paired tests against scratch and full
@@ -17,9 +19,10 @@ the epoch in progress.
 """
 
 import csv
-import io
 import dataclasses
+import io
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -88,6 +91,8 @@ def _run_study(config, name, study_dir, shared, strategies, seeds, folds, log, v
         log(f"[{i}/{len(planned)}] {run_config.run.run_name}: {command}")
         run_dir = os.path.join(run_config.run.output_dir, run_config.run.run_name)
         rows.append(_row(strategy, seed, fold, _run_once(run_config, run_dir, log, verbose), os.path.relpath(run_dir, study_dir)))
+    if config.study.keep_exports == "best":
+        _keep_best_exports(study_dir, rows, strategies, log)
     atomic.write_text(os.path.join(study_dir, "commands.txt"), "\n".join(commands) + "\n")
     _write_csv(os.path.join(study_dir, "results.csv"), rows)
     report_path, summary = write_report(study_dir, rows, commands, strategies, seeds, config, name)
@@ -161,6 +166,25 @@ def _run_once(run_config, run_dir, log, verbose):
         keras.backend.clear_session()
         finetune(run_config, resume=resume, overwrite=not resume, verbose=verbose, log=lambda m: log("  " + m))
     return atomic.read_json(metrics_path)
+
+
+def _keep_best_exports(study_dir, rows, strategies, log):
+    """Remove the SavedModels of all but each strategy's run best on validation
+    (the first of a tie): they are most of a study's disk space, and a study
+    compares runs through their metrics, which stay."""
+    removed, freed = 0, 0
+    for strategy in strategies:
+        own = [r for r in rows if r["strategy"] == strategy]
+        best = max(own, key=lambda r: r["val_accuracy"])
+        for row in own:
+            export = os.path.join(study_dir, row["run"], "export")
+            if row is not best and os.path.isdir(export):
+                freed += sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(export) for f in files)
+                shutil.rmtree(export)
+                removed += 1
+    if removed:
+        log(f"kept the export of each strategy's best run on validation; removed {removed} others "
+            f"({freed / 2**20:.0f} MB; --keep-exports all keeps them)")
 
 
 def _row(strategy, seed, fold, metrics, run):
