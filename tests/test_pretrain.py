@@ -124,7 +124,7 @@ def test_unlabelled_flat_folder_works_for_simclr_only(tmp_path):
 def test_time_budget_picks_fewer_pretrain_epochs_on_a_slower_step(tmp_path, source, monkeypatch):
     picked = {}
     for seconds in (60.0, 240.0):
-        monkeypatch.setattr(budget, "measure_seconds_per_step", lambda model, dataset, s=seconds: s)
+        monkeypatch.setattr(budget, "measure_seconds_per_step", lambda model, dataset, seconds, s=seconds: s)
         config = _pretrain_config(tmp_path, source, time_budget="2h", run_name=f"b{int(seconds)}")
         picked[seconds] = len(_rows(tfxfer.pretrain(config, **QUIET).run_dir))
         keras.backend.clear_session()

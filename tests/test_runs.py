@@ -105,13 +105,23 @@ def test_plan_epochs_fits_whole_epochs_in_what_is_left():
 def test_time_budget_picks_fewer_epochs_for_a_slower_step(tmp_path, folder, monkeypatch, step_seconds, epochs):
     # Injected step time: 6 train + 1 eval batches an epoch; a 1 h budget holds
     # 3600 / (t * 6.33) epochs whatever the start-up took (under 9 minutes).
-    monkeypatch.setattr(budget, "measure_seconds_per_step", lambda model, dataset: step_seconds)
+    measured = []
+    monkeypatch.setattr(budget, "measure_seconds_per_step",
+                        lambda model, dataset, seconds: measured.append(seconds) or step_seconds)
     lines = []
     result = tfxfer.finetune(_config(tmp_path, folder, time_budget="1h", epochs=99), verbose=0, log=lines.append)
     assert len(_rows(result.run_dir)) == epochs
     saved = yaml.safe_load(open(os.path.join(result.run_dir, "config.yaml")))
     assert saved["optim"]["epochs"] == epochs and saved["optim"]["time_budget"] == "1h"
     assert any(f"-> {epochs} epochs" in line for line in lines)
+    assert measured == [30.0]  # the most a budget spends timing the step
+
+
+def test_a_short_budget_times_the_step_for_a_tenth_of_it(tmp_path, folder, monkeypatch):
+    measured = []
+    monkeypatch.setattr(budget, "measure_seconds_per_step", lambda model, dataset, seconds: measured.append(seconds) or 0.01)
+    tfxfer.finetune(_config(tmp_path, folder, time_budget="10s"), verbose=0, log=lambda message: None)
+    assert measured == [1.0]
 
 
 def test_measuring_the_step_trains_nothing(tiny_model_factory):

@@ -1,7 +1,7 @@
 """`--time-budget`: how long a run may train, and how many epochs fit in it.
 
-The budget is planned from real steps: about 30 s of the run's own training
-step are timed (and undone), the whole epochs that fit are fixed and saved in
+The budget is planned from real steps: the run's own training step is timed
+(and undone) for a tenth of the budget, at most 30 s, the whole epochs that fit are fixed and saved in
 the run's config, and a guard stops the run when an epoch would end well past
 the budget (`tfxfer.callbacks.BudgetGuard`).
 """
@@ -30,6 +30,10 @@ def parse_duration(text):
 
 # Evaluating a batch costs about a third of a training step (forward only).
 EVAL_STEP_SHARE = 1 / 3
+# Timing the step takes this share of the budget, up to MEASURE_SECONDS: a
+# short budget is not spent on measuring it.
+MEASURE_SHARE = 0.1
+MEASURE_SECONDS = 30.0
 
 
 def plan_epochs(budget_seconds, seconds_per_step, steps_per_epoch, eval_steps_per_epoch=0, spent_seconds=0.0):
@@ -75,7 +79,7 @@ def apply_time_budget(config, model, train, steps_per_epoch, eval_steps_per_epoc
     """With `--time-budget`: measure the step, fix the epochs that fit, save the
     choice in `config` (whose schedule must then be built). Returns the epochs."""
     budget = parse_duration(config.optim.time_budget)
-    seconds_per_step = measure_seconds_per_step(model, train)
+    seconds_per_step = measure_seconds_per_step(model, train, seconds=min(MEASURE_SECONDS, MEASURE_SHARE * budget))
     spent = time.time() - started
     epochs = plan_epochs(budget, seconds_per_step, steps_per_epoch, eval_steps_per_epoch, spent)
     log(
