@@ -31,3 +31,26 @@ def test_loss_is_not_capped_at_keras_probability_epsilon():
     probabilities = np.array([[1e-9, 1 - 1e-9], [0.5, 0.5]])
     report = classification_report(np.array([0, 0]), probabilities, ["a", "b"])
     assert np.isclose(report["loss"], (-np.log(1e-9) - np.log(0.5)) / 2)
+
+
+def test_class_names_with_spaces_and_accents_show_in_full(tmp_path):
+    import warnings
+
+    from PIL import Image
+
+    from tfxfer.reporting import plots
+
+    names = ["grüne Äpfel", "red apples", "Crème brûlée", "Ωmega"]
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    probabilities = np.eye(4)[[0, 1, 2, 3, 1, 1]] * 0.9 + 0.025
+    report = classification_report(labels, probabilities, names)
+    text = format_report(report)
+    header = next(line for line in text.splitlines() if "red apples" in line and "Crème brûlée" in line)
+    assert all(name in header for name in names)  # the matrix's column heads, untruncated
+    assert all(any(line.startswith(name + " ") for line in text.splitlines()) for name in names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plots.confusion_matrix(report["confusion_matrix"], names, str(tmp_path / "cm.png"), "Äpfel: test")
+    assert not [w for w in caught if "missing from" in str(w.message)]  # every glyph drawn
+    with Image.open(tmp_path / "cm.png") as image:
+        assert image.size[0] >= 300

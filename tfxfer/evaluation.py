@@ -61,8 +61,9 @@ def format_report(report, title="evaluation"):
     macro = report["macro"]
     lines.append(f"{'macro avg':<{width}}{macro['precision']:>10.4f}{macro['recall']:>10.4f}{macro['f1']:>10.4f}")
     lines.append("confusion matrix (rows: true class, columns: predicted):")
-    cell = max(5, max(len(str(v)) for row in report["confusion_matrix"] for v in row) + 1)
-    lines.append(" " * width + "".join(f"{n[:cell - 1]:>{cell}}" for n in names))
+    # Columns as wide as the longest name: class names show in full, whatever they hold.
+    cell = max(5, max(len(str(v)) for row in report["confusion_matrix"] for v in row) + 1, max(map(len, names)) + 1)
+    lines.append(" " * width + "".join(f"{n:>{cell}}" for n in names))
     for name, row in zip(names, report["confusion_matrix"]):
         lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}d}" for v in row))
     return "\n".join(lines)
