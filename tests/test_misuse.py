@@ -66,7 +66,7 @@ FINETUNE_CASES = [
     (("--classes", "cat,unicorn"), "unicorn"),
     (("--run-name", "../escape"), "--run-name '../escape' must be a plain folder name"),
     (("--run-name", "a/b"), "must be a plain folder name"),
-    (("--resume", "--run-name", "never-ran"), "no checkpoint to resume from"),
+    (("--resume", "--run-name", "never-ran"), "holds no run to resume from"),
     (("--config", "missing.yaml"), "Config file 'missing.yaml' does not exist"),
 ]
 

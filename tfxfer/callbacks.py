@@ -9,6 +9,7 @@ import csv
 import io
 import math
 import os
+import shutil
 import time
 
 import keras
@@ -60,11 +61,14 @@ class RunCheckpoint(keras.callbacks.Callback):
         return atomic.read_json(self.state_path)
 
     def saved_epoch(self):
-        """The number of epochs the last checkpoint has done."""
-        return self._state()["epoch"]
+        """The number of epochs the last checkpoint has done (0 before the first)."""
+        return self._state()["epoch"] if os.path.exists(self.state_path) else 0
 
     def restore(self):
-        """Load the last checkpoint; return the number of epochs already done."""
+        """Load the last checkpoint; return the number of epochs already done
+        (0, and nothing loaded, for a run killed before its first checkpoint)."""
+        if not os.path.exists(self.state_path):
+            return 0
         state = self._state()
         self._checkpoint().read(state["checkpoint"]).assert_existing_objects_matched()
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
@@ -95,8 +99,10 @@ class RunCheckpoint(keras.callbacks.Callback):
         })
         keep = os.path.basename(path)
         for name in os.listdir(folder):
+            # Also a killed write's leftovers, e.g. TensorFlow's `epoch-N_temp/` folder.
             if name.startswith("epoch-") and name.split(".")[0] != keep:
-                os.remove(os.path.join(folder, name))
+                path = os.path.join(folder, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def random_state(model):

@@ -125,6 +125,18 @@ def _missing_ancestor(path):
     return missing
 
 
+def _remove_leftovers(run_dir):
+    """Delete the `tmp-*` files and folders a killed process left (`tfxfer.atomic`):
+    the caller holds the folder's lock, so no live process is writing them."""
+    for folder, subfolders, files in os.walk(run_dir):
+        for name in [n for n in subfolders if n.startswith("tmp-")]:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            subfolders.remove(name)
+        for name in files:
+            if name.startswith("tmp-"):
+                os.remove(os.path.join(folder, name))
+
+
 def _only_lock(run_dir):
     """A folder holding nothing but a lock file: a run that died before it began."""
     return os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {LOCK_FILE}
@@ -193,8 +205,9 @@ class Run:
             raise in_use(run_dir, lock)
         try:
             if resume:
-                if not os.path.exists(os.path.join(run_dir, CHECKPOINT_STATE)):
-                    raise TfxferError(f"Run folder {run_dir} has no checkpoint to resume from; start it without --resume.")
+                # A run killed before its first checkpoint resumes from its saved config, at epoch 0.
+                if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+                    raise TfxferError(f"Run folder {run_dir} holds no run to resume from; start it without --resume.")
                 config = _resumed_config(config, run_dir)
             elif exists and not overwrite:
                 raise TfxferError(f"Run folder {run_dir} already exists; pass --resume to continue it, "
@@ -210,6 +223,7 @@ class Run:
             if not lock.try_acquire(create=True):  # another run made the folder a moment ago
                 raise in_use(run_dir, lock)
             lock.stamp()
+            _remove_leftovers(run_dir)
         except BaseException:
             lock.release()
             raise

@@ -159,7 +159,7 @@ def _callbacks(run, model, schedule, train, info, extra):
     if run.resume:
         # The checkpoint holds the optimizers of the phase of its last epoch; the
         # next phase, if one begins now, regrows them as an unbroken run does.
-        model.set_freeze(phase_at(schedule, checkpoint.saved_epoch() - 1))
+        model.set_freeze(phase_at(schedule, max(checkpoint.saved_epoch() - 1, 0)))
         initial_epoch = checkpoint.restore()
         log(f"resuming {config.run.run_name} after epoch {initial_epoch}, freeze {model.freeze}")
     timer = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
