@@ -15,7 +15,7 @@ from tfxfer.backbones.pretrained import find_pretrained
 from tfxfer.cli import main
 from tfxfer.config import PretrainConfig, load_config, option
 from tfxfer.errors import TfxferError
-from tfxfer.pretext import METHODS, get_method, register_method
+from tfxfer.pretext import get_method, list_methods, register_method
 from tests.conftest import write_class_folder
 
 QUIET = {"verbose": 0, "log": lambda *_: None}
@@ -164,7 +164,7 @@ class _SharpenOptions:
 
 def test_a_method_registered_from_outside_brings_its_own_options(tmp_path, source):
     supervised = get_method("supervised")
-    if "sharpen" not in METHODS:
+    if "sharpen" not in list_methods():
         register_method(dataclasses.replace(
             supervised, name="sharpen", options=_SharpenOptions,
             settings=lambda config: {"sharpen": config.pretext.sharpen},

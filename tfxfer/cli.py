@@ -104,12 +104,11 @@ def main():
 
 class _PretrainCommand(click.Command):
     """`tfxfer pretrain`, whose options include those the pretext methods
-    declare. The methods load TensorFlow as they register, so their options
-    join when the command runs or shows its help, not at `tfxfer --help`."""
+    declare: added when the command runs or shows its help, so that a method
+    registered by then is configurable like the built-in ones."""
 
     def get_params(self, ctx):
-        runtime.load_tensorflow_quietly()
-        import tfxfer.pretext  # noqa: F401  (the built-in methods register themselves)
+        import tfxfer.pretext  # noqa: F401  (the built-in methods' options, without TensorFlow)
 
         known = {param.name for param in self.params}
         defaults = PretrainConfig.defaults()

@@ -306,8 +306,9 @@ class PretextConfig:
     method: str = option("supervised", "Pretext task: supervised, simclr, autoencoder or a registered one.")
 
     def validate(self):
+        # Each method's options check themselves (the merged class's bases).
         for options in type(self).__mro__[1:]:
-            if dataclasses.is_dataclass(options) and "validate" in vars(options):
+            if options is not PretextConfig and dataclasses.is_dataclass(options) and "validate" in vars(options):
                 options.validate(self)
 
 
@@ -338,7 +339,9 @@ def _merged_pretext(options):
     if not options:
         return PretextConfig
     # A dataclass's fields come base first: `method` ends up first.
-    return dataclasses.make_dataclass("PretextConfig", [], bases=(*reversed(options), PretextConfig))
+    # `validate` is PretextConfig's, which calls every method's; the first base's would shadow it.
+    return dataclasses.make_dataclass("PretextConfig", [], bases=(*reversed(options), PretextConfig),
+                                      namespace={"validate": PretextConfig.validate})
 
 
 @dataclasses.dataclass

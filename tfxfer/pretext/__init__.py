@@ -3,9 +3,12 @@
     supervised   classify the source labels (`supervised.py`)
     simclr       InfoNCE / NT-Xent over two augmented views (`simclr.py`)
     autoencoder  reconstruct the input, optionally denoising (`autoencoder.py`)
+
+Importing the package loads no TensorFlow: the methods load when one is
+first looked up (`get_method`, `list_methods`).
 """
 
-from tfxfer.pretext.registry import METHODS, PretextMethod, get_method, register_method
-from tfxfer.pretext import supervised, simclr, autoencoder  # noqa: F401, E402  (they register themselves)
+from tfxfer.pretext import options  # noqa: F401  (the built-in methods' options join the config)
+from tfxfer.pretext.registry import PretextMethod, get_method, list_methods, register_method
 
-__all__ = ["METHODS", "PretextMethod", "get_method", "register_method"]
+__all__ = ["PretextMethod", "get_method", "list_methods", "register_method"]

@@ -9,7 +9,6 @@ The loss is the mean squared error against the input in [0, 1]. With
 added to the input, and the clean image is the target (Vincent et al. 2008).
 """
 
-import dataclasses
 import math
 import os
 
@@ -17,9 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfxfer.config import option
-from tfxfer.errors import TfxferError
 from tfxfer.pretext.base import PretextModel
+from tfxfer.pretext.options import AutoencoderOptions
 from tfxfer.pretext.registry import PretextMethod, register_method
 
 __all__ = ["Autoencoder", "ReconstructionGrid", "noisy"]
@@ -91,15 +89,6 @@ class ReconstructionGrid(keras.callbacks.Callback):
         path = os.path.join(self.folder, f"epoch_{epoch + 1:03d}.png")
         tf.io.write_file(path + ".tmp", tf.io.encode_png(grid))
         os.replace(path + ".tmp", path)
-
-
-@dataclasses.dataclass
-class AutoencoderOptions:
-    denoise: float = option(0.0, "Autoencoder: std of Gaussian input noise, in [0, 1] pixel units.")
-
-    def validate(self):
-        if not self.denoise >= 0:  # also catches NaN
-            raise TfxferError(f"denoise must be >= 0, got {self.denoise}.")
 
 
 def _pairs(std, flip):

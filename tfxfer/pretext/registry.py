@@ -1,16 +1,30 @@
-"""The registry of pretext methods: each method file registers one `PretextMethod`."""
+"""The registry of pretext methods: each method file registers one `PretextMethod`.
+
+The built-in methods load TensorFlow, so their modules are imported when a
+method is first looked up, not when the registry is; their options are in
+`tfxfer.pretext.options`, for `tfxfer pretrain --help`.
+"""
 
 import dataclasses
+import importlib
 from typing import Callable, Optional
 
 from tfxfer.config import add_pretext_options
 from tfxfer.errors import did_you_mean
 
-__all__ = ["PretextMethod", "register_method", "get_method", "METHODS"]
+__all__ = ["PretextMethod", "register_method", "get_method", "list_methods"]
 
-# Names of the methods, filled as their modules register; the config reads it.
-METHODS = []
+_BUILT_IN = ("tfxfer.pretext.supervised", "tfxfer.pretext.simclr", "tfxfer.pretext.autoencoder")
 _REGISTRY = {}
+_loaded = []
+
+
+def _load_built_in():
+    """Import the built-in methods once, which register themselves."""
+    if not _loaded:
+        _loaded.append(True)
+        for module in _BUILT_IN:
+            importlib.import_module(module)
 
 
 def _no_callbacks(model, run_dir, val, info, config):
@@ -55,16 +69,25 @@ class PretextMethod:
 
 
 def register_method(method):
+    """Add `method`; a name can be registered once, and its options must not
+    take the name of another option of `tfxfer pretrain`."""
+    _load_built_in()
     if method.name in _REGISTRY:
         raise ValueError(f"Pretext method {method.name!r} is already registered.")
     if method.options is not None:
         add_pretext_options(method.options)
     _REGISTRY[method.name] = method
-    METHODS.append(method.name)
     return method
 
 
+def list_methods():
+    """The registered method names, built-in ones first."""
+    _load_built_in()
+    return list(_REGISTRY)
+
+
 def get_method(name):
+    _load_built_in()
     try:
         return _REGISTRY[name]
     except KeyError:

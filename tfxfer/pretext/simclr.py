@@ -17,7 +17,6 @@ warning says so), and, when a labelled validation split exists, a cosine kNN
 accuracy of the backbone's features on it (leave-one-out, k = 20).
 """
 
-import dataclasses
 import math
 import warnings
 
@@ -25,9 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfxfer.config import option
-from tfxfer.errors import TfxferError
 from tfxfer.pretext.base import PretextModel, backbone_features
+from tfxfer.pretext.options import SimCLROptions
 from tfxfer.pretext.registry import PretextMethod, register_method
 
 __all__ = ["SimCLR", "nt_xent", "embedding_std", "simclr_views", "KnnAccuracy", "knn_accuracy"]
@@ -181,18 +179,6 @@ def knn_accuracy(features, labels, k=20, temperature=0.07):
     votes = np.zeros((len(labels), int(labels.max()) + 1))
     np.add.at(votes, (np.arange(len(labels))[:, None], labels[neighbours]), weights)
     return float((votes.argmax(1) == labels).mean())
-
-
-@dataclasses.dataclass
-class SimCLROptions:
-    temperature: float = option(0.2, "SimCLR: temperature of the NT-Xent loss.")
-    projection_dim: int = option(128, "SimCLR: output size of the projection head.")
-
-    def validate(self):
-        if not self.temperature > 0:
-            raise TfxferError(f"temperature must be > 0, got {self.temperature}.")
-        if self.projection_dim < 1:
-            raise TfxferError(f"projection_dim must be at least 1, got {self.projection_dim}.")
 
 
 def _validation(val, config):

@@ -6,23 +6,11 @@ softmax head over the source classes that is dropped afterwards. Weak
 augmentation (flip + pad-and-crop) by default; label smoothing is an option.
 """
 
-import dataclasses
-
-from tfxfer.config import option
-from tfxfer.errors import TfxferError
 from tfxfer.losses import Crossentropy
 from tfxfer.metrics import Accuracy
 from tfxfer.model import build_model
+from tfxfer.pretext.options import SupervisedOptions
 from tfxfer.pretext.registry import PretextMethod, register_method
-
-
-@dataclasses.dataclass
-class SupervisedOptions:
-    label_smoothing: float = option(0.0, "Supervised: label smoothing of the source labels.")
-
-    def validate(self):
-        if not 0 <= self.label_smoothing < 1:
-            raise TfxferError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
 
 
 def _build(config, info, image_size):
