@@ -11,6 +11,7 @@ import sys
 BENCHMARKS = {
     "suite": ("suite", "tfxfer's training step against plain Keras fit and PyTorch; writes BENCHMARKS.md"),
     "paired": ("paired", "L2-SP and the CPU speed-ups, each against the step without it, in one process"),
+    "bfloat16": ("bfloat16", "bfloat16 against float32 and PyTorch, BatchNorm frozen and training, 32 and 224 px"),
     "precision-modes": ("precision_modes", "bfloat16 routes (Keras policy, oneDNN rewrite, XLA) against float32"),
     "profile": ("profile_step", "op time by kind in the training step, tfxfer's and PyTorch's, from their profilers"),
     "feature-cache": ("feature_cache", "a head-only epoch through the backbone against one on cached features"),

@@ -60,10 +60,10 @@ def _keras_rate(model, size, batch, steps):
     return batch / statistics.median([b - a for a, b in zip(ends[WARMUP - 1:], ends[WARMUP:])])
 
 
-def child_step(contender, size, batch, steps, precision):
+def child_step(contender, size, batch, steps, precision, train_bn=False):
     quiet_tensorflow()
     if contender.startswith("torch"):
-        return _torch_step(contender, size, batch, steps, precision)
+        return _torch_step(contender, size, batch, steps, precision, train_bn)
     import tfxfer  # oneDNN on, as tfxfer users get it
     import keras
 
@@ -74,7 +74,7 @@ def child_step(contender, size, batch, steps, precision):
         backbone = os.environ.get("BENCH_BACKBONE", "resnet50")
         freeze = "head" if contender.endswith("head") else "full"
         model = tfxfer.build_model(backbone, num_classes=10, weights=None, image_size=size, freeze=freeze,
-                                   l2sp=0.01 if "L2-SP" in contender else 0.0)
+                                   l2sp=0.01 if "L2-SP" in contender else 0.0, train_bn=train_bn)
     else:
         inputs = keras.Input((size, size, 3), dtype="uint8")
         x = keras.layers.Lambda(lambda t: keras.ops.cast(t, "float32") - 127.5)(inputs)
@@ -95,10 +95,10 @@ def child_step(contender, size, batch, steps, precision):
     return {"images_per_second": rate, "peak_mb": _peak_mb(), "forward_flops": forward_flops(model)}
 
 
-def _torch_step(contender, size, batch, steps, precision):
+def _torch_step(contender, size, batch, steps, precision, train_bn=False):
     from benchmarks.torch_resnet import training_step
 
-    step = training_step(size, batch, precision, l2sp=0.01 if "L2-SP" in contender else 0.0)
+    step = training_step(size, batch, precision, l2sp=0.01 if "L2-SP" in contender else 0.0, train_bn=train_bn)
     times = []
     for _ in range(steps + WARMUP):
         start = time.perf_counter()
@@ -126,14 +126,14 @@ def forward_flops(model):
     return total
 
 
-def child_matmul():
-    """Measured fp32 matmul peak of TensorFlow on this CPU, in FLOP/s."""
+def child_matmul(dtype="float32"):
+    """Measured matmul peak of TensorFlow on this CPU in `dtype`, in FLOP/s."""
     quiet_tensorflow()
     import tfxfer  # noqa: F401
     import tensorflow as tf
 
     n = 2048
-    a, b = tf.random.normal((n, n)), tf.random.normal((n, n))
+    a, b = tf.random.normal((n, n), dtype=dtype), tf.random.normal((n, n), dtype=dtype)
     step = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
     step()
     times = []
@@ -161,9 +161,9 @@ def child_pipeline(size, batch, folder):
 
 def child(args):
     if args.child == "step":
-        result = child_step(args.contender, args.size, args.batch, args.steps, args.precision)
+        result = child_step(args.contender, args.size, args.batch, args.steps, args.precision, args.train_bn)
     elif args.child == "matmul":
-        result = child_matmul()
+        result = child_matmul(args.dtype)
     else:
         result = child_pipeline(args.size, args.batch, args.folder)
     child_result(result)
@@ -195,6 +195,8 @@ def main(argv, prog="python -m benchmarks suite"):
     parser.add_argument("--steps", type=int)
     parser.add_argument("--precision", default="float32")
     parser.add_argument("--folder")
+    parser.add_argument("--train-bn", action="store_true")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     args = parser.parse_args(argv)

@@ -65,10 +65,11 @@ def freeze_batchnorm(model):
                 p.requires_grad_(False)
 
 
-def training_step(size, batch, precision="float32", l2sp=0.0, phases=None):
+def training_step(size, batch, precision="float32", l2sp=0.0, phases=None, train_bn=False):
     """The classic eager step on one random batch: zero_grad, forward, loss (+ L2-SP), backward, step.
 
-    ResNet50 from random weights with BatchNorm frozen (tfxfer's default), SGD
+    ResNet50 from random weights with BatchNorm frozen (tfxfer's default for
+    pretrained weights) or, with `train_bn`, training, SGD
     with momentum 0.9, channels-last input (the NHWC uint8 batch permuted, as
     the TensorFlow side's layout), `torch.autocast` for bfloat16. `phases`, a
     `name -> context manager` factory such as `torch.profiler.record_function`,
@@ -79,7 +80,8 @@ def training_step(size, batch, precision="float32", l2sp=0.0, phases=None):
     torch.manual_seed(0)
     model = ResNet50(10)
     model.train()
-    freeze_batchnorm(model)
+    if not train_bn:
+        freeze_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9)
     anchors = [(p, p.detach().clone()) for name, p in model.named_parameters()

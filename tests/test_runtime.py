@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from tfxfer.errors import TfxferError
-from tfxfer.runtime import resolve_precision
+from tfxfer.runtime import precision_reason, resolve_precision
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
 SAPPHIRE_RAPIDS = AVX2 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
@@ -24,6 +24,14 @@ SAPPHIRE_RAPIDS = AVX2 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 )
 def test_auto_precision_follows_the_hardware(flags, gpus, expected):
     assert resolve_precision("auto", flags=flags, gpu_capabilities=gpus) == expected
+
+
+def test_the_start_line_says_why_auto_chose():
+    assert precision_reason("auto", SAPPHIRE_RAPIDS, []) == (
+        "auto: the CPU has amx_bf16, avx512_bf16, where bfloat16 trains faster than float32")
+    assert precision_reason("auto", AVX2, [(8, 6)]).startswith("auto: every GPU has compute capability 8.0")
+    assert "emulating it is slower" in precision_reason("auto", AVX2, [])
+    assert precision_reason("float32", SAPPHIRE_RAPIDS, []) == "as asked"
 
 
 def test_explicit_precision_is_kept_and_unknown_is_one_sentence():

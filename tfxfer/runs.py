@@ -231,8 +231,8 @@ class Run:
 
     def __enter__(self):
         seed_everything(self.config.run.seed, self.config.run.deterministic)
-        policy = set_precision(self.config.run.precision)
-        self.log(f"precision: {policy}, oneDNN {'on' if onednn_enabled() else 'off'}, "
+        policy, why = set_precision(self.config.run.precision)
+        self.log(f"precision: {policy} ({why}), oneDNN {'on' if onednn_enabled() else 'off'}, "
                  f"op determinism {'on' if self.config.run.deterministic else 'off'}")
         return self
 

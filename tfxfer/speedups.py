@@ -24,6 +24,15 @@ still pays; each has a test that proves it runs.
   `PATCH_GRADIENT_MAX_PIXELS`); the rest keep Keras's own convolution. Results
   are the same to float rounding. Only on CPUs: a GPU's cuDNN has its own
   kernels for small maps. Measured effect: `python -m benchmarks paired`.
+* **Frozen BatchNorm in bfloat16 as one multiply-add.** Keras's BatchNormalization
+  casts a bfloat16 input to float32, normalizes it and casts the result back,
+  a guard against float16 overflow that bfloat16, with float32's range, does
+  not need. A frozen layer (inference mode) is an affine map, so
+  `affine_batchnorm(model)` computes it as `x * scale + offset` in bfloat16,
+  with `scale` and `offset` from the float32 statistics and parameters: two
+  casts and the float32 arithmetic of every activation go, forward and
+  backward. Layers that train keep Keras's call. Measured effect:
+  `python -m benchmarks bfloat16` (BatchNorm frozen against training).
 """
 
 import contextlib
@@ -35,9 +44,10 @@ import tensorflow as tf
 from tfxfer.runtime import onednn_enabled
 
 __all__ = [
-    "PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "apply", "applied", "convolve", "fast_convolutions",
-    "plain_convolutions", "routes", "walk_layers",
+    "PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "affine_batchnorm", "apply", "applied", "convolve",
+    "fast_convolutions", "plain", "plain_convolutions", "routes", "walk_layers",
 ]
+
 
 def apply(model, log=print):
     """Give `model` the speed-ups this host takes, for training; logs one line
@@ -49,8 +59,19 @@ def apply(model, log=print):
                      f"{counts['patch gradient']} kernel gradients as matrix products over patches")
     else:
         parts.append("Keras's own convolutions")
+    affine = affine_batchnorm(model)
+    if affine:
+        parts.append(f"{affine} frozen BatchNorm layers as bfloat16 multiply-adds")
     log("speed-ups: " + "; ".join(parts))
-    return functools.partial(plain_convolutions, model)
+    return functools.partial(plain, model)
+
+
+def plain(model):
+    """Undo every speed-up: `model` as built."""
+    plain_convolutions(model)
+    for layer in walk_layers(model):
+        if isinstance(layer.__dict__.get("call"), functools.partial):
+            del layer.call
 
 
 @contextlib.contextmanager
@@ -187,3 +208,32 @@ def patch_gradient_conv(inputs, kernel, stride, padding):
         return outputs, gradient
 
     return conv(inputs, kernel)
+
+
+def affine_batchnorm(model):
+    """Route `model`'s BatchNormalization layers through `frozen_batchnorm`;
+    returns how many are frozen and compute in bfloat16 now (the others keep
+    Keras's call, also when a freeze policy changes mid-run)."""
+    count = 0
+    for layer in walk_layers(model):
+        if type(layer) is keras.layers.BatchNormalization:
+            layer.call = functools.partial(frozen_batchnorm, layer)
+            count += not layer.trainable and layer.compute_dtype == "bfloat16"
+    return count
+
+
+def frozen_batchnorm(layer, inputs, training=None, mask=None):
+    """`layer`'s output: for a frozen layer on bfloat16 inputs, `inputs * scale
+    + offset` in bfloat16, where Keras would compute in float32."""
+    channels_last = layer.axis in (-1, len(inputs.shape) - 1)
+    if (layer.trainable and training) or inputs.dtype != tf.bfloat16 or mask is not None or not channels_last:
+        return keras.layers.BatchNormalization.call(layer, inputs, training=training, mask=mask)
+    scale = tf.math.rsqrt(tf.cast(layer.moving_variance, tf.float32) + layer.epsilon)
+    if layer.scale:
+        scale *= tf.cast(layer.gamma, tf.float32)
+    offset = -tf.cast(layer.moving_mean, tf.float32) * scale
+    if layer.center:
+        offset += tf.cast(layer.beta, tf.float32)
+    # A frozen layer's parameters do not train: no gradient flows to them.
+    scale, offset = tf.stop_gradient(scale), tf.stop_gradient(offset)
+    return inputs * tf.cast(scale, tf.bfloat16) + tf.cast(offset, tf.bfloat16)
