@@ -133,47 +133,54 @@ def test_keras_convolutions_stay_when_a_gpu_is_visible(monkeypatch):
     assert convolution.routes(model)["keras"] == 4
 
 
-def test_frozen_batchnorm_is_keras_batchnorm_in_bfloat16():
-    rng = np.random.default_rng(3)
-    layer = keras.layers.BatchNormalization(dtype="mixed_bfloat16")
+def _batchnorm(rng):
+    layer = keras.layers.BatchNormalization(dtype="mixed_bfloat16", momentum=0.9)
     layer.build((None, 4, 4, 6))
     for variable, value in ((layer.gamma, rng.uniform(0.5, 2, 6)), (layer.beta, rng.normal(size=6)),
                             (layer.moving_mean, rng.normal(size=6)), (layer.moving_variance, rng.uniform(0.1, 3, 6))):
         variable.assign(value.astype("float32"))
-    layer.trainable = False
-    x = tf.constant(rng.normal(size=(2, 4, 4, 6)) * 3, tf.bfloat16)
+    return layer
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_bfloat16_batchnorm_is_keras_batchnorm(trainable):
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=(2, 4, 4, 6)) * 3 + 1, tf.bfloat16)
     upstream = tf.constant(rng.normal(size=(2, 4, 4, 6)), tf.bfloat16)
-    outputs = []
-    for call in (lambda v: layer(v, training=True), lambda v: convolution.frozen_batchnorm(layer, v, training=True)):
+    results = []
+    for ours in (False, True):
+        layer = _batchnorm(np.random.default_rng(4))
+        layer.trainable = trainable
+        call = (lambda v: convolution.bfloat16_batchnorm(layer, v, training=True)) if ours else (lambda v: layer(v, training=True))
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = call(x)
-        outputs.append((y, tape.gradient(y, x, output_gradients=upstream)))
-    (keras_y, keras_dx), (ours_y, ours_dx) = outputs
-    assert ours_y.dtype == keras_y.dtype == tf.bfloat16
-    # Within bfloat16's rounding: 8 bits of mantissa on values up to ~30.
-    np.testing.assert_allclose(ours_y.numpy().astype("float32"), keras_y.numpy().astype("float32"), rtol=2e-2, atol=6e-2)
-    np.testing.assert_allclose(ours_dx.numpy().astype("float32"), keras_dx.numpy().astype("float32"), rtol=2e-2, atol=2e-2)
+        watched = [x] + ([layer.gamma.value, layer.beta.value] if trainable else [])
+        gradients = tape.gradient(y, watched, output_gradients=upstream)
+        results.append([y, *gradients, layer.moving_mean.value, layer.moving_variance.value])
+    keras_side, our_side = results
+    assert our_side[0].dtype == keras_side[0].dtype == tf.bfloat16
+    for ours, theirs in zip(our_side, keras_side):
+        # Within bfloat16's rounding: 8 bits of mantissa.
+        np.testing.assert_allclose(np.asarray(ours, "float32"), np.asarray(theirs, "float32"), rtol=3e-2, atol=8e-2)
 
 
-def test_a_bfloat16_training_step_runs_frozen_batchnorm_as_a_multiply_add(monkeypatch):
+@pytest.mark.parametrize("train_bn, line", [(False, "3 frozen BatchNorm layers as bfloat16 multiply-adds"),
+                                            (True, "3 training BatchNorm layers as bfloat16 fused batch norms")])
+def test_a_bfloat16_training_step_runs_batchnorm_in_bfloat16(monkeypatch, train_bn, line):
     calls = []
-    frozen = convolution.frozen_batchnorm
-    monkeypatch.setattr(convolution, "frozen_batchnorm",
-                        lambda layer, *a, **k: calls.append(layer.trainable) or frozen(layer, *a, **k))
+    routed = convolution.bfloat16_batchnorm
+    monkeypatch.setattr(convolution, "bfloat16_batchnorm",
+                        lambda layer, inputs, **k: calls.append(inputs.dtype) or routed(layer, inputs, **k))
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        model = tfxfer.build_model("tiny", num_classes=3, weights=None, image_size=32, freeze="full", train_bn=False)
-        trained_bn = tfxfer.build_model("tiny", num_classes=3, weights=None, image_size=32, freeze="full", train_bn=True)
+        model = tfxfer.build_model("tiny", num_classes=3, weights=None, image_size=32, freeze="full", train_bn=train_bn)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
     lines = []
-    for m in (model, trained_bn):
-        m.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
-        with convolution.applied(m, log=lines.append):
-            m.fit(random_images(4), np.arange(4) % 3, epochs=1, verbose=0)
-        assert all("call" not in layer.__dict__ for layer in convolution.walk_layers(m))
-    assert lines[0].endswith("; 3 frozen BatchNorm layers as bfloat16 multiply-adds")
-    assert "BatchNorm" not in lines[1]  # BatchNorm that trains keeps Keras's call
-    # Every layer, traced into both models' training steps: frozen ones, then trainable ones.
-    assert calls.count(False) >= 3 and calls.count(True) >= 3
+    with convolution.applied(model, log=lines.append):
+        model.fit(random_images(4), np.arange(4) % 3, epochs=1, verbose=0)
+    assert lines[0].endswith(line)
+    assert calls.count(tf.bfloat16) >= 3  # every layer, traced into the training step
+    assert all("call" not in layer.__dict__ for layer in convolution.walk_layers(model))

@@ -24,15 +24,15 @@ still pays; each has a test that proves it runs.
   `PATCH_GRADIENT_MAX_PIXELS`); the rest keep Keras's own convolution. Results
   are the same to float rounding. Only on CPUs: a GPU's cuDNN has its own
   kernels for small maps. Measured effect: `python -m benchmarks paired`.
-* **Frozen BatchNorm in bfloat16 as one multiply-add.** Keras's BatchNormalization
-  casts a bfloat16 input to float32, normalizes it and casts the result back,
-  a guard against float16 overflow that bfloat16, with float32's range, does
-  not need. A frozen layer (inference mode) is an affine map, so
-  `affine_batchnorm(model)` computes it as `x * scale + offset` in bfloat16,
-  with `scale` and `offset` from the float32 statistics and parameters: two
-  casts and the float32 arithmetic of every activation go, forward and
-  backward. Layers that train keep Keras's call. Measured effect:
-  `python -m benchmarks bfloat16` (BatchNorm frozen against training).
+* **BatchNorm in bfloat16.** Keras's BatchNormalization casts a bfloat16 input
+  to float32, normalizes it with unfused ops and casts the result back, a guard
+  against float16 overflow that bfloat16, with float32's range, does not need.
+  `fast_batchnorm(model)` keeps the activations in bfloat16: a frozen layer
+  (inference mode), an affine map, becomes `x * scale + offset` with `scale`
+  and `offset` from the float32 statistics; a training layer runs TensorFlow's
+  fused batch norm (float32 statistics and parameters, bfloat16 activations),
+  forward and backward, and updates its moving statistics as Keras does.
+  Measured effect: `python -m benchmarks bfloat16` (BatchNorm frozen and training).
 """
 
 import contextlib
@@ -44,7 +44,7 @@ import tensorflow as tf
 from tfxfer.runtime import onednn_enabled
 
 __all__ = [
-    "PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "affine_batchnorm", "apply", "applied", "convolve",
+    "PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "fast_batchnorm", "apply", "applied", "bfloat16_batchnorm", "convolve",
     "fast_convolutions", "plain", "plain_convolutions", "routes", "walk_layers",
 ]
 
@@ -59,9 +59,11 @@ def apply(model, log=print):
                      f"{counts['patch gradient']} kernel gradients as matrix products over patches")
     else:
         parts.append("Keras's own convolutions")
-    affine = affine_batchnorm(model)
-    if affine:
-        parts.append(f"{affine} frozen BatchNorm layers as bfloat16 multiply-adds")
+    frozen, training = fast_batchnorm(model)
+    if frozen:
+        parts.append(f"{frozen} frozen BatchNorm layers as bfloat16 multiply-adds")
+    if training:
+        parts.append(f"{training} training BatchNorm layers as bfloat16 fused batch norms")
     log("speed-ups: " + "; ".join(parts))
     return functools.partial(plain, model)
 
@@ -210,30 +212,54 @@ def patch_gradient_conv(inputs, kernel, stride, padding):
     return conv(inputs, kernel)
 
 
-def affine_batchnorm(model):
-    """Route `model`'s BatchNormalization layers through `frozen_batchnorm`;
-    returns how many are frozen and compute in bfloat16 now (the others keep
-    Keras's call, also when a freeze policy changes mid-run)."""
-    count = 0
+def fast_batchnorm(model):
+    """Route `model`'s BatchNormalization layers through `bfloat16_batchnorm`;
+    returns `(frozen, training)`: how many of each compute in bfloat16 now."""
+    counts = [0, 0]
     for layer in walk_layers(model):
         if type(layer) is keras.layers.BatchNormalization:
-            layer.call = functools.partial(frozen_batchnorm, layer)
-            count += not layer.trainable and layer.compute_dtype == "bfloat16"
-    return count
+            layer.call = functools.partial(bfloat16_batchnorm, layer)
+            if layer.compute_dtype == "bfloat16":
+                counts[layer.trainable] += 1
+    return tuple(counts)
 
 
-def frozen_batchnorm(layer, inputs, training=None, mask=None):
-    """`layer`'s output: for a frozen layer on bfloat16 inputs, `inputs * scale
-    + offset` in bfloat16, where Keras would compute in float32."""
+def bfloat16_batchnorm(layer, inputs, training=None, mask=None):
+    """`layer`'s output on bfloat16 inputs, computed in bfloat16 where Keras
+    computes in float32: a frozen layer (or one in inference mode) as `inputs *
+    scale + offset`; a training layer through TensorFlow's fused batch norm,
+    with the moving statistics updated as Keras does. Anything else (float32,
+    masks, other axes, synchronized or renormalizing layers) is Keras's call."""
     channels_last = layer.axis in (-1, len(inputs.shape) - 1)
-    if (layer.trainable and training) or inputs.dtype != tf.bfloat16 or mask is not None or not channels_last:
+    if inputs.dtype != tf.bfloat16 or mask is not None or not channels_last or len(inputs.shape) != 4:
         return keras.layers.BatchNormalization.call(layer, inputs, training=training, mask=mask)
+    if layer.trainable and training:
+        if layer.synchronized or getattr(layer, "renorm", False):
+            return keras.layers.BatchNormalization.call(layer, inputs, training=training, mask=mask)
+        return _training_batchnorm(layer, inputs)
     scale = tf.math.rsqrt(tf.cast(layer.moving_variance, tf.float32) + layer.epsilon)
     if layer.scale:
         scale *= tf.cast(layer.gamma, tf.float32)
     offset = -tf.cast(layer.moving_mean, tf.float32) * scale
     if layer.center:
         offset += tf.cast(layer.beta, tf.float32)
-    # A frozen layer's parameters do not train: no gradient flows to them.
-    scale, offset = tf.stop_gradient(scale), tf.stop_gradient(offset)
+    # In inference mode the statistics are constants, and a frozen layer's parameters get no gradient.
+    if not layer.trainable:
+        scale, offset = tf.stop_gradient(scale), tf.stop_gradient(offset)
     return inputs * tf.cast(scale, tf.bfloat16) + tf.cast(offset, tf.bfloat16)
+
+
+def _training_batchnorm(layer, inputs):
+    channels = inputs.shape[-1]
+    gamma = tf.cast(layer.gamma, tf.float32) if layer.scale else tf.ones([channels])
+    beta = tf.cast(layer.beta, tf.float32) if layer.center else tf.zeros([channels])
+    empty = tf.constant([], tf.float32)
+    outputs, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=inputs, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=layer.epsilon, is_training=True)
+    # The op's batch variance is Bessel-corrected; Keras averages the biased one.
+    count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
+    variance = variance * (count - 1) / tf.maximum(count, 1)
+    momentum = layer.momentum
+    layer.moving_mean.assign(tf.cast(layer.moving_mean, tf.float32) * momentum + mean * (1 - momentum))
+    layer.moving_variance.assign(tf.cast(layer.moving_variance, tf.float32) * momentum + variance * (1 - momentum))
+    return outputs
