@@ -93,6 +93,11 @@ OTHER_CASES = [
     (("study", "--data-dir", "{data}/images", "--seeds", "0,0"), "--seeds must name at least one seed, none twice"),
     (("study", "--data-dir", "{data}/images", "--seeds", "a"), "--seeds must be whole numbers"),
     (("study", "--data-dir", "{data}/images", "--name", "../up"), "--name '../up' must be a plain folder name"),
+    (("study", "--data-dir", "{data}/images", "--keep-exports", "best-only"), "keep-exports"),
+    (("finetune", "--data-dir", "{data}/file.txt", "--backbone", "tiny", "--weights", "none"), "file.txt"),
+    (("pretrain", "--data-dir", "{data}/images", "--projection-dim", "0"), "projection_dim must be at least 1"),
+    (("pretrain", "--data-dir", "{data}/images", "--label-smoothing", "1"), "label_smoothing must be in [0, 1)"),
+    (("pretrain", "--data-dir", "{data}/images", "--distribute", "multiworker"), "for finetune"),
     (("evaluate", "--model", "{data}/nowhere", "--data-dir", "{data}/images"), "nowhere"),
     (("predict", "--model", "{data}/nowhere", "{data}/images"), "nowhere"),
     (("predict", "--model", "{data}/runs", "{data}/empty"), "No image to predict"),
@@ -127,3 +132,24 @@ def test_a_tiff_is_named_by_its_format(data, tmp_path):
     result = run_cli("predict", "--model", tmp_path / "m", tiff)
     assert result.exit_code == 1
     assert f"{tiff} is a TIFF image, which TensorFlow cannot decode; convert it to PNG or JPEG." in result.output
+
+
+# Values click itself refuses: a usage error (exit 2) that names the option, never a traceback.
+USAGE_CASES = [
+    (("finetune", "--seed", "abc"), "'--seed'"),
+    (("finetune", "--epochs", "2.5"), "'--epochs'"),
+    (("finetune", "--train-bn", "maybe"), "'--train-bn'"),
+    (("finetune", "--lr"), "'--lr' requires an argument"),
+    (("finetune", "--learning-rate", "0.1"), "No such option '--learning-rate'"),
+    (("export", "{data}/images", "--precision", "int8"), "'--precision'"),
+    (("predict", "--top", "many", "x.png"), "'--top'"),
+    (("study", "--data-dir", "{data}/images", "--seed", "3"), "Did you mean one of: '--schedule', '--seeds'?"),
+    (("evaluate", "--model", "{data}/images", "--output", "{data}/file.txt"), "'--output'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", USAGE_CASES, ids=[" ".join(c[0][:3]) for c in USAGE_CASES])
+def test_values_of_the_wrong_kind_are_usage_errors(data, argv, message):
+    result = run_cli(*[str(a).format(data=data) for a in argv])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and message in result.output, result.output
