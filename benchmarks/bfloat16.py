@@ -35,8 +35,9 @@ def main(argv, prog="python -m benchmarks bfloat16"):
     args = parser.parse_args(argv)
     peaks = {p: run_child("suite", "matmul", "--dtype", "bfloat16" if p == "mixed_bfloat16" else "float32")["flops"]
              for p in PRECISIONS}
-    cells = [(tuple(int(v) for v in triple.split(":")), bn, precision, side)
-             for triple in args.sizes.split(",") for bn in args.bn.split(",") for precision in PRECISIONS for side in SIDES]
+    rows = [(tuple(int(v) for v in triple.split(":")), bn, precision)
+            for triple in args.sizes.split(",") for bn in args.bn.split(",") for precision in PRECISIONS]
+    cells = [(*row, side) for row in rows for side in SIDES]
     rates, flops = {}, {}
     for r in range(args.rounds):
         for (size, batch, steps), bn, precision, side in (cells if r % 2 == 0 else list(reversed(cells))):
@@ -57,7 +58,7 @@ def main(argv, prog="python -m benchmarks bfloat16"):
              "| size, batch | BatchNorm | precision | tfxfer img/s | PyTorch img/s | tfxfer / PyTorch | "
              "tfxfer bf16 / fp32 | tfxfer share of the matmul peak |",
              "|---|---|---|---|---|---|---|---|"]
-    for (size, batch, _), bn, precision, _side in cells[::2]:
+    for (size, batch, _), bn, precision in rows:
         mine, theirs = rate(size, bn, precision, "tfxfer"), rate(size, bn, precision, "torch")
         speedup = f"{mine / rate(size, bn, 'float32', 'tfxfer'):.2f}×" if precision != "float32" else "–"
         # Training is taken as 3x the forward pass's FLOPs (2 x multiply-adds of convolutions and dense layers).

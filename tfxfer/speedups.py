@@ -44,8 +44,8 @@ import tensorflow as tf
 from tfxfer.runtime import onednn_enabled
 
 __all__ = [
-    "PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "fast_batchnorm", "apply", "applied", "bfloat16_batchnorm", "convolve",
-    "fast_convolutions", "plain", "plain_convolutions", "routes", "walk_layers",
+    "PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "apply", "applied", "bfloat16_batchnorm", "convolve",
+    "fast_batchnorm", "fast_convolutions", "plain", "plain_convolutions", "routes", "walk_layers",
 ]
 
 
