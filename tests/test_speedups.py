@@ -172,6 +172,8 @@ def test_a_bfloat16_training_step_runs_batchnorm_in_bfloat16(monkeypatch, train_
     routed = convolution.bfloat16_batchnorm
     monkeypatch.setattr(convolution, "bfloat16_batchnorm",
                         lambda layer, inputs, **k: calls.append(inputs.dtype) or routed(layer, inputs, **k))
+    # Frozen layers after a convolution are folded into it; the multiply-add is for the others.
+    monkeypatch.setattr(convolution, "fold_batchnorm", lambda model: 0)
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         model = tfxfer.build_model("tiny", num_classes=3, weights=None, image_size=32, freeze="full", train_bn=train_bn)
@@ -184,3 +186,85 @@ def test_a_bfloat16_training_step_runs_batchnorm_in_bfloat16(monkeypatch, train_
     assert lines[0].endswith(line)
     assert calls.count(tf.bfloat16) >= 3  # every layer, traced into the training step
     assert all("call" not in layer.__dict__ for layer in convolution.walk_layers(model))
+
+
+def _conv_bn_net(stride, kernel_size, use_bias, seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization()(x)  # after a linear convolution: folded
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(8, kernel_size, strides=stride, padding="same", use_bias=use_bias)(x)
+    x = keras.layers.BatchNormalization(center=False)(x)
+    y = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    y = keras.layers.BatchNormalization()(y)  # after a ReLU: not folded
+    z = keras.layers.Conv2D(8, 1)(y)
+    z = keras.layers.Add()([z, keras.layers.BatchNormalization()(z)])  # the convolution feeds two layers: not folded
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(z))
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(size=layer.moving_mean.shape).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.2, 3, layer.moving_variance.shape).astype("float32"))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 2, layer.gamma.shape).astype("float32"))
+            layer.trainable = False
+    return model
+
+
+@pytest.mark.parametrize("stride, kernel_size, use_bias", [(1, 1, True), (2, 1, False), (1, 3, False), (2, 3, True)])
+def test_folded_batchnorm_keeps_outputs_and_gradients(stride, kernel_size, use_bias):
+    model = _conv_bn_net(stride, kernel_size, use_bias)
+    x = tf.constant(np.random.default_rng(5).normal(size=(4, 8, 8, 3)), tf.float32)
+
+    def run():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True) ** 2)
+        return [loss, *tape.gradient(loss, model.trainable_weights)]
+
+    plain = run()
+    assert convolution.fold_batchnorm(model) == 2
+    folded = run()
+    for a, b in zip(plain, folded):
+        assert np.abs(a.numpy()).max() > 0
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+    convolution.plain(model)
+    assert all("call" not in layer.__dict__ for layer in model.layers)
+
+
+def test_trainable_batchnorm_is_not_folded():
+    model = _conv_bn_net(1, 1, True)
+    for layer in model.layers:
+        layer.trainable = True
+    assert convolution.fold_batchnorm(model) == 0
+
+
+def test_a_training_step_runs_the_folded_convolutions(monkeypatch):
+    calls = []
+    folded = convolution.folded_convolution
+    monkeypatch.setattr(convolution, "folded_convolution",
+                        lambda conv, bn, inputs: calls.append(conv.name) or folded(conv, bn, inputs))
+    model = tfxfer.build_model("resnet9", num_classes=3, weights=None, image_size=32, freeze="full", train_bn=False)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
+    lines = []
+    with convolution.applied(model, log=lines.append):
+        model.fit(random_images(4), np.arange(4) % 3, epochs=1, verbose=0)
+    count = sum(type(layer) is keras.layers.BatchNormalization for layer in convolution.walk_layers(model))
+    assert f"{count} frozen BatchNorm layers folded into their convolutions" in lines[0]
+    assert len(set(calls)) == count  # each pair traced into the training step
+    assert all("call" not in layer.__dict__ for layer in convolution.walk_layers(model))
+
+
+@pytest.mark.parametrize("size, stride", [(8, 2), (9, 2), (6, 3)])
+def test_subsample_is_a_strided_slice_forward_and_backward(size, stride):
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(size=(2, size, size, 3)), tf.float32)
+    upstream = tf.constant(rng.normal(size=x[:, ::stride, ::stride, :].shape), tf.float32)
+    results = []
+    for sample in (convolution.subsample, lambda v, s: v[:, ::s, ::s, :]):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = sample(x, stride)
+        results.append([y, tape.gradient(y, x, output_gradients=upstream)])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
