@@ -77,7 +77,7 @@ def test_routes_follow_output_size_and_can_be_undone():
     assert convolution.routes(model) == {"pointwise": 1, "patch gradient": 2, "keras": 1}
     convolution.plain_convolutions(model)
     assert convolution.routes(model)["keras"] == 4
-    assert all("convolution_op" not in layer.__dict__ for layer in model.layers)
+    assert all("call" not in layer.__dict__ for layer in model.layers)
 
 
 def test_backbones_are_built_with_keras_convolutions():
@@ -85,7 +85,7 @@ def test_backbones_are_built_with_keras_convolutions():
 
     backbone = create_backbone("resnet9", weights=None, image_size=32)
     conv_layers = [layer for layer in convolution.walk_layers(backbone) if type(layer) is keras.layers.Conv2D]
-    assert conv_layers and not any("convolution_op" in layer.__dict__ for layer in conv_layers)
+    assert conv_layers and not any("call" in layer.__dict__ for layer in conv_layers)
 
 
 def test_a_training_step_runs_the_rerouted_convolutions(monkeypatch):
@@ -101,7 +101,7 @@ def test_a_training_step_runs_the_rerouted_convolutions(monkeypatch):
         model.fit(random_images(4), np.arange(4) % 3, epochs=1, verbose=0)
     assert calls.count("pointwise") >= 28, calls  # traced into the training step
     assert lines[0].startswith("speed-ups: oneDNN on; 28 1x1 convolutions as matrix products")
-    assert all("convolution_op" not in layer.__dict__ for layer in convolution.walk_layers(model))
+    assert all("call" not in layer.__dict__ for layer in convolution.walk_layers(model))
 
 
 def test_an_export_is_the_same_with_and_without_the_speed_ups(tmp_path):
@@ -212,22 +212,36 @@ def _conv_bn_net(stride, kernel_size, use_bias, seed=0):
     return model
 
 
-@pytest.mark.parametrize("stride, kernel_size, use_bias", [(1, 1, True), (2, 1, False), (1, 3, False), (2, 3, True)])
-def test_folded_batchnorm_keeps_outputs_and_gradients(stride, kernel_size, use_bias):
-    model = _conv_bn_net(stride, kernel_size, use_bias)
+@pytest.mark.parametrize("stride, kernel_size, use_bias, policy", [
+    (1, 1, True, "float32"), (2, 1, False, "float32"), (1, 3, False, "float32"), (2, 3, True, "float32"),
+    (2, 1, True, "mixed_bfloat16"), (1, 3, True, "mixed_bfloat16"),
+])
+def test_folded_batchnorm_keeps_outputs_and_gradients(stride, kernel_size, use_bias, policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = _conv_bn_net(stride, kernel_size, use_bias)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     x = tf.constant(np.random.default_rng(5).normal(size=(4, 8, 8, 3)), tf.float32)
 
     def run():
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(model(x, training=True) ** 2)
-        return [loss, *tape.gradient(loss, model.trainable_weights)]
+            loss = tf.reduce_sum(tf.cast(model(x, training=True), tf.float32) ** 2)
+        return [np.asarray(v, "float32") for v in (loss, *tape.gradient(loss, model.trainable_weights))]
 
     plain = run()
+    convolution.fast_convolutions(model)  # as `apply` does: the folded pairs take the rerouted paths too
     assert convolution.fold_batchnorm(model) == 2
     folded = run()
     for a, b in zip(plain, folded):
-        assert np.abs(a.numpy()).max() > 0
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+        assert np.abs(a).max() > 0
+        if policy == "float32":
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        else:
+            # bfloat16 keeps 8 bits of mantissa, and a gradient that went through a few layers of it differs
+            # from one computed in another order by up to a tenth of its largest entry: compare directions.
+            cosine = float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
+            assert cosine > 0.97
     convolution.plain(model)
     assert all("call" not in layer.__dict__ for layer in model.layers)
 

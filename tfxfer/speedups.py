@@ -53,7 +53,7 @@ import tensorflow as tf
 from tfxfer.runtime import onednn_enabled
 
 __all__ = [
-    "PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "apply", "applied", "bfloat16_batchnorm", "convolve",
+    "PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "apply", "applied", "bfloat16_batchnorm", "convolution_call",
     "fast_batchnorm", "fast_convolutions", "fold_batchnorm", "folded_convolution", "plain", "plain_convolutions", "routes", "subsample",
     "walk_layers",
 ]
@@ -117,7 +117,7 @@ POINTWISE_MAX_PIXELS = 16
 
 
 def fast_convolutions(model):
-    """Route every plain `Conv2D` of `model` through `convolve`; returns how many.
+    """Route every plain `Conv2D` of `model` through `convolution_call`; returns how many.
 
     Only on CPUs: the paths were measured there, and a GPU's cuDNN has its own
     kernels for small maps, so with a GPU visible Keras's convolution stays.
@@ -127,7 +127,7 @@ def fast_convolutions(model):
     count = 0
     for layer in walk_layers(model):
         if type(layer) is keras.layers.Conv2D and _supported(layer):
-            layer.convolution_op = functools.partial(convolve, layer)
+            layer.call = functools.partial(convolution_call, layer)
             count += 1
     return count
 
@@ -144,8 +144,8 @@ def _supported(layer):
 def plain_convolutions(model):
     """Undo `fast_convolutions`: Keras's own convolution for every layer."""
     for layer in walk_layers(model):
-        if isinstance(layer.__dict__.get("convolution_op"), functools.partial):
-            del layer.convolution_op
+        if isinstance(layer, keras.layers.Conv2D) and isinstance(layer.__dict__.get("call"), functools.partial):
+            del layer.call
 
 
 def routes(model):
@@ -154,7 +154,7 @@ def routes(model):
     counts = {"pointwise": 0, "patch gradient": 0, "keras": 0}
     for layer in walk_layers(model):
         if isinstance(layer, keras.layers.Conv2D):
-            fast = isinstance(layer.__dict__.get("convolution_op"), functools.partial)
+            fast = isinstance(layer.__dict__.get("call"), functools.partial)
             counts[_route(layer, layer.input.shape, layer.compute_dtype) if fast else "keras"] += 1
     return counts
 
@@ -168,14 +168,24 @@ def _route(layer, input_shape, dtype):
     return "keras"
 
 
-def convolve(layer, inputs, kernel):
-    """`layer`'s convolution of `inputs` by `kernel`, by the fastest exact path."""
+def convolution_call(layer, inputs, kernel=None, bias=None):
+    """`layer(inputs)` (with `kernel` and `bias` in place of its own, if given),
+    by the fastest exact path. A matrix product takes the bias itself, so that
+    oneDNN fuses the two, as it fuses a convolution and its bias."""
+    kernel = layer.kernel if kernel is None else kernel
+    if bias is None and layer.use_bias:
+        bias = layer.bias
     route = _route(layer, inputs.shape, inputs.dtype)
     if route == "pointwise":
-        return pointwise(inputs, kernel, layer.strides[0])
-    if route == "patch gradient":
-        return patch_gradient_conv(inputs, kernel, layer.strides[0], layer.padding.upper())
-    return keras.layers.Conv2D.convolution_op(layer, inputs, kernel)
+        outputs = pointwise(inputs, kernel, layer.strides[0], bias)
+    else:
+        if route == "patch gradient":
+            outputs = patch_gradient_conv(inputs, kernel, layer.strides[0], layer.padding.upper())
+        else:
+            outputs = layer.convolution_op(inputs, kernel)
+        if bias is not None:
+            outputs = tf.nn.bias_add(outputs, tf.cast(bias, outputs.dtype))
+    return outputs if layer.activation is None else layer.activation(outputs)
 
 
 def _output_pixels(shape, layer):
@@ -202,7 +212,7 @@ def pointwise(inputs, kernel, stride=1, bias=None):
     shape = tf.shape(inputs)
     flat = tf.matmul(tf.reshape(inputs, [-1, channels_in]), tf.reshape(kernel, [channels_in, channels_out]))
     if bias is not None:
-        flat = tf.nn.bias_add(flat, bias)
+        flat = tf.nn.bias_add(flat, tf.cast(bias, flat.dtype))
     return tf.reshape(flat, tf.concat([shape[:3], [channels_out]], axis=0))
 
 
@@ -304,23 +314,12 @@ def _identity(layer, inputs, training=None, mask=None):
 def folded_convolution(conv, batchnorm, inputs):
     """`batchnorm(conv(inputs))` for a BatchNorm in inference mode, as one
     convolution: the kernel times the per-channel scale, plus one bias."""
-    # The BatchNorm's numbers are constants in inference mode; the convolution's own weights keep their gradients.
-    scale = tf.math.rsqrt(tf.cast(batchnorm.moving_variance, tf.float32) + batchnorm.epsilon)
-    if batchnorm.scale:
-        scale *= tf.cast(batchnorm.gamma, tf.float32)
-    shift = -tf.cast(batchnorm.moving_mean, tf.float32) * scale
-    if batchnorm.center:
-        shift += tf.cast(batchnorm.beta, tf.float32)
-    scale, shift = tf.stop_gradient(scale), tf.stop_gradient(shift)
+    scale, shift = _inference_affine(batchnorm)
     kernel = conv.kernel * tf.cast(scale, conv.compute_dtype)
     bias = tf.cast(shift, conv.compute_dtype)
     if conv.use_bias:
         bias += conv.bias * tf.cast(scale, conv.compute_dtype)
-    fast = isinstance(conv.__dict__.get("convolution_op"), functools.partial)
-    if fast and _route(conv, inputs.shape, inputs.dtype) == "pointwise":
-        # The bias is added to the matrix product itself, so oneDNN fuses the two.
-        return pointwise(inputs, kernel, conv.strides[0], bias)
-    return tf.nn.bias_add(conv.convolution_op(inputs, kernel), bias)
+    return convolution_call(conv, inputs, kernel, bias)
 
 
 def fast_batchnorm(model):
@@ -348,16 +347,23 @@ def bfloat16_batchnorm(layer, inputs, training=None, mask=None):
         if layer.synchronized or getattr(layer, "renorm", False):
             return keras.layers.BatchNormalization.call(layer, inputs, training=training, mask=mask)
         return _training_batchnorm(layer, inputs)
+    scale, shift = _inference_affine(layer)
+    return inputs * tf.cast(scale, tf.bfloat16) + tf.cast(shift, tf.bfloat16)
+
+
+def _inference_affine(layer):
+    """`(scale, shift)`, float32: a BatchNorm layer in inference mode is
+    `x * scale + shift`. A frozen layer's numbers are constants for the step;
+    a trainable one's keep the gradients of its gamma and beta."""
     scale = tf.math.rsqrt(tf.cast(layer.moving_variance, tf.float32) + layer.epsilon)
     if layer.scale:
         scale *= tf.cast(layer.gamma, tf.float32)
-    offset = -tf.cast(layer.moving_mean, tf.float32) * scale
+    shift = -tf.cast(layer.moving_mean, tf.float32) * scale
     if layer.center:
-        offset += tf.cast(layer.beta, tf.float32)
-    # In inference mode the statistics are constants, and a frozen layer's parameters get no gradient.
+        shift += tf.cast(layer.beta, tf.float32)
     if not layer.trainable:
-        scale, offset = tf.stop_gradient(scale), tf.stop_gradient(offset)
-    return inputs * tf.cast(scale, tf.bfloat16) + tf.cast(offset, tf.bfloat16)
+        scale, shift = tf.stop_gradient(scale), tf.stop_gradient(shift)
+    return scale, shift
 
 
 def _training_batchnorm(layer, inputs):
