@@ -30,7 +30,7 @@ def test_resnet50_stages_follow_keras_layer_names():
     assert list(dict.fromkeys(stages.values())) == list(spec.stages)
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2", "efficientnetb0", "resnet50v2"])
+@pytest.mark.parametrize("name", ["mobilenetv2", "efficientnetb0", "resnet50v2", "efficientnetv2b0", "convnext_tiny"])
 def test_every_stage_of_other_families_has_layers(name):
     spec = tfxfer.get_backbone(name)
     backbone = create_backbone(name, weights=None, image_size=32)

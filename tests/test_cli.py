@@ -2,6 +2,7 @@ import csv
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -215,7 +216,8 @@ def test_backbones_answers_from_the_specs_without_tensorflow():
               "main(standalone_mode=False); print('tensorflow loaded:', 'tensorflow' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "efficientnetb3  300" in result.stdout and "58,370,944" in result.stdout
+    assert re.search(r"^efficientnetb3 +300 ", result.stdout, re.M) and "58,370,944" in result.stdout
+    assert re.search(r"^convnext_tiny .*ImageNet-1k \(keras.applications\) +MIT", result.stdout, re.M)
     assert "tensorflow loaded: False" in result.stdout
 
 

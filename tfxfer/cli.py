@@ -294,17 +294,17 @@ def export_command(run, formats, output, precision):
 @click.argument("pattern", default="*")
 @_friendly(tensorflow=False)
 def backbones(pattern):
-    """List backbones: default input size, parameter count and stage names."""
+    """List backbones: input sizes, parameter count, stage names, what --weights imagenet loads and its licence."""
     from tfxfer.backbones import get_backbone, list_backbones
 
-    rows = [("name", "size", "params", "stages", "suits")]
+    rows = [("name", "size", "params", "stages", "suits", "pretrained on", "licence")]
     for name in list_backbones(pattern):
         spec = get_backbone(name)
         rows.append((name, str(spec.default_size), f"{spec.params or _count_params(spec):,}", " ".join(spec.stages),
-                     spec.sizes))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+                     spec.sizes, spec.source, spec.licence or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
 
 
 def _count_params(spec):

@@ -22,7 +22,7 @@ import math
 import keras
 import numpy as np
 
-from tfxfer.backbones import layer_stages
+from tfxfer.backbones.registry import backbone_units
 from tfxfer.errors import TfxferError, did_you_mean
 
 __all__ = ["FreezePolicy", "parse_freeze", "apply_freeze", "Phase", "parse_unfreeze", "resolve_phases", "phase_at", "UnfreezeSchedule", "resolve_train_bn"]
@@ -66,7 +66,8 @@ def apply_freeze(backbone, spec, policy, train_bn=False):
         The names of the backbone layers that train.
     """
     policy = parse_freeze(policy)
-    names = [layer.name for layer in backbone.layers]
+    units = backbone_units(backbone, spec)
+    names = [layer.name for layer, _ in units]
     if policy.kind == "head":
         first = len(names)
     elif policy.kind == "full":
@@ -77,11 +78,8 @@ def apply_freeze(backbone, spec, policy, train_bn=False):
                 f"{spec.name} has {len(spec.stages)} stages ({', '.join(spec.stages)}); "
                 f"stages:{policy.stages} asks for more."
             )
-        stage_by_layer = layer_stages(backbone, spec)
         training_stages = set(spec.stages[len(spec.stages) - policy.stages :])
-        first = next(
-            (i for i, n in enumerate(names) if stage_by_layer[n] in training_stages), len(names)
-        )
+        first = next((i for i, (_, stage) in enumerate(units) if stage in training_stages), len(names))
     else:
         if policy.layer not in names:
             raise did_you_mean(policy.layer, names, f"layer of {spec.name}")
@@ -91,7 +89,7 @@ def apply_freeze(backbone, spec, policy, train_bn=False):
     # "after" in the list is "after" in the network.
     backbone.trainable = True
     trained = []
-    for i, layer in enumerate(backbone.layers):
+    for i, (layer, _) in enumerate(units):
         is_bn = isinstance(layer, keras.layers.BatchNormalization)
         layer.trainable = i >= first and (train_bn or not is_bn)
         if layer.trainable and layer.weights:

@@ -1,4 +1,5 @@
-"""The `keras.applications` families: ResNet v1 and v2, MobileNetV2, EfficientNetB0-B3.
+"""The `keras.applications` families: ResNet v1 and v2, MobileNetV2,
+EfficientNetB0-B3, EfficientNetV2 B0-B3 and S, ConvNeXt Tiny and Small.
 
 Constructors and preprocessing are named by `Reference`, so Keras loads when a
 network is built, not when the registry is read.
@@ -52,7 +53,8 @@ for _name, _builder, _module, _params in [
 ]:
     register_backbone(
         BackboneSpec(_name, Reference(f"{_APPS}:{_builder}"), Reference(f"{_APPS}.{_module}:preprocess_input"), 224,
-                     _RESNET_STAGES, _resnet_stage_of, "224 px (32 px works from scratch)", params=_params)
+                     _RESNET_STAGES, _resnet_stage_of, "224 px (32 px works from scratch)", params=_params,
+                     licence="MIT (Kaiming He's release)" if "v2" not in _name else "Apache-2.0")
     )
 
 register_backbone(
@@ -65,6 +67,7 @@ register_backbone(
         _mobilenetv2_stage_of,
         "96-224 px (32 px works from scratch)",
         params=2_257_984,
+        licence="Apache-2.0",
     )
 )
 
@@ -84,5 +87,38 @@ for _i, (_size, _params) in enumerate(zip((224, 240, 260, 300), (4_049_571, 6_57
             _efficientnet_stage_of,
             f"{_size} px (32 px works from scratch)",
             params=_params,
+            licence="Apache-2.0",
         )
+    )
+
+# EfficientNetV2 also rescales and normalizes inside the model.
+_EFFICIENTNETV2_STAGES = ("stem",) + tuple(f"block{i}" for i in range(1, 7)) + ("top",)
+for _variant, _size, _params in [("B0", 224, 5_919_312), ("B1", 240, 6_931_124), ("B2", 260, 8_769_374),
+                                 ("B3", 300, 12_930_622), ("S", 384, 20_331_360)]:
+    register_backbone(
+        BackboneSpec(f"efficientnetv2{_variant.lower()}", Reference(f"{_APPS}:EfficientNetV2{_variant}"),
+                     Reference(f"{_APPS}.efficientnet_v2:preprocess_input"), _size, _EFFICIENTNETV2_STAGES,
+                     _efficientnet_stage_of, f"{_size} px (32 px works from scratch)", params=_params,
+                     licence="Apache-2.0")
+    )
+
+# ConvNeXt normalizes inside the model; its layers are named after the model
+# ("convnext_tiny_stage_2_block_0_..."), and downsampling block i opens stage i + 1.
+_CONVNEXT_STAGES = ("stem", "stage1", "stage2", "stage3", "stage4")
+
+
+def _convnext_stage_of(layer_name):
+    m = re.match(r"convnext_[a-z]+_(stem|stage_(\d)|downsampling_block_(\d))", layer_name)
+    if not m:
+        return None
+    if m.group(1) == "stem":
+        return "stem"
+    return f"stage{int(m.group(2)) + 1}" if m.group(2) else f"stage{int(m.group(3)) + 2}"
+
+
+for _variant, _params in [("Tiny", 27_820_128), ("Small", 49_454_688)]:
+    register_backbone(
+        BackboneSpec(f"convnext_{_variant.lower()}", Reference(f"{_APPS}:ConvNeXt{_variant}"),
+                     Reference(f"{_APPS}.convnext:preprocess_input"), 224, _CONVNEXT_STAGES, _convnext_stage_of,
+                     "224 px (32 px works from scratch)", params=_params, licence="MIT (Meta's release)")
     )

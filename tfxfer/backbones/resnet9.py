@@ -65,5 +65,6 @@ register_backbone(
         lambda layer: layer.split("_")[0] if layer.startswith(("prep", "layer")) else None,
         sizes="32-64 px",
         params=926_760,
+        source="none: `tfxfer pretrain` makes its weights",
     )
 )

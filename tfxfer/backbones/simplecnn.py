@@ -35,5 +35,6 @@ register_backbone(
         sizes="28-32 px (the dense layer fixes the input size)",
         min_size=28,
         params=1_625_152,
+        source="none: `tfxfer pretrain` makes its weights",
     )
 )
