@@ -253,6 +253,17 @@ def test_trainable_batchnorm_is_not_folded():
     assert convolution.fold_batchnorm(model) == 0
 
 
+def test_a_folded_batchnorm_unfrozen_later_runs_on_its_own():
+    model = _conv_bn_net(1, 1, True)
+    x = tf.constant(np.random.default_rng(7).normal(size=(4, 8, 8, 3)), tf.float32)
+    assert convolution.fold_batchnorm(model) == 2
+    for layer in model.layers:  # an unfreezing phase with --train-bn
+        layer.trainable = True
+    folded = model(x, training=True).numpy()
+    convolution.plain(model)
+    np.testing.assert_allclose(folded, model(x, training=True).numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_a_training_step_runs_the_folded_convolutions(monkeypatch):
     calls = []
     folded = convolution.folded_convolution

@@ -284,7 +284,7 @@ def fold_batchnorm(model):
         if (type(conv) is keras.layers.Conv2D and _supported(conv) and conv.activation is keras.activations.linear
                 and consumers.get(id(conv.output)) == 1):
             conv.call = functools.partial(folded_convolution, conv, layer)
-            layer.call = functools.partial(_identity, layer)
+            layer.call = functools.partial(_folded_batchnorm, layer)
             count += 1
     return count
 
@@ -307,13 +307,20 @@ def _producer(layers, layer):
     return None
 
 
-def _identity(layer, inputs, training=None, mask=None):
+def _folded_batchnorm(layer, inputs, training=None, mask=None):
+    # A layer that an unfreezing phase made trainable after the folding runs on its own again.
+    if layer.trainable:
+        return bfloat16_batchnorm(layer, inputs, training=training, mask=mask)
     return inputs
 
 
 def folded_convolution(conv, batchnorm, inputs):
     """`batchnorm(conv(inputs))` for a BatchNorm in inference mode, as one
-    convolution: the kernel times the per-channel scale, plus one bias."""
+    convolution: the kernel times the per-channel scale, plus one bias. The
+    pair is read when the step is traced, so a BatchNorm that has become
+    trainable since (gradual unfreezing with `--train-bn`) is not folded."""
+    if batchnorm.trainable:
+        return convolution_call(conv, inputs)
     scale, shift = _inference_affine(batchnorm)
     kernel = conv.kernel * tf.cast(scale, conv.compute_dtype)
     bias = tf.cast(shift, conv.compute_dtype)
