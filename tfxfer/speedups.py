@@ -22,7 +22,8 @@ still pays; each has a test that proves it runs.
 
   `fast_convolutions(model)` reroutes a model's `Conv2D` layers through these
   paths where the output is that small (`POINTWISE_MAX_PIXELS`,
-  `PATCH_GRADIENT_MAX_PIXELS`) and every bfloat16 1x1 convolution; the rest keep Keras's own convolution. Results
+  `PATCH_GRADIENT_MAX_PIXELS`), and every bfloat16 1x1 convolution; the rest
+  keep Keras's own convolution. Results
   are the same to float rounding. Only on CPUs: a GPU's cuDNN has its own
   kernels for small maps. Measured effect: `python -m benchmarks paired`.
 * **Frozen BatchNorm folded into its convolution.** A BatchNorm layer in
@@ -30,8 +31,8 @@ still pays; each has a test that proves it runs.
   convolution's output, so the pair is one convolution with the kernel scaled
   per output channel and one bias: `fold_batchnorm(model)` runs each such
   pair that way, which spares the multiply and add over every activation
-  forward and backward and lets oneDNN fuse the bias and the ReLU after it
-  into the convolution. Only on CPUs, like the rerouted convolutions.
+  forward and backward, and oneDNN fuses the bias into the convolution or
+  matrix product. Only on CPUs, like the rerouted convolutions.
   Measured effect: `python -m benchmarks bfloat16` (BatchNorm frozen).
 * **BatchNorm in bfloat16.** Keras's BatchNormalization casts a bfloat16 input
   to float32, normalizes it with unfused ops and casts the result back, a guard
@@ -54,8 +55,8 @@ from tfxfer.runtime import onednn_enabled
 
 __all__ = [
     "PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "apply", "applied", "bfloat16_batchnorm", "convolution_call",
-    "fast_batchnorm", "fast_convolutions", "fold_batchnorm", "folded_convolution", "plain", "plain_convolutions", "routes", "subsample",
-    "walk_layers",
+    "fast_batchnorm", "fast_convolutions", "fold_batchnorm", "folded_convolution", "plain", "plain_convolutions",
+    "routes", "subsample", "walk_layers",
 ]
 
 
@@ -272,15 +273,17 @@ def fold_batchnorm(model):
     if tf.config.list_logical_devices("GPU"):
         return 0
     layers = list(walk_layers(model))
-    consumers = {}
+    consumers, producers = {}, {}
     for layer in layers:
         for tensor in _inputs(layer):
             consumers[id(tensor)] = consumers.get(id(tensor), 0) + 1
+        for tensor in _outputs(layer):
+            producers[id(tensor)] = layer
     count = 0
     for layer in layers:
         if type(layer) is not keras.layers.BatchNormalization or layer.trainable or layer.axis not in (-1, 3):
             continue
-        conv = _producer(layers, layer)
+        conv = producers.get(id(_inputs(layer)[0])) if _inputs(layer) else None
         if (type(conv) is keras.layers.Conv2D and _supported(conv) and conv.activation is keras.activations.linear
                 and consumers.get(id(conv.output)) == 1):
             conv.call = functools.partial(folded_convolution, conv, layer)
@@ -296,15 +299,11 @@ def _inputs(layer):
         return []
 
 
-def _producer(layers, layer):
-    (tensor,) = _inputs(layer) or (None,)
-    for candidate in layers:
-        try:
-            if candidate.output is tensor:
-                return candidate
-        except (AttributeError, ValueError):
-            continue
-    return None
+def _outputs(layer):
+    try:
+        return tf.nest.flatten(layer.output)
+    except (AttributeError, ValueError):
+        return []
 
 
 def _folded_batchnorm(layer, inputs, training=None, mask=None):

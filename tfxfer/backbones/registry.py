@@ -76,12 +76,6 @@ class BackboneSpec:
             `None` counts them by building it.
         source: what `--weights imagenet` loads, as `tfxfer backbones` shows it.
         licence: the licence of those weights.
-        units: for a network whose layers hold its blocks inside them (a
-            KerasHub ViT's encoder is one layer), a function from the built
-            backbone to `[(layer, stage)]`, input to output: the layers that
-            freeze policies, stages and layer-wise learning rates act on.
-            `None`: the backbone's own layers, staged by `stage_of`.
-        patch_size: a transformer's patch size; image sizes must be multiples.
     """
 
     name: str
@@ -95,8 +89,6 @@ class BackboneSpec:
     params: Optional[int] = None
     source: str = "ImageNet-1k (keras.applications)"
     licence: str = ""
-    units: Optional[Callable] = None
-    patch_size: Optional[int] = None
 
 
 _REGISTRY = {}
@@ -141,12 +133,6 @@ def create_backbone(name, weights="imagenet", image_size=None):
     size = image_size or spec.default_size
     if size < spec.min_size:
         raise TfxferError(f"{name} needs images of at least {spec.min_size} px, got {size}; pass --image-size {spec.min_size} or more.")
-    if spec.patch_size and size % spec.patch_size:
-        below = max(spec.patch_size, size - size % spec.patch_size)
-        raise TfxferError(
-            f"{name} cuts images into {spec.patch_size}-px patches, so its image size must be a multiple of "
-            f"{spec.patch_size}, and {size} is not; the nearest valid sizes are {below} and {below + spec.patch_size}."
-        )
     shape = (size, size, 3)
     if weights in (None, "none"):
         return spec.builder(weights=None, include_top=False, input_shape=shape)
@@ -191,8 +177,6 @@ def create_backbone(name, weights="imagenet", image_size=None):
 def backbone_units(backbone, spec):
     """`[(layer, stage)]`: the layers of `backbone` that freeze policies act
     on, input to output, each with its stage name."""
-    if spec.units is not None:
-        return spec.units(backbone)
     units, current = [], spec.stages[0]
     for layer in backbone.layers:
         current = spec.stage_of(layer.name) or current
