@@ -16,6 +16,7 @@ BENCHMARKS = {
     "profile": ("profile_step", "op time by kind in the training step, tfxfer's and PyTorch's, from their profilers"),
     "feature-cache": ("feature_cache", "a head-only epoch through the backbone against one on cached features"),
     "export-formats": ("export_formats", "size and batch-1 latency of SavedModel, ONNX and LiteRT"),
+    "families": ("families", "ViT-B/16 and ConvNeXt-T full fine-tuning against timm's models in PyTorch eager"),
 }
 
 

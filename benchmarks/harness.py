@@ -80,10 +80,11 @@ def paired_ratio(a, b):
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def run_child(benchmark, *argv, env=None):
+def run_child(benchmark, *argv, env=None, python=None):
     """Run `python -m benchmarks BENCHMARK --child ...` in a fresh process and return the
-    JSON it prints on its `RESULT` line: each contender gets a process of its own."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks", benchmark, "--child", *argv], cwd=ROOT,
+    JSON it prints on its `RESULT` line: each contender gets a process of its own
+    (`python`: another environment's interpreter)."""
+    out = subprocess.run([python or sys.executable, "-m", "benchmarks", benchmark, "--child", *argv], cwd=ROOT,
                          capture_output=True, text=True, env={**os.environ, **(env or {})})
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:

@@ -80,15 +80,14 @@ def test_bad_policies_fail_clearly(policy, message):
 
 def test_set_freeze_recomputes_the_trainable_set(tiny_model_factory):
     model = tiny_model_factory(freeze="head", l2sp=0.1)
-    assert model.penalty.penalized() == [] and model._by_group(model.trainable_weights)[1] == []
+    assert model.penalty.penalized() == [] and model.backbone.trainable_weights == []
     model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
     model.fit(random_images(8), np.arange(8) % 3, epochs=1, verbose=0)
 
     model.set_freeze("stages:1")
     penalized = {w.path for w, _ in model.penalty.penalized()}
     assert penalized == {"s2_conv/kernel"}  # kernels of the last stage only; BN stays frozen
-    head, backbone = model._by_group(model.trainable_weights)
-    assert {w.path for w in backbone} == {"s2_conv/kernel", "s2_conv/bias"}
+    assert {w.path for w in model.backbone.trainable_weights} == {"s2_conv/kernel", "s2_conv/bias"}
     assert model.train_function is None  # the step is traced again with the new set
     # Anchors were captured once, at build: the pull is still toward the starting weights.
     assert float(model.penalty()) == 0.0

@@ -24,7 +24,10 @@ def _finetune(data, out, *extra):
 FINETUNE_CASES = [
     (("--lr", "0"), "lr must be > 0"),
     (("--lr", "-0.1"), "lr must be > 0"),
-    (("--lr", "nan"), "Config key lr must be a number, got NaN."),
+    (("--lr", "nan"), "Config key lr must be a number or auto, got NaN."),
+    (("--lr", "fast"), "Config key lr must be a number or auto, got 'fast'."),
+    (("--lr-decay", "0"), "lr_decay must be above 0 and at most 1"),
+    (("--ema", "1"), "ema must be between 0 and 1"),
     (("--epochs", "0"), "epochs must be > 0"),
     (("--batch-size", "0"), "batch_size must be > 0"),
     (("--weight-decay", "-1"), "weight_decay must be >= 0"),

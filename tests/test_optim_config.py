@@ -61,7 +61,7 @@ def test_no_weight_decay_on_the_backbone_while_l2sp_is_on(tiny_model_factory, mu
     if backbone is None:
         head.apply_gradients(pairs)
     else:
-        head_pairs, backbone_pairs = model._by_group(pairs, weight_of=lambda pair: pair[1])
+        head_pairs, (backbone_pairs,) = model._by_group(pairs, weight_of=lambda pair: pair[1])
         head.apply_gradients(head_pairs)
         backbone.apply_gradients(backbone_pairs)
     for w in model.trainable_weights:
@@ -93,7 +93,7 @@ def test_bad_config_values_fail_clearly(values, message):
         ("optimizer: ~\n", "Config key optimizer cannot be null; it takes one of sgd, adam, adamw"),
         ("epochs: 2.5\n", "Config key epochs must be a whole number, got 2.5."),
         ("epochs: true\n", "Config key epochs must be a whole number, got True."),
-        ("lr: .nan\n", "lr must be a number, got NaN"),
+        ("lr: .nan\n", "lr must be a number or auto, got NaN"),
         ("lr: 0.1\nepochs: 3\nlr: 0.2\n", "YAML error at line 4, column 1: the key 'lr' is given twice."),
         ("optim:\n  lr: 0.1\n  lr: 0.2\n", "the key 'lr' is given twice"),
     ],

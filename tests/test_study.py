@@ -52,6 +52,8 @@ def test_paired_test_matches_scipy_and_reads_plainly():
         ("lp-ft", {"freeze": "head", "unfreeze": LP_FT_SCHEDULE}),
         ("l2sp@0.1", {"freeze": "full", "l2sp": 0.1, "unfreeze": None}),
         ("full+bn", {"freeze": "full", "train_bn": "on"}),
+        ("full+lr=0.01+schedule=cosine+ema=0.999", {"freeze": "full", "lr": 0.01, "schedule": "cosine", "ema": 0.999}),
+        ("lp-ft+bn+lr=auto", {"unfreeze": LP_FT_SCHEDULE, "train_bn": "on", "lr": "auto"}),
     ],
 )
 def test_strategies_expand_to_plain_options(name, expected):
@@ -62,7 +64,7 @@ def test_strategies_expand_to_plain_options(name, expected):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("fulll", "did you mean 'full'"), ("l2sp@x", "positive number"), ("full+xx", r"only suffix is \+bn"),
+    [("fulll", "did you mean 'full'"), ("l2sp@x", "positive number"), ("full+xx", r"a suffix is \+bn or \+OPTION=VALUE"), ("full+epochs=3", "OPTION one of lr,"),
      ("full,full", "twice"), ("stages:0", "Unknown strategy")],
 )
 def test_bad_strategies_fail_in_one_sentence(text, message):

@@ -46,7 +46,7 @@ def measure_seconds_per_step(model, dataset, seconds=30.0, max_steps=500):
     """The mean time of a training step, over about `seconds` of real steps
     after one warm-up step. The model's and its optimizers' variables are put
     back afterwards, so the measurement trains nothing."""
-    optimizers = [o for o in (model.optimizer, getattr(model, "backbone_optimizer", None)) if o is not None]
+    optimizers = [model.optimizer, *getattr(model, "backbone_optimizers", ())]
     for optimizer in optimizers:
         if not optimizer.built:
             optimizer.build(model.trainable_variables)

@@ -249,7 +249,8 @@ class EarlyStop(keras.callbacks.Callback):
 
 class LearningRateLog(keras.callbacks.Callback):
     """Add the learning rate at the end of each epoch to the logs (`lr`, and
-    `backbone_lr` with a backbone optimizer), for history.csv and TensorBoard."""
+    `backbone_lr` with a backbone optimizer: its output stage's with one per
+    stage), for history.csv and TensorBoard."""
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:

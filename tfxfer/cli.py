@@ -48,7 +48,9 @@ def _option(name, field, type_, default):
             return click.option(f"--no-{flag[2:]}", is_flag=True, hidden=True, expose_value=False,
                                 callback=no_flag)(command)
         return decorate
-    return click.option(flag, name, type=None if type_ is str else type_, default=None, help=text)
+    # A field that takes `auto` reaches the config as text, which checks it.
+    plain = type_ is str or field.metadata.get("auto")
+    return click.option(flag, name, type=None if plain else type_, default=None, help=text)
 
 
 EVALUATE_OPTIONS = (
@@ -148,6 +150,61 @@ finetune = _run_command("finetune", FinetuneConfig, "tfxfer.training.finetune",
 pretrain = _run_command("pretrain", PretrainConfig, "tfxfer.pretraining.pretrain",
                         "Pretrain a backbone (supervised, simclr or autoencoder) for `finetune --weights RUN`.",
                         _PretrainCommand)
+
+
+@main.command("lr-find")
+@click.option("--config", "config_path", type=click.Path(), help="YAML config file; flags override it.")
+@config_options(FinetuneConfig)
+@click.option("--steps", default=100, show_default=True, help="Training steps of the sweep.")
+@click.option("--start-lr", default=1e-7, show_default=True, help="Learning rate of the first step.")
+@click.option("--end-lr", default=10.0, show_default=True, help="Learning rate of the last step.")
+@click.option("--plot", "plot_path", default="lr_find.png", show_default=True, type=click.Path(dir_okay=False),
+              help="Where the loss-against-learning-rate plot goes.")
+@_friendly
+def lr_find(config_path, steps, start_lr, end_lr, plot_path, **flags):
+    """Learning-rate range test on the finetune setup these options describe:
+    the loss over ~100 steps of a growing learning rate, a plot, and a
+    suggested --lr. Writes no run folder."""
+    from tfxfer.lr_find import RULE
+    from tfxfer.lr_find import lr_find as range_test
+    from tfxfer.reporting.plots import lr_range
+
+    config = load_config(config_path, FinetuneConfig, **flags)
+    finding = range_test(config, steps, start_lr, end_lr, log=click.echo)
+    try:
+        lr_range(finding, plot_path)
+    except OSError as e:
+        raise TfxferError(f"Cannot write the plot to {plot_path} ({e.strerror}); pass --plot PATH.") from None
+    click.echo(f"suggested lr: {finding.suggestion:.2g} by the rule {RULE}; plot: {plot_path}")
+    click.echo(f"use it with: tfxfer finetune ... --lr {finding.suggestion:.2g} (or --lr auto to run this test first)")
+
+
+@main.command()
+@click.argument("candidates", nargs=-1, required=True)
+@config_options(FinetuneConfig, EVALUATE_OPTIONS)
+@click.option("--image-size", type=int, help="Input size of the backbone names (a run folder keeps its own). "
+              "[default: each backbone's]")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects instead of a table.")
+@_friendly
+def rank(candidates, image_size, as_json, **data):
+    """Score CANDIDATE backbones on the target's labelled training images with
+    LogME, before any fine-tuning; higher is better. A candidate is a backbone
+    name (its default weights), NAME:none (random weights), or a pretrain or
+    finetune run folder."""
+    from tfxfer.ranking import rank as rank_candidates
+
+    data = {k: v for k, v in data.items() if v is not None}
+    if not data.get("dataset") and not data.get("data_dir"):
+        raise TfxferError("Give the target data: --dataset NAME or --data-dir DIR.")
+    results = rank_candidates(candidates, data, image_size, log=lambda line: click.echo(line, err=as_json))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    rows = [("candidate", "LogME", "feature time", "params", "size")]
+    rows += [(r["candidate"], f"{r['logme']:.4f}", f"{r['feature_seconds']:.1f} s", f"{r['params']:,}",
+              f"{r['image_size']} px") for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    click.echo("\n" + "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows))
 
 
 STUDY_OPTIONS = [k for k in StudyConfig.fields() if k not in StudyConfig.OWNED]

@@ -49,9 +49,10 @@ DISTRIBUTE = ("none", "mirrored", "multiworker")
 BN_MODES = ("auto", "on", "off")  # --train-bn (tfxfer.freezing.resolve_train_bn)
 
 
-def option(default, help, choices=None):
-    """A config field: its default, its help text and, for a name, the allowed names."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def option(default, help, choices=None, auto=False):
+    """A config field: its default, its help text and, for a name, the allowed
+    names; with `auto`, a number field that also takes the word `auto`."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "auto": auto})
 
 
 @dataclasses.dataclass
@@ -125,6 +126,14 @@ class TransferConfig:
     l2sp_scope: str = option("kernels", "Weights L2-SP pulls: kernels (as the paper) or all.", SCOPES)
     head_l2: float = option(0.0, "Plain L2 beta on the new head's kernel.")
     backbone_lr_mult: float = option(1.0, "Backbone learning rate = lr * this, through its own optimizer.")
+    lr_decay: float = option(
+        1.0, "Layer-wise learning-rate decay D: the backbone stage k steps below the head trains at lr * D^k "
+        "(one optimizer per stage; see tfxfer backbones for the stages). 1 turns it off."
+    )
+    ema: Optional[float] = option(
+        None, "Weight EMA decay, e.g. 0.999: validation, the best epoch, the test metrics and the export use the "
+        "moving average of the weights."
+    )
     feature_cache: str = option(
         "auto", "While the backbone is frozen, train the head on features computed once: auto (when not augmenting), "
         "memory, a folder (kept across runs), or off."
@@ -151,12 +160,19 @@ class TransferConfig:
             raise TfxferError(f"early_stopping must be at least 1 epoch, got {self.early_stopping}.")
         if not self.backbone_lr_mult > 0:
             raise TfxferError(f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult}.")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise TfxferError(f"ema must be between 0 and 1, e.g. 0.999, got {self.ema}.")
+        if not 0 < self.lr_decay <= 1:
+            raise TfxferError(f"lr_decay must be above 0 and at most 1, got {self.lr_decay}.")
 
 
 @dataclasses.dataclass
 class OptimConfig:
     optimizer: str = option("sgd", "sgd (momentum 0.9), adam or adamw.", OPTIMIZERS)
-    lr: float = option(1e-3, "Learning rate (of the head, when the backbone has its own).")
+    lr: float = option(
+        1e-3, "Learning rate (of the head, when the backbone has its own); auto runs the range test of "
+        "tfxfer lr-find first and records its suggestion in the run's config.", auto=True
+    )
     weight_decay: float = option(0.0, "Optimizer weight decay; never on the backbone while L2-SP is on.")
     schedule: str = option("constant", "Learning-rate schedule (cosine decays to 0 after --warmup-epochs).", SCHEDULES)
     warmup_epochs: float = option(0.0, "Linear warmup length before the cosine decay.")
@@ -167,7 +183,7 @@ class OptimConfig:
     def validate(self):
         _at_least(self, ("weight_decay", "warmup_epochs"), 0.0)
         for key in ("lr", "epochs", "batch_size"):
-            if not getattr(self, key) > 0:
+            if getattr(self, key) != "auto" and not getattr(self, key) > 0:
                 raise TfxferError(f"{key} must be > 0, got {getattr(self, key)}.")
         if self.time_budget is not None:
             from tfxfer.budget import parse_duration
@@ -281,10 +297,12 @@ class FinetuneConfig(CommandConfig):
                     f"--freeze {self.transfer.freeze} conflicts with --unfreeze {self.transfer.unfreeze}, whose first "
                     f"phase is {first}; drop --freeze."
                 )
-        if self.run.precision == "mixed_float16" and self.transfer.backbone_lr_mult != 1.0:
+        if self.run.distribute != "none" and self.transfer.ema is not None:
+            raise TfxferError("--ema is not available with --distribute yet; drop one of them.")
+        if self.run.precision == "mixed_float16" and (self.transfer.backbone_lr_mult != 1.0 or self.transfer.lr_decay != 1.0):
             raise TfxferError(
-                "--precision mixed_float16 cannot be combined with --backbone-lr-mult: its loss scaling covers one "
-                "optimizer; use mixed_bfloat16 or float32."
+                "--precision mixed_float16 cannot be combined with --backbone-lr-mult or --lr-decay: its loss scaling "
+                "covers one optimizer; use mixed_bfloat16 or float32."
             )
         return self
 
@@ -356,6 +374,11 @@ class PretrainConfig(CommandConfig):
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
     COMMAND = "pretrain"
+
+    def validate(self):
+        if self.optim.lr == "auto":
+            raise TfxferError("--lr auto is for finetune (its range test fits a classifier); give pretrain a number.")
+        return super().validate()
 
 
 @dataclasses.dataclass
@@ -440,7 +463,15 @@ def config_from_flat(values, kind=FinetuneConfig, validate=True):
         group, field, type_ = fields[key]
         if value is None and field.default is not None:
             raise TfxferError(f"Config key {key} cannot be null; {_accepts(type_, field)}, e.g. {field.default!r}.")
-        grouped.setdefault(group, {})[key] = _coerce(key, value, type_)
+        if field.metadata.get("auto") and str(value).strip().lower() == "auto":
+            grouped.setdefault(group, {})[key] = "auto"
+            continue
+        try:
+            grouped.setdefault(group, {})[key] = _coerce(key, value, type_)
+        except TfxferError as e:
+            if not field.metadata.get("auto"):
+                raise
+            raise TfxferError(str(e).replace(" must be a number,", " must be a number or auto,")) from None
     config = kind(**{g.name: dataclasses.replace(g.default_factory(), **grouped.get(g.name, {})) for g in dataclasses.fields(kind)})
     config.explicit = frozenset(values)
     return config.validate() if validate else config

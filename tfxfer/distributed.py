@@ -193,7 +193,7 @@ class _Steps:
 
 
 def _phase_key(model):
-    return (model.freeze, id(model.optimizer), id(getattr(model, "backbone_optimizer", None)))
+    return (model.freeze, id(model.optimizer), *map(id, getattr(model, "backbone_optimizers", ())))
 
 
 def _any_worker(strategy, flag):

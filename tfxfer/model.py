@@ -6,8 +6,9 @@ It adds two things to Keras's training:
 * the L2-SP penalty (`tfxfer.penalties.L2SP`), added to the data loss by
   `compute_loss` in training only and logged as its own metric `l2sp` (and
   `head_l2`);
-* an optional second optimizer for the backbone (`compile(backbone_optimizer=)`),
-  so the backbone can have its own learning rate without scaling gradients,
+* optional optimizers of the backbone's own (`compile(backbone_optimizer=)`):
+  one for the whole backbone, or one per stage (layer-wise learning-rate
+  decay), so each part has its own learning rate without scaling gradients,
   which Adam would undo. Only then does it override `train_step`.
 """
 
@@ -15,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from tfxfer.backbones import create_backbone, get_backbone
-from tfxfer.backbones.registry import feature_pool, set_bn_momentum
+from tfxfer.backbones.registry import backbone_units, feature_pool, set_bn_momentum
 from tfxfer.freezing import apply_freeze, parse_freeze
 from tfxfer.optim import regrow
 from tfxfer.penalties import L2SP
@@ -146,8 +147,21 @@ class TransferModel(PenalizedLoss, keras.Model):
         self.trained_layers = apply_freeze(self.backbone, spec, self.freeze, self.train_bn)
         self.penalty = L2SP(self.backbone, l2sp, l2sp_scope, self.head.weights, head_l2)
         self._track_penalties()
-        self.backbone_optimizer = None
+        self.stage_optimizers = {}
         self.built = True
+
+    @property
+    def backbone_optimizers(self):
+        """The backbone's own optimizers, output stage first, each once."""
+        unique = {id(o): o for stage in reversed(get_backbone(self.backbone_name).stages)
+                  for o in [self.stage_optimizers.get(stage)] if o is not None}
+        return list(unique.values())
+
+    @property
+    def backbone_optimizer(self):
+        """The backbone's optimizer (of its output stage, with one per stage), or `None`."""
+        optimizers = self.backbone_optimizers
+        return optimizers[0] if optimizers else None
 
     def set_freeze(self, freeze, train_bn=None):
         """Apply another freeze policy, mid-training if need be.
@@ -165,12 +179,10 @@ class TransferModel(PenalizedLoss, keras.Model):
         self.freeze = str(parse_freeze(freeze))
         self.trained_layers = apply_freeze(self.backbone, get_backbone(self.backbone_name), self.freeze, self.train_bn)
         if getattr(self, "optimizer", None) is not None and self.optimizer.built:
-            if self.backbone_optimizer is None:
-                self.optimizer = regrow(self.optimizer, self.trainable_weights)
-            else:
-                head_weights, backbone_weights = self._by_group(self.trainable_weights)
-                self.optimizer = regrow(self.optimizer, head_weights)
-                self.backbone_optimizer = regrow(self.backbone_optimizer, backbone_weights)
+            head_weights, groups = self._by_group(self.trainable_weights)
+            self.optimizer = regrow(self.optimizer, head_weights)
+            regrown = {id(o): regrow(o, weights) for o, weights in zip(self.backbone_optimizers, groups)}
+            self.stage_optimizers = {stage: regrown[id(o)] for stage, o in self.stage_optimizers.items()}
         self.train_function = self.test_function = self.predict_function = None
         return self.trained_layers
 
@@ -183,14 +195,23 @@ class TransferModel(PenalizedLoss, keras.Model):
 
     def compile(self, optimizer="rmsprop", *args, backbone_optimizer=None, **kwargs):
         """Keras's `compile` (same positional arguments), plus an optional
-        keyword-only optimizer for the backbone's weights."""
+        keyword-only optimizer for the backbone's weights: one optimizer, or a
+        dict from stage name to optimizer (every stage named; stages may share
+        one)."""
         super().compile(optimizer, *args, **kwargs)
-        self.backbone_optimizer = backbone_optimizer
-        if backbone_optimizer is not None:
-            # Build each optimizer on its own group only: no slots for the other.
-            head_weights, backbone_weights = self._by_group(self.trainable_weights)
+        stages = get_backbone(self.backbone_name).stages
+        if backbone_optimizer is None or isinstance(backbone_optimizer, dict):
+            self.stage_optimizers = dict(backbone_optimizer or {})
+            if self.stage_optimizers and set(self.stage_optimizers) != set(stages):
+                raise ValueError(f"backbone_optimizer must name every stage of {self.backbone_name}: {stages}.")
+        else:
+            self.stage_optimizers = {stage: backbone_optimizer for stage in stages}
+        if self.stage_optimizers:
+            # Build each optimizer on its own group only: no slots for the others.
+            head_weights, groups = self._by_group(self.trainable_weights)
             self.optimizer.build(head_weights)
-            backbone_optimizer.build(backbone_weights)
+            for backbone_optimizer, weights in zip(self.backbone_optimizers, groups):
+                backbone_optimizer.build(weights)
 
     def compile_from_config(self, config):
         # Used by keras.models.load_model. The backbone optimizer is not part of
@@ -200,11 +221,24 @@ class TransferModel(PenalizedLoss, keras.Model):
         self.optimizer.build(self.trainable_variables)
 
     def _by_group(self, items, weight_of=lambda item: item):
-        """Split `items` into (head, backbone) by the weight each one holds."""
-        backbone_ids = {id(w) for w in self.backbone.trainable_weights}
-        head = [i for i in items if id(weight_of(i)) not in backbone_ids]
-        backbone = [i for i in items if id(weight_of(i)) in backbone_ids]
-        return head, backbone
+        """Split `items` into `(head, [group of each backbone optimizer])` by
+        the weight each one holds; without backbone optimizers, `(items, [])`."""
+        optimizers = self.backbone_optimizers
+        if not optimizers:
+            return list(items), []
+        spec = get_backbone(self.backbone_name)
+        index = {id(o): i for i, o in enumerate(optimizers)}
+        # A weight outside the stage map's layers goes with the input stage.
+        first = index[id(self.stage_optimizers[spec.stages[0]])]
+        group_of = {id(w): first for w in self.backbone.weights}
+        for layer, stage in backbone_units(self.backbone, spec):
+            for w in layer.weights:
+                group_of[id(w)] = index[id(self.stage_optimizers[stage])]
+        head, groups = [], [[] for _ in optimizers]
+        for item in items:
+            group = group_of.get(id(weight_of(item)))
+            (head if group is None else groups[group]).append(item)
+        return head, groups
 
     def train_step(self, data):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -220,17 +254,15 @@ class TransferModel(PenalizedLoss, keras.Model):
             scaled = self.optimizer.scale_loss(loss)
         weights = self.trainable_weights
         pairs = list(zip(tape.gradient(scaled, weights), weights))
-        if self.backbone_optimizer is None:
-            self.optimizer.apply_gradients(pairs)
-            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        head, backbone = self._by_group(pairs, weight_of=lambda pair: pair[1])
+        head, groups = self._by_group(pairs, weight_of=lambda pair: pair[1])
         self.optimizer.apply_gradients(head)
-        if backbone:
-            self.backbone_optimizer.apply_gradients(backbone)
-        else:
-            # A frozen backbone (the probe of LP-FT) still counts the steps,
-            # so its schedule is where the head's is when it starts training.
-            self.backbone_optimizer.iterations.assign_add(1)
+        for backbone_optimizer, group in zip(self.backbone_optimizers, groups):
+            if group:
+                backbone_optimizer.apply_gradients(group)
+            else:
+                # A frozen part (the probe of LP-FT) still counts the steps,
+                # so its schedule is where the head's is when it starts training.
+                backbone_optimizer.iterations.assign_add(1)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def get_config(self):

@@ -2,9 +2,10 @@
 
 import keras
 
+from tfxfer.backbones import get_backbone
 from tfxfer.config import OPTIMIZERS, SCHEDULES
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "make_schedule", "make_optimizer", "make_optimizers", "regrow"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "make_schedule", "make_optimizer", "make_optimizers", "stage_lr_multipliers", "regrow"]
 
 
 def make_schedule(lr, schedule="constant", total_steps=None, warmup_steps=0):
@@ -35,10 +36,12 @@ def make_optimizer(name, learning_rate, weight_decay=0.0):
 
 
 def make_optimizers(config, model, steps_per_epoch):
-    """The head optimizer and, when needed, a separate backbone optimizer.
+    """The head optimizer and, when needed, the backbone's own: one optimizer,
+    or a dict from stage name to optimizer.
 
     `config` is a `FinetuneConfig`. The backbone gets its own optimizer when
-    `backbone_lr_mult != 1`: a second optimizer, not scaled gradients, because
+    `backbone_lr_mult != 1`, and one per stage with `lr_decay < 1` (see
+    `stage_lr_multipliers`): other optimizers, not scaled gradients, because
     Adam's update is invariant to the gradient's scale. With L2-SP on, the
     backbone gets no weight decay: the penalty already pulls it, toward its
     starting point rather than zero. The exclusion names every backbone
@@ -47,11 +50,24 @@ def make_optimizers(config, model, steps_per_epoch):
     optim, transfer = config.optim, config.transfer
     head = make_optimizer_for(optim, steps_per_epoch)
     backbone_decay = 0.0 if transfer.l2sp else optim.weight_decay
+    if transfer.lr_decay != 1.0:
+        multipliers = stage_lr_multipliers(get_backbone(model.backbone_name).stages, transfer.lr_decay,
+                                           transfer.backbone_lr_mult)
+        return head, {stage: make_optimizer_for(optim, steps_per_epoch, optim.lr * m, backbone_decay)
+                      for stage, m in multipliers.items()}
     if transfer.backbone_lr_mult != 1.0:
         return head, make_optimizer_for(optim, steps_per_epoch, optim.lr * transfer.backbone_lr_mult, backbone_decay)
     if optim.weight_decay and transfer.l2sp:
         head.exclude_from_weight_decay(var_list=model.backbone.weights)
     return head, None
+
+
+def stage_lr_multipliers(stages, decay, backbone_mult=1.0):
+    """`{stage: multiplier of the head's lr}` for layer-wise decay (BEiT, timm's
+    `--layer-decay`): the stage k steps below the head trains at lr * decay**k,
+    so the output stage at lr * decay and the input stage at
+    lr * decay**len(stages); `backbone_mult` scales them all."""
+    return {stage: backbone_mult * decay ** (len(stages) - i) for i, stage in enumerate(stages)}
 
 
 def make_optimizer_for(optim, steps_per_epoch, lr=None, weight_decay=None):

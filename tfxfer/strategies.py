@@ -8,7 +8,10 @@
                  fine-tuning (Kumar et al., ICLR 2022): `--unfreeze head@0,full@25%`
     l2sp@ALPHA   full fine-tuning with the L2-SP pull toward the starting weights
 
-Any of them may end in `+bn`: BatchNorm statistics and parameters train too.
+Any of them may end in `+bn`: BatchNorm statistics and parameters train too,
+and in `+OPTION=VALUE` suffixes that set one of the recipe's options (`RECIPE`)
+for that strategy alone, e.g. `full+lr=0.01+schedule=cosine+ema=0.999`: a
+study of recipes is a study of strategies.
 
 `expand` gives the options; `FinetuneConfig(strategy=...)`, `--strategy` and
 `tfxfer study --strategies` all go through it, and a study prints each run's
@@ -22,6 +25,9 @@ from tfxfer.errors import TfxferError, did_you_mean
 __all__ = ["BASES", "LP_FT_SCHEDULE", "expand", "parse_strategies", "command_line"]
 
 BASES = ("scratch", "head", "full", "stages:N", "lp-ft", "l2sp@ALPHA")
+# The options a `+OPTION=VALUE` suffix may set: how the training goes, not what it trains.
+RECIPE = ("lr", "schedule", "warmup_epochs", "optimizer", "weight_decay", "augment", "lr_decay", "ema",
+          "backbone_lr_mult", "dropout", "label_smoothing")
 LP_FT_SCHEDULE = "head@0,full@25%"
 
 # Every option a strategy sets, so a strategy fully decides them (nothing leaks
@@ -36,10 +42,17 @@ def expand(strategy):
     run's weights.
     """
     name = str(strategy).strip()
-    base, plus, extra = name.partition("+")
-    if plus and extra != "bn":
-        raise TfxferError(f"Strategy {name!r} ends in {'+' + extra!r}; the only suffix is +bn.")
-    options = dict(_NEUTRAL, train_bn="on" if plus else "off")
+    base, *suffixes = name.split("+")
+    options = dict(_NEUTRAL, train_bn="off")
+    for suffix in suffixes:
+        key, equals, value = suffix.partition("=")
+        if suffix == "bn":
+            options["train_bn"] = "on"
+        elif equals and key.replace("-", "_") in RECIPE and value:
+            options[key.replace("-", "_")] = _number_or_text(value)
+        else:
+            raise TfxferError(f"Strategy {name!r} has the suffix {'+' + suffix!r}; a suffix is +bn or "
+                              f"+OPTION=VALUE with OPTION one of {', '.join(RECIPE)}.")
     if base == "scratch":
         # Random BatchNorm statistics are worthless: from scratch, BN always trains.
         options.update(weights="none", train_bn="on")
@@ -60,6 +73,13 @@ def expand(strategy):
     else:
         raise did_you_mean(base, ("scratch", "head", "full", "stages:2", "lp-ft", "l2sp@0.01"), "strategy")
     return options
+
+
+def _number_or_text(value):
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def parse_strategies(text):

@@ -143,7 +143,7 @@ def _require_test_split(config):
 
 
 def run_name(strategy, seed, fold=None):
-    slug = strategy.replace("@", "").replace("+", "-").replace(":", "")
+    slug = strategy.replace("@", "").replace("+", "-").replace(":", "").replace("=", "")
     return f"{slug}-seed{seed}" + (f"-fold{fold}" if fold is not None else "")
 
 
@@ -236,7 +236,8 @@ def write_report(study_dir, rows, commands, strategies, seeds, config, name):
     runs_text = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}" + (f" × {folds} folds" if folds else "")
     summaries = {s: summarize([r[METRIC] for r in rs]) for s, rs in by_strategy.items()}
     f1 = {s: summarize([r["test_macro_f1"] for r in rs]) for s, rs in by_strategy.items()}
-    baselines = [b for b in ("scratch", "full") if b in by_strategy]
+    # A study of recipes names neither: its first strategy is the baseline.
+    baselines = [b for b in ("scratch", "full") if b in by_strategy] or strategies[:1]
     # Each strategy against scratch and full; full against scratch once, not also the other way.
     comparisons = {
         (s, b): paired([r[METRIC] for r in by_strategy[s]], [r[METRIC] for r in by_strategy[b]])
@@ -253,7 +254,7 @@ def write_report(study_dir, rows, commands, strategies, seeds, config, name):
         + f". Backbone {config.model.backbone} at {config.model.image_size or 'its default'} px, weights "
         f"`{config.model.weights}` (scratch: none). Budget per run: "
         + (f"time {config.optim.time_budget}" if config.optim.time_budget else f"{config.optim.epochs} epochs")
-        + f", {config.optim.optimizer} lr {config.optim.lr:g} {config.optim.schedule}, batch {config.optim.batch_size}.",
+        + f", {config.optim.optimizer} lr {config.optim.lr if config.optim.lr == 'auto' else format(config.optim.lr, 'g')} {config.optim.schedule}, batch {config.optim.batch_size}.",
         "",
         f"Each strategy ran with {runs_text}; a seed sets the labelled sample, the head's initialization and the "
         "data order, the same for every strategy, so differences are paired. The test split is used once per run, "

@@ -28,21 +28,21 @@ import numpy as np
 import tensorflow as tf
 
 from tfxfer import atomic, budget, distributed, feature_cache, runs, speedups
+from tfxfer.averaging import AveragedWeights, WeightAverage
 from tfxfer.callbacks import (
     DataEpoch, EarlyStop, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
     tensorboard_callbacks,
 )
-from tfxfer.losses import Crossentropy
-from tfxfer.metrics import Accuracy, MacroF1
 from tfxfer.backbones.pretrained import save_backbone
+from tfxfer.backbones.registry import rebuild_weights
 from tfxfer.config import FinetuneConfig
 from tfxfer.errors import TfxferError
 from tfxfer.evaluation import classification_report, format_report
 from tfxfer.freezing import UnfreezeSchedule, parse_unfreeze, phase_at, resolve_phases, resolve_train_bn
 from tfxfer.export import export_saved_model, next_version_dir
 from tfxfer.export.precision import at_precision
-from tfxfer.model import TransferModel, build_model
-from tfxfer.optim import make_optimizers
+from tfxfer.model import TransferModel
+from tfxfer.compiling import compile_run, compiled_model, objective
 
 __all__ = ["finetune", "RunResult", "predict_dataset"]
 
@@ -75,8 +75,13 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
             log(f"distribute: {run.config.run.distribute}, {distributed.worker_description(strategy)}")
         train, val, test, info, image_size = run.load_data()
         _check_data(run.config, info, log)
+        finding = _auto_lr(run, train, info, image_size) if run.config.optim.lr == "auto" else None
         model, schedule, plain, parameters = _build(run, info, image_size, train, strategy)
         run.create()
+        if finding:
+            from tfxfer.reporting.plots import lr_range
+
+            lr_range(finding, run.path("lr_find.png"))
         checkpoint, timer, fit_callbacks, initial_epoch = _callbacks(run, model, schedule, train, info, callbacks)
         histories = _train(run, model, strategy, schedule, checkpoint, fit_callbacks, initial_epoch, train, val, info,
                            verbose)
@@ -119,13 +124,7 @@ def _build(run, info, image_size, train, strategy):
     train_bn, why = resolve_train_bn(config.transfer.train_bn, config.model.weights)
     steps = runs.steps_per_epoch(config, info)
     with strategy.scope():
-        model = build_model(
-            config.model.backbone, num_classes=info.num_classes, weights=config.model.weights,
-            image_size=image_size, freeze=config.first_policy(), train_bn=train_bn,
-            bn_momentum=config.model.bn_momentum, dropout=config.transfer.dropout, l2sp=config.transfer.l2sp,
-            l2sp_scope=config.transfer.l2sp_scope, head_l2=config.transfer.head_l2, class_names=info.class_names,
-        )
-        _compile(model, config, steps)
+        model = compiled_model(config, info, image_size, train_bn)
         plain = speedups.apply(model, log)
         phases = parse_unfreeze(config.transfer.unfreeze) if config.transfer.unfreeze else None
         if config.optim.time_budget and not run.resume:
@@ -134,7 +133,7 @@ def _build(run, info, image_size, train, strategy):
             budget.apply_time_budget(config, model, train, steps, runs.steps_per_epoch(config, info, "val"),
                                      run.started, log)
             model.set_freeze(config.first_policy())
-            _compile(model, config, steps)  # the schedule spans the epochs picked
+            compile_run(model, config, steps)  # the schedule spans the epochs picked
         schedule = resolve_phases(phases, config.optim.epochs) if phases else [(0, config.first_policy())]
         if phases:
             log("unfreeze: " + ", ".join(f"{policy} from epoch {start + 1}" for start, policy in schedule))
@@ -142,10 +141,30 @@ def _build(run, info, image_size, train, strategy):
                   "frozen_params": sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)}
     log(f"model: {config.model.backbone} ({config.model.weights} weights), freeze {config.transfer.freeze}: "
         f"{parameters['trainable_params']:,} trainable and {parameters['frozen_params']:,} frozen parameters")
-    log(f"BatchNorm: {'trains' if train_bn else 'frozen'} ({why})")
+    if any(isinstance(layer, keras.layers.BatchNormalization) for layer in speedups.walk_layers(model.backbone)):
+        log(f"BatchNorm: {'trains' if train_bn else 'frozen'} ({why})")
+    else:
+        log(f"BatchNorm: none in {config.model.backbone}; its LayerNorms keep no running statistics and train "
+            "with their blocks, so --train-bn changes nothing")
     if not run.resume:
         config.transfer.freeze = str(config.first_policy())  # the saved config says what the run starts with
     return model, schedule, plain, parameters
+
+
+def _auto_lr(run, train, info, image_size):
+    """`--lr auto`: the range test of `tfxfer lr-find` on the run's setup; its
+    suggestion becomes the run's lr (in config.yaml). Returns the finding."""
+    from tfxfer.lr_find import lr_find
+
+    config = run.config
+    if config.run.distribute != "none":
+        raise TfxferError("--lr auto is not available with --distribute; run tfxfer lr-find first and pass its --lr.")
+    finding = lr_find(config, data=(train, info, image_size), log=run.log)
+    config.optim.lr = float(f"{finding.suggestion:.2g}")
+    run.log(f"--lr auto: lr {config.optim.lr:g} (plot: lr_find.png)")
+    keras.backend.clear_session()
+    runs.seed_everything(config.run.seed, config.run.deterministic)  # the run starts as it would without the test
+    return finding
 
 
 def _callbacks(run, model, schedule, train, info, extra):
@@ -153,7 +172,9 @@ def _callbacks(run, model, schedule, train, info, extra):
     checkpoint is restored."""
     config, log = run.config, run.log
     monitor = config.transfer.monitor
-    checkpoint = RunCheckpoint(run.dir, lambda: _trackables(model), model.save_weights, run.path(BEST_WEIGHTS),
+    average = WeightAverage(model, config.transfer.ema) if config.transfer.ema is not None else None
+    save_best = average.save_averaged(model.save_weights) if average else model.save_weights
+    checkpoint = RunCheckpoint(run.dir, lambda: _trackables(model, average), save_best, run.path(BEST_WEIGHTS),
                                monitor=monitor, mode="min" if monitor.endswith("loss") else "max")
     initial_epoch = 0
     if run.resume:
@@ -168,6 +189,10 @@ def _callbacks(run, model, schedule, train, info, extra):
         HistoryLogger(run.path(runs.HISTORY_FILE), initial_epoch, extra=lambda m: {"phase": m.freeze}),
         checkpoint, timer, *budget.budget_callbacks(config, run.started, run.resume, log), *extra,
     ]
+    if average:
+        log(f"weight EMA: decay {config.transfer.ema}; validation, the best epoch, the test metrics and the export "
+            "use the averaged weights")
+        callbacks.insert(0, AveragedWeights(average))  # first: it swaps the averages in before others evaluate
     if config.transfer.early_stopping:
         callbacks.append(EarlyStop(checkpoint, config.transfer.early_stopping, log))
     if config.run.tensorboard:
@@ -283,7 +308,7 @@ def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, ver
         f"{train_features.shape[1]} in {time.time() - started:.1f} s; the head trains on them for epochs "
         f"{initial_epoch + 1}-{epochs}")
     head = feature_cache.HeadModel(model)
-    loss, metrics = _objective(config, num_classes)
+    loss, metrics = objective(config, num_classes)
     head.compile(optimizer=model.optimizer, loss=loss, metrics=metrics, jit_compile=config.run.jit_compile)
     batch_size, seed = config.optim.batch_size, config.run.seed
     features = feature_cache.feature_dataset(train_features, train_labels, batch_size, True, seed)
@@ -298,28 +323,21 @@ def _local_copy(model, config, steps_per_epoch):
     """The trained model outside the distribution strategy, for the chief's
     evaluation and export: under `MultiWorkerMirroredStrategy`, `predict` would
     split the data among the workers, which have finished."""
-    local = TransferModel.from_config({**model.get_config(), "weights": "none"})
+    local = TransferModel.from_config({**model.get_config(), "weights": rebuild_weights(model.weights_source)})
     local.weights_source = model.weights_source
     local.set_weights(model.get_weights())
-    _compile(local, config, steps_per_epoch)
+    compile_run(local, config, steps_per_epoch)
     return local
 
 
-def _trackables(model):
+def _trackables(model, average=None):
     """What a checkpoint holds; the optimizers change when a phase begins."""
     trackables = {"model": model, "optimizer": model.optimizer, "random": random_state(model)}
-    if model.backbone_optimizer is not None:
-        trackables["backbone_optimizer"] = model.backbone_optimizer
+    if average is not None:
+        trackables["ema"] = average.state
+    for i, optimizer in enumerate(model.backbone_optimizers):
+        trackables["backbone_optimizer" + (f"_{i}" if i else "")] = optimizer
     return trackables
-
-
-def _objective(config, num_classes):
-    """The loss and the metrics: class ids or (after mixup, cutmix) class
-    probabilities as labels; macro-F1 when it picks the best epoch."""
-    metrics = [Accuracy()]
-    if config.transfer.monitor == "val_macro_f1":
-        metrics.append(MacroF1(num_classes))
-    return Crossentropy(num_classes, config.transfer.label_smoothing), metrics
 
 
 def _class_weight(config, info, log):
@@ -334,20 +352,6 @@ def _class_weight(config, info, log):
     weights = {c: total / (len(counts) * n) for c, n in enumerate(counts) if n}
     log("class weights (balanced): " + ", ".join(f"{info.class_names[c]} {w:.3f}" for c, w in weights.items()))
     return weights
-
-
-def _compile(model, config, steps_per_epoch):
-    head_optimizer, backbone_optimizer = make_optimizers(config, model, steps_per_epoch)
-    loss, metrics = _objective(config, model.num_classes)
-    model.compile(
-        optimizer=head_optimizer,
-        backbone_optimizer=backbone_optimizer,
-        loss=loss,
-        metrics=metrics,
-        jit_compile=config.run.jit_compile,
-    )
-    if not head_optimizer.built:
-        head_optimizer.build(model.trainable_weights)
 
 
 def predict_dataset(predict, dataset):

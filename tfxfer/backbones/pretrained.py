@@ -16,7 +16,7 @@ import os
 from tfxfer import atomic
 from tfxfer.errors import TfxferError
 
-__all__ = ["WEIGHTS_FILE", "SPEC_FILE", "save_backbone", "read_spec", "find_pretrained", "apply_pretrained_spec"]
+__all__ = ["is_preset_folder", "WEIGHTS_FILE", "SPEC_FILE", "save_backbone", "read_spec", "find_pretrained", "apply_pretrained_spec"]
 
 WEIGHTS_FILE = "backbone.weights.h5"
 SPEC_FILE = "backbone.json"
@@ -25,7 +25,14 @@ RUN_MODEL_FILES = ("model.keras", "best.weights.h5")
 
 
 def save_backbone(run_dir, backbone, spec):
-    """Write `backbone`'s weights and `spec` (a dict) into `run_dir`, atomically."""
+    """Write `backbone`'s weights and `spec` (a dict) into `run_dir`, atomically.
+
+    A KerasHub backbone's architecture comes from its preset, not from the
+    registry entry alone, so its config goes into the spec as `architecture`.
+    """
+    hub = [layer for layer in backbone.layers if layer.name == "hub"]
+    if hub:
+        spec = {**spec, "architecture": hub[0].get_config()}
     weights = os.path.join(run_dir, WEIGHTS_FILE)
     with atomic.replacing(weights) as temporary:
         backbone.save_weights(temporary)
@@ -33,17 +40,24 @@ def save_backbone(run_dir, backbone, spec):
     return weights
 
 
+def is_preset_folder(weights):
+    """True when `weights` is a folder written by KerasHub's `save_to_preset`."""
+    return isinstance(weights, str) and os.path.isfile(os.path.join(weights, "config.json"))
+
+
 def find_pretrained(weights):
     """`(weights file, spec dict)` when `weights` names a run folder or a
     `backbone.weights.h5` beside its spec; `None` for anything else."""
     if not isinstance(weights, str) or weights in ("imagenet", "none"):
+        return None
+    if is_preset_folder(weights):
         return None
     if os.path.isdir(weights):
         folder = weights
         if not os.path.exists(os.path.join(folder, SPEC_FILE)):
             raise TfxferError(
                 f"{weights!r} is a folder without {SPEC_FILE}; pass the folder of a `tfxfer pretrain` or "
-                "`tfxfer finetune` run, or a weights file."
+                "`tfxfer finetune` run, a KerasHub preset folder, or a weights file."
             )
     elif os.path.basename(weights) == WEIGHTS_FILE and os.path.exists(os.path.join(os.path.dirname(weights), SPEC_FILE)):
         folder = os.path.dirname(weights)

@@ -13,6 +13,7 @@ import importlib
 import os
 from typing import Callable, Optional
 
+from tfxfer.backbones.pretrained import find_pretrained, is_preset_folder
 from tfxfer.errors import TfxferError, did_you_mean, is_network_failure
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "create_backbone",
     "layer_stages",
     "backbone_units",
+    "rebuild_weights",
 ]
 
 KERAS_CACHE = os.path.join(os.path.expanduser("~"), ".keras", "models")
@@ -76,6 +78,10 @@ class BackboneSpec:
             `None` counts them by building it.
         source: what `--weights imagenet` loads, as `tfxfer backbones` shows it.
         licence: the licence of those weights.
+        units: maps the built backbone to `[(layer, stage)]`, the layers that
+            freeze policies act on; `None` takes `backbone.layers` with
+            `stage_of` (networks whose blocks are nested layers need it).
+        presets: `--weights DIR` takes a KerasHub preset folder.
     """
 
     name: str
@@ -89,6 +95,8 @@ class BackboneSpec:
     params: Optional[int] = None
     source: str = "ImageNet-1k (keras.applications)"
     licence: str = ""
+    units: Optional[Callable] = None
+    presets: bool = False
 
 
 _REGISTRY = {}
@@ -136,6 +144,9 @@ def create_backbone(name, weights="imagenet", image_size=None):
     shape = (size, size, 3)
     if weights in (None, "none"):
         return spec.builder(weights=None, include_top=False, input_shape=shape)
+    if spec.presets and (weights == "imagenet" or weights == spec.builder.preset or is_preset_folder(weights)):
+        # KerasHub's own loading: the builder says what went wrong in one sentence.
+        return spec.builder(weights=weights, include_top=False, input_shape=shape)
     if weights == "imagenet":
         try:
             return spec.builder(weights="imagenet", include_top=False, input_shape=shape)
@@ -147,8 +158,6 @@ def create_backbone(name, weights="imagenet", image_size=None):
                 f"put the weights file in {KERAS_CACHE} or pass --weights PATH "
                 "with a local weights file, or --weights none."
             ) from None
-    from tfxfer.backbones.pretrained import find_pretrained
-
     found = find_pretrained(weights)
     if found:
         weights, pretrained = found
@@ -162,7 +171,8 @@ def create_backbone(name, weights="imagenet", image_size=None):
             f"Weights file {weights!r} does not exist; pass --weights imagenet, "
             "--weights none, or the path of a weights file."
         )
-    model = spec.builder(weights=None, include_top=False, input_shape=shape)
+    architecture = {"architecture": pretrained["architecture"]} if found and "architecture" in pretrained else {}
+    model = spec.builder(weights=None, include_top=False, input_shape=shape, **architecture)
     try:
         model.load_weights(weights)
     except Exception as e:
@@ -174,9 +184,18 @@ def create_backbone(name, weights="imagenet", image_size=None):
     return model
 
 
+def rebuild_weights(weights):
+    """What to pass as `weights` to build the same architecture again before
+    setting its values: `"none"`, except for a KerasHub preset folder or a run
+    folder, which may hold an architecture other than the entry's default."""
+    return weights if is_preset_folder(weights) or find_pretrained(weights) else "none"
+
+
 def backbone_units(backbone, spec):
     """`[(layer, stage)]`: the layers of `backbone` that freeze policies act
     on, input to output, each with its stage name."""
+    if spec.units is not None:
+        return spec.units(backbone)
     units, current = [], spec.stages[0]
     for layer in backbone.layers:
         current = spec.stage_of(layer.name) or current

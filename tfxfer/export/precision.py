@@ -10,6 +10,8 @@ for a reduced precision.
 
 import keras
 
+from tfxfer.backbones.registry import rebuild_weights
+
 __all__ = ["EXPORT_PRECISIONS", "at_precision", "precision_of", "tolerance"]
 
 # precision -> (Keras dtype policy, largest |probability difference| an export
@@ -49,7 +51,8 @@ def at_precision(model, precision="float32"):
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
     try:
-        copy = type(model).from_config({**model.get_config(), "weights": "none"})
+        # A KerasHub preset folder holds the architecture, so it is built again from there.
+        copy = type(model).from_config({**model.get_config(), "weights": rebuild_weights(model.weights_source)})
     finally:
         keras.config.set_dtype_policy(previous)
     copy.weights_source = model.weights_source

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 from tfxfer import atomic  # noqa: E402
 
-__all__ = ["learning_curves", "confusion_matrix", "bar_chart", "top_losses"]
+__all__ = ["learning_curves", "confusion_matrix", "bar_chart", "top_losses", "lr_range"]
 
 DPI = 100
 
@@ -120,4 +120,20 @@ def top_losses(images, true, predicted, probabilities, losses, class_names, path
             fontsize=8,
         )
     figure.suptitle(title)
+    return _save(figure, path)
+
+
+def lr_range(finding, path, title="learning-rate range test"):
+    """Training loss (raw and smoothed) against the learning rate of a range
+    test (`tfxfer.lr_find.LRFinding`), log scale, the suggested rate marked."""
+    figure, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(finding.lrs, finding.losses, alpha=0.3, label="loss")
+    ax.plot(finding.lrs, finding.smoothed, label="smoothed loss")
+    ax.axvline(finding.suggestion, color="red", linestyle="--", label=f"suggested lr {finding.suggestion:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
     return _save(figure, path)

@@ -1,0 +1,155 @@
+"""KerasHub backbones, offline: tiny presets written with `save_to_preset` and
+loaded back by path, through the registry, training, L2-SP and every export."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+keras_hub = pytest.importorskip("keras_hub")
+
+import tfxfer  # noqa: E402
+from tests.conftest import run_cli, write_splits  # noqa: E402
+from tfxfer.backbones import create_backbone, get_backbone  # noqa: E402
+from tfxfer.backbones.registry import backbone_units  # noqa: E402
+from tfxfer.errors import TfxferError  # noqa: E402
+
+# (registry entry, image size, the tiny KerasHub backbone saved as its preset)
+TINY = {
+    "vit_b16": (32, lambda: keras_hub.models.ViTBackbone(
+        image_shape=(32, 32, 3), patch_size=8, num_layers=4, num_heads=2, hidden_dim=16, mlp_dim=32)),
+    "deit_small": (32, lambda: keras_hub.models.DeiTBackbone(
+        image_shape=(32, 32, 3), patch_size=8, num_layers=4, num_heads=2, hidden_dim=16, intermediate_dim=32)),
+    "dinov2_small": (28, lambda: keras_hub.models.DINOV2Backbone(
+        patch_size=14, num_layers=4, hidden_dim=16, num_heads=2, intermediate_dim=32, image_shape=(28, 28, 3),
+        position_embedding_shape=(28, 28, 3))),
+    "swin_tiny": (32, lambda: keras_hub.models.SwinTransformerBackbone(
+        image_shape=(32, 32, 3), embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=1,
+        patch_size=4)),
+}
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("presets")
+    folders = {}
+    for name, (_, make) in TINY.items():
+        folders[name] = str(root / name)
+        make().save_to_preset(folders[name])
+    return folders
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_a_saved_preset_loads_back_by_path_with_its_weights(presets, name):
+    size = TINY[name][0]
+    backbone = create_backbone(name, weights=presets[name], image_size=size)
+    hub = keras_hub.models.Backbone.from_preset(presets[name])
+    for ours, theirs in zip(backbone.get_layer("hub").weights, hub.weights):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    images = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype("float32")
+    tokens = np.asarray(hub({"images": images} if name.startswith("dinov2") else images))
+    if name == "deit_small":  # the class and distillation tokens
+        expected = (tokens[:, 0] + tokens[:, 1]) / 2
+    else:
+        expected = tokens.mean(axis=1) if name == "swin_tiny" else tokens[:, 0]
+    np.testing.assert_allclose(np.asarray(backbone(images)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_stage_map_groups_the_blocks_and_freeze_policies_follow_it(presets, name):
+    size = TINY[name][0]
+    model = tfxfer.build_model(name, num_classes=3, weights=presets[name], image_size=size, freeze="stages:2", l2sp=0.01)
+    spec = get_backbone(name)
+    units = backbone_units(model.backbone, spec)
+    assert [stage for _, stage in units] == [spec.stages[0], *spec.stages[1:], spec.stages[-1]]
+    training = {layer.name for layer, stage in units if stage in spec.stages[-2:]}
+    assert set(model.trained_layers) == training
+    trained_ids = {id(w) for layer, _ in units if layer.name in training for w in layer.weights}
+    backbone_trainable = {id(w) for w in model.backbone.trainable_weights}
+    assert backbone_trainable == trained_ids
+    # L2-SP pulls the kernels of the training blocks, and nothing else.
+    penalized = model.penalty.penalized()
+    assert penalized and all(id(w) in trained_ids and w.name == "kernel" for w, _ in penalized)
+
+    model.set_freeze("head")
+    assert model.backbone.trainable_weights == [] and model.trained_layers == []
+    model.set_freeze("full")
+    # What KerasHub itself trains: DINOv2's interpolated position embeddings never train.
+    assert len(model.backbone.trainable_weights) == len(keras_hub.models.Backbone.from_preset(presets[name]).trainable_weights)
+
+
+def test_image_sizes_that_do_not_fit_the_patches_get_the_nearest_valid_sizes(presets):
+    with pytest.raises(TfxferError, match=r"multiple of 8, got 30; pass --image-size 24 or 32\.$"):
+        create_backbone("vit_b16", weights=presets["vit_b16"], image_size=30)
+    with pytest.raises(TfxferError, match=r"multiple of 16, got 200; pass --image-size 192 or 208\.$"):
+        create_backbone("vit_b16", weights="none", image_size=200)
+    with pytest.raises(TfxferError, match=r"multiple of 224, got 100; pass --image-size 224\.$"):
+        create_backbone("swin_tiny", weights="none", image_size=100)
+
+
+def test_pretrained_position_embeddings_fix_the_size(presets):
+    with pytest.raises(TfxferError, match=r"trained at 32 px .* pass --image-size 32\.$"):
+        create_backbone("vit_b16", weights=presets["vit_b16"], image_size=48)
+
+
+def test_a_preset_of_another_family_is_refused(presets):
+    with pytest.raises(TfxferError, match=r"holds a KerasHub DeiTBackbone, not the ViTBackbone"):
+        create_backbone("vit_b16", weights=presets["deit_small"], image_size=32)
+
+
+def test_an_offline_preset_download_says_how_to_get_a_local_copy(monkeypatch):
+    import requests
+
+    def offline(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'api.kaggle.com'")
+
+    monkeypatch.setattr(keras_hub.models.ViTBackbone, "from_preset", offline)
+    for weights in ("imagenet", "vit_base_patch16_224_imagenet"):
+        with pytest.raises(TfxferError, match=r"Could not download the KerasHub preset vit_base_patch16_224_imagenet "
+                                              r"for vit_b16 \(no network\?\); .*save_to_preset.* --weights DIR\.$"):
+            create_backbone("vit_b16", weights=weights, image_size=224)
+
+
+def test_without_keras_hub_the_sentence_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "keras_hub", None)
+    with pytest.raises(TfxferError, match=r"vit_b16 needs KerasHub: pip install 'tfxfer\[hub\]'"):
+        create_backbone("vit_b16", weights="none", image_size=32)
+
+
+def test_backbones_lists_the_families_with_source_and_licence():
+    result = run_cli("backbones", "*")
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines()[1:]}
+    for name in ("vit_b16", "deit_tiny", "deit_small", "deit_base", "dinov2_small", "dinov2_base", "swin_tiny"):
+        assert "KerasHub" in rows[name] and ("Apache-2.0" in rows[name] or "MIT" in rows[name])
+    assert "85,798,656" in rows["vit_b16"] and "embed blocks1 blocks2 blocks3 blocks4" in rows["vit_b16"]
+
+
+def test_vit_finetunes_with_unfreezing_and_exports_everywhere(presets, tmp_path):
+    data = write_splits(tmp_path / "data", train=6, test=3, classes=("cat", "dog", "owl"))
+    result = run_cli("finetune", "--data-dir", data, "--backbone", "vit_b16", "--weights", presets["vit_b16"],
+                     "--image-size", "32", "--epochs", "2", "--unfreeze", "head@0,stages:2@1", "--l2sp", "0.01",
+                     "--train-bn", "--precision", "mixed_bfloat16", "--output-dir", tmp_path / "runs", "--run-name", "vit")
+    assert result.exit_code == 0, result.output
+    assert "BatchNorm: none in vit_b16" in result.output and "--train-bn changes nothing" in result.output
+    assert "feature cache" in result.output.lower() or "cached" in result.output.lower()
+    run = tmp_path / "runs" / "vit"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["export_max_abs_diff"] < 1e-4
+
+    result = run_cli("export", run, "--format", "onnx,litert")
+    assert result.exit_code == 0, result.output
+    for name in ("onnx", "litert"):
+        exported = json.loads((run / "export" / name / "tfxfer.json").read_text())
+        assert exported["max_abs_difference"] <= 1e-4
+
+    result = run_cli("evaluate", "--model", run, "--data-dir", data)
+    assert result.exit_code == 0, result.output
+
+    # The run folder starts another fine-tuning of the same architecture.
+    result = run_cli("finetune", "--data-dir", data, "--weights", run, "--epochs", "1", "--freeze", "full", "--precision", "float32",
+                     "--output-dir", tmp_path / "runs", "--run-name", "again")
+    assert result.exit_code == 0, result.output

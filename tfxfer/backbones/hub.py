@@ -1,0 +1,228 @@
+"""KerasHub backbones: ViT, DeiT, DINOv2 and Swin.
+
+KerasHub is an optional extra (`pip install 'tfxfer[hub]'`). Each entry names
+a family and its preset; the family's architecture is written out here as
+well, so `--weights none` builds offline. `--weights imagenet` (or the
+preset's name) loads the preset through `Backbone.from_preset`, which
+downloads it once into KerasHub's cache; `--weights DIR` loads a preset folder
+written by `save_to_preset`, with the architecture that folder holds.
+
+A transformer backbone returns tokens, not a feature map; the wrapper built
+here pools them the way each family's own classifier does (the class token
+for ViT and DINOv2, the class and distillation tokens averaged for DeiT, the
+mean token for Swin), so the head sees one vector per image, as it does for a
+CNN.
+
+These networks have LayerNorm and no BatchNorm: LayerNorm keeps no running
+statistics, so its scale and shift train with the block they sit in and
+`--train-bn` changes nothing.
+"""
+
+import dataclasses
+import json
+import os
+
+from tfxfer.backbones.pretrained import is_preset_folder
+from tfxfer.backbones.registry import BackboneSpec, register_backbone, scale_symmetric
+from tfxfer.errors import TfxferError, is_network_failure
+
+__all__ = ["HubFamily", "imagenet_normalize"]
+
+NEEDS = "needs KerasHub: pip install 'tfxfer[hub]' (Python 3.11 or newer)"
+PRESET_CONFIG = "config.json"  # what save_to_preset writes first
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_normalize(x):
+    """0-255 pixels to ImageNet's mean and standard deviation per channel."""
+    return (x / 255.0 - _MEAN) / _STD
+
+
+@dataclasses.dataclass(frozen=True)
+class HubFamily:
+    """How tfxfer reads one KerasHub backbone class.
+
+    Args:
+        cls: the `keras_hub.models` class name.
+        stages: stage names, input to output: the embedding, then the blocks
+            in groups.
+        embed: names of the backbone's layers before the blocks.
+        blocks: returns the blocks (transformer blocks, or Swin's stages),
+            input to output, from the built KerasHub backbone.
+        tail: returns the layers after the blocks (the final LayerNorm), which
+            train with the last group.
+        pool: `"cls"`, `"cls+distillation"` or `"mean"` over the tokens.
+        dict_input: the backbone takes `{"images": ...}`.
+    """
+
+    cls: str
+    stages: tuple
+    embed: tuple
+    blocks: object
+    tail: object
+    pool: str
+    dict_input: bool = False
+
+    def multiple(self, config):
+        """The sizes an image side must be a multiple of, for a preset config."""
+        patch = _patch(config)
+        if "window_size" in config:  # Swin halves the map after each stage but the last
+            return patch * config["window_size"] * 2 ** (len(config["depths"]) - 1)
+        return patch
+
+    def units(self, backbone):
+        """`[(layer, stage)]` over the wrapper `backbone` built by `build`."""
+        hub = backbone.get_layer("hub")
+        units = [(_layer(hub, name), self.stages[0]) for name in self.embed]
+        blocks = self.blocks(hub)
+        groups = len(self.stages) - 1
+        for i, block in enumerate(blocks):
+            units.append((block, self.stages[1 + i * groups // len(blocks)]))
+        units += [(layer, self.stages[-1]) for layer in self.tail(hub)]
+        return units
+
+
+def _patch(config):
+    patch = config["patch_size"]
+    return patch[0] if isinstance(patch, (list, tuple)) else patch
+
+
+def _layer(hub, name):
+    """The layer `name` of a KerasHub backbone, which some backbones prefix with their own name."""
+    return next(layer for layer in hub.layers if layer.name == name or layer.name.endswith("_" + name))
+
+
+VIT_FAMILY = HubFamily("ViTBackbone", ("embed", "blocks1", "blocks2", "blocks3", "blocks4"),
+                       ("vit_patching_and_embedding",), lambda hub: _layer(hub, "vit_encoder").encoder_layers,
+                       lambda hub: [_layer(hub, "vit_encoder").layer_norm], "cls")
+DEIT_FAMILY = HubFamily("DeiTBackbone", VIT_FAMILY.stages, ("deit_patching_and_embedding",),
+                        lambda hub: _layer(hub, "deit_encoder").encoder_layers,
+                        lambda hub: [_layer(hub, "deit_encoder").layer_norm], "cls+distillation")
+DINOV2_FAMILY = HubFamily("DINOV2Backbone", VIT_FAMILY.stages, ("embeddings",),
+                          lambda hub: _layer(hub, "encoder").layers, lambda hub: [_layer(hub, "layernorm")], "cls",
+                          dict_input=True)
+SWIN_FAMILY = HubFamily("SwinTransformerBackbone", ("stem", "stage1", "stage2", "stage3", "stage4"), ("patch_embedding",),
+                        lambda hub: [layer for layer in hub.layers if layer.name.startswith("stage_")],
+                        lambda hub: [_layer(hub, "norm")], "mean")
+
+
+def _keras_hub(name):
+    try:
+        import keras_hub
+    except ImportError:
+        raise TfxferError(f"{name} {NEEDS}.") from None
+    return keras_hub
+
+
+def _check_size(name, size, multiple, preset_size=None):
+    if size % multiple:
+        below, above = size // multiple * multiple, (size // multiple + 1) * multiple
+        nearest = f"{below} or {above}" if below else str(above)
+        raise TfxferError(f"{name} needs an image size that is a multiple of {multiple}, got {size}; "
+                          f"pass --image-size {nearest}.")
+
+
+class _HubBuilder:
+    """A `keras.applications`-style constructor for one registry entry."""
+
+    def __init__(self, name, family, preset, architecture):
+        self.name, self.family, self.preset, self.architecture = name, family, preset, architecture
+
+    def __call__(self, weights=None, include_top=False, input_shape=(224, 224, 3), architecture=None):
+        """`architecture`: a KerasHub config (a run folder's), built with random
+        weights in place of the entry's own."""
+        if include_top:
+            raise TfxferError(f"{self.name} is built headless here; its KerasHub classifier is not wrapped.")
+        keras_hub = _keras_hub(self.name)
+        cls = getattr(keras_hub.models, self.family.cls)
+        size = int(input_shape[0])
+        shape = (size, size, 3)
+        if architecture is not None:
+            _check_size(self.name, size, self.family.multiple(architecture))
+            return self._wrap(cls.from_config({**architecture, "image_shape": shape}), size)
+        if weights in (None, "none"):
+            _check_size(self.name, size, self.family.multiple(self.architecture))
+            return self._wrap(cls(image_shape=shape, **self.architecture), size)
+        preset = self.preset if weights == "imagenet" else weights
+        if is_preset_folder(preset):
+            with open(os.path.join(preset, PRESET_CONFIG)) as f:
+                saved = json.load(f)
+            if saved.get("class_name") != self.family.cls:
+                raise TfxferError(f"{preset!r} holds a KerasHub {saved.get('class_name')}, not the "
+                                  f"{self.family.cls} that {self.name} is; pick the matching --backbone.")
+            config = saved["config"]
+            _check_size(self.name, size, self.family.multiple(config))
+            trained_at = config.get("image_shape", [None])[0]
+        else:
+            _check_size(self.name, size, self.family.multiple(self.architecture))
+            trained_at = 224
+        try:
+            hub = cls.from_preset(preset, image_shape=shape)
+        except Exception as e:
+            if is_network_failure(e):
+                raise TfxferError(
+                    f"Could not download the KerasHub preset {self.preset} for {self.name} (no network?); on a "
+                    f"machine with network run `python -c \"import keras_hub; keras_hub.models.Backbone.from_preset("
+                    f"'{self.preset}').save_to_preset('DIR')\"`, copy DIR here and pass --weights DIR."
+                ) from None
+            if "shape" in str(e) and trained_at and trained_at != size:
+                raise TfxferError(f"{self.name} weights from {preset} were trained at {trained_at} px and their "
+                                  f"position embeddings fit no other size; pass --image-size {trained_at}.") from None
+            raise
+        return self._wrap(hub, size)
+
+    def _wrap(self, hub, size):
+        """A functional model from (preprocessed) images to one vector per image."""
+        import keras
+
+        hub.name = "hub"  # one name whatever the preset called it: units and weight files rely on it
+        images = keras.Input((size, size, 3), name="images")
+        tokens = hub({"images": images} if self.family.dict_input else images)
+        if self.family.pool == "cls":
+            features = tokens[:, 0]
+        elif self.family.pool == "cls+distillation":
+            features = (tokens[:, 0] + tokens[:, 1]) / 2
+        else:
+            features = keras.ops.mean(tokens, axis=1)
+        return keras.Model(images, features, name=self.name)
+
+
+def _register(name, family, preset, architecture, preprocess, params, source, licence, size=224):
+    multiple = family.multiple(architecture)
+    register_backbone(BackboneSpec(
+        name, _HubBuilder(name, family, preset, architecture), preprocess, size, family.stages, None,
+        f"{size} px pretrained; multiples of {multiple} from scratch", min_size=_patch(architecture), params=params,
+        source=f"{source} (KerasHub {preset})", licence=licence, units=family.units, presets=True,
+    ))
+
+
+def _vit(layers, heads, hidden, mlp, patch=16):
+    return {"patch_size": patch, "num_layers": layers, "num_heads": heads, "hidden_dim": hidden, "mlp_dim": mlp}
+
+
+def _deit(layers, heads, hidden, intermediate, patch=16):
+    return {"patch_size": patch, "num_layers": layers, "num_heads": heads, "hidden_dim": hidden,
+            "intermediate_dim": intermediate}
+
+
+def _dinov2(layers, heads, hidden, intermediate):
+    return {"patch_size": 14, "num_layers": layers, "num_heads": heads, "hidden_dim": hidden,
+            "intermediate_dim": intermediate, "position_embedding_shape": (518, 518, 3)}
+
+
+_register("vit_b16", VIT_FAMILY, "vit_base_patch16_224_imagenet", _vit(12, 12, 768, 3072), scale_symmetric,
+          85_798_656, "ImageNet-21k, then ImageNet-1k", "Apache-2.0")
+_register("deit_tiny", DEIT_FAMILY, "deit_tiny_distilled_patch16_224_imagenet", _deit(12, 3, 192, 768),
+          imagenet_normalize, 5_524_800, "ImageNet-1k, distilled", "Apache-2.0")
+_register("deit_small", DEIT_FAMILY, "deit_small_distilled_patch16_224_imagenet", _deit(12, 6, 384, 1536),
+          imagenet_normalize, 21_666_432, "ImageNet-1k, distilled", "Apache-2.0")
+_register("deit_base", DEIT_FAMILY, "deit_base_distilled_patch16_224_imagenet", _deit(12, 12, 768, 3072),
+          imagenet_normalize, 85_800_192, "ImageNet-1k, distilled", "Apache-2.0")
+_register("dinov2_small", DINOV2_FAMILY, "dinov2_small", _dinov2(12, 6, 384, 1536), imagenet_normalize,
+          22_155_264, "LVD-142M, self-supervised", "Apache-2.0")
+_register("dinov2_base", DINOV2_FAMILY, "dinov2_base", _dinov2(12, 12, 768, 3072), imagenet_normalize,
+          86_777_856, "LVD-142M, self-supervised", "Apache-2.0")
+_register("swin_tiny", SWIN_FAMILY, "swin_tiny_patch4_window7_224",
+          {"patch_size": 4, "embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), "window_size": 7},
+          imagenet_normalize, 27_519_354, "ImageNet-1k", "MIT")
