@@ -118,3 +118,14 @@ def test_every_shipped_config_loads():
         # A config may leave the data to the command line (the CIFAR study does).
         data = {} if keys & {"dataset", "data_dir"} else {"data_dir": "some/folder"}
         tfxfer.load_config(path, kind, **data)
+
+
+def test_recipe_classic_fills_only_what_was_not_given():
+    tuned = load_config(dataset="digits")
+    classic = load_config(dataset="digits", recipe="classic")
+    assert (classic.optim.lr, classic.optim.schedule, classic.data.augment) == (1e-3, "constant", "none")
+    assert tuned.transfer.recipe == "tuned" and "lr" not in classic.explicit
+    mixed = load_config(dataset="digits", recipe="classic", lr=0.05, strategy="full+schedule=cosine")
+    assert (mixed.optim.lr, mixed.optim.schedule, mixed.data.augment) == (0.05, "cosine", "none")
+    with pytest.raises(tfxfer.TfxferError, match="recipe"):
+        load_config(dataset="digits", recipe="fancy")

@@ -47,6 +47,14 @@ SCHEDULES = ("constant", "cosine")
 SCOPES = ("kernels", "all")  # L2-SP: kernels (as the paper) or all weights
 DISTRIBUTE = ("none", "mirrored", "multiworker")
 BN_MODES = ("auto", "on", "off")  # --train-bn (tfxfer.freezing.resolve_train_bn)
+# `--recipe NAME` fills the options the user left unset. `tuned` is the defaults
+# below, which the recipe study of STUDIES.md picked; `classic` is the recipe of
+# the Keras transfer-learning guide that they replaced.
+RECIPES = {
+    "tuned": {},
+    "classic": {"optimizer": "sgd", "lr": 1e-3, "schedule": "constant", "warmup_epochs": 0.0, "augment": "none",
+                "lr_decay": 1.0, "ema": None},
+}
 
 
 def option(default, help, choices=None, auto=False):
@@ -109,6 +117,10 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class TransferConfig:
+    recipe: str = option(
+        "tuned", "How the training goes, for the options not given: tuned (the defaults, chosen by a study) or "
+        "classic (SGD, lr 1e-3, constant, no augmentation).", tuple(RECIPES)
+    )
     strategy: Optional[str] = option(
         None, "Named strategy: scratch, head, full, stages:N, lp-ft or l2sp@ALPHA, each with an optional +bn; it sets "
         "freeze, unfreeze, l2sp and train_bn (scratch also weights: none)."
@@ -456,6 +468,9 @@ def config_from_flat(values, kind=FinetuneConfig, validate=True):
     fields = kind.fields()
     if values.get("strategy") and "strategy" in fields:
         values = _with_strategy(values, fields)
+    explicit = frozenset(values)
+    if "recipe" in fields and values.get("recipe") in RECIPES:
+        values = {**RECIPES[values["recipe"]], **values}  # what was given (or a strategy set) wins
     grouped = {}
     for key, value in values.items():
         if key not in fields:
@@ -473,7 +488,7 @@ def config_from_flat(values, kind=FinetuneConfig, validate=True):
                 raise
             raise TfxferError(str(e).replace(" must be a number,", " must be a number or auto,")) from None
     config = kind(**{g.name: dataclasses.replace(g.default_factory(), **grouped.get(g.name, {})) for g in dataclasses.fields(kind)})
-    config.explicit = frozenset(values)
+    config.explicit = explicit
     return config.validate() if validate else config
 
 

@@ -72,7 +72,7 @@ class HubFamily:
         return patch
 
     def units(self, backbone):
-        """`[(layer, stage)]` over the wrapper `backbone` built by `build`."""
+        """`[(layer, stage)]` over a wrapper `backbone` that `_HubBuilder` built."""
         hub = backbone.get_layer("hub")
         units = [(_layer(hub, name), self.stages[0]) for name in self.embed]
         blocks = self.blocks(hub)
@@ -115,7 +115,7 @@ def _keras_hub(name):
     return keras_hub
 
 
-def _check_size(name, size, multiple, preset_size=None):
+def _check_size(name, size, multiple):
     if size % multiple:
         below, above = size // multiple * multiple, (size // multiple + 1) * multiple
         nearest = f"{below} or {above}" if below else str(above)
