@@ -153,3 +153,10 @@ def test_vit_finetunes_with_unfreezing_and_exports_everywhere(presets, tmp_path)
     result = run_cli("finetune", "--data-dir", data, "--weights", run, "--epochs", "1", "--freeze", "full", "--precision", "float32",
                      "--output-dir", tmp_path / "runs", "--run-name", "again")
     assert result.exit_code == 0, result.output
+
+
+def test_predict_with_an_imagenet_head_names_the_way_for_a_hub_backbone(tmp_path):
+    write_splits(tmp_path / "data", train=1, test=1, classes=("cat", "dog"))
+    image = next((tmp_path / "data" / "test" / "cat").iterdir())
+    result = run_cli("predict", "--backbone", "vit_b16", "--weights", "imagenet", image)
+    assert result.exit_code == 1 and "vit_b16 comes without its ImageNet classifier here" in result.output

@@ -133,7 +133,8 @@ class _HubBuilder:
         """`architecture`: a KerasHub config (a run folder's), built with random
         weights in place of the entry's own."""
         if include_top:
-            raise TfxferError(f"{self.name} is built headless here; its KerasHub classifier is not wrapped.")
+            raise TfxferError(f"{self.name} comes without its ImageNet classifier here; fine-tune it and predict "
+                              "with --model RUN.")
         keras_hub = _keras_hub(self.name)
         cls = getattr(keras_hub.models, self.family.cls)
         size = int(input_shape[0])
