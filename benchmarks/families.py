@@ -53,8 +53,7 @@ def _torch_step(family, size, batch, steps, precision):
     import torch
 
     torch.manual_seed(0)
-    model = timm.create_model(FAMILIES[family], pretrained=False, num_classes=10, img_size=size) if "vit" in family \
-        else timm.create_model(FAMILIES[family], pretrained=False, num_classes=10)
+    model = create_timm_model(family, size)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
@@ -76,6 +75,14 @@ def _torch_step(family, size, batch, steps, precision):
 
 
 TIMM_VENV = os.path.join(ROOT, "benchmarks", ".timm-venv")
+
+
+def create_timm_model(family, size):
+    """timm's model of the registry entry `family`, from random weights, 10 classes."""
+    import timm
+
+    options = {"img_size": size} if family.startswith("vit") else {}
+    return timm.create_model(FAMILIES[family], pretrained=False, num_classes=10, **options)
 
 
 def ensure_timm():

@@ -1,17 +1,20 @@
 """Where the training step spends its time: TensorFlow's profiler on tfxfer's step, torch.profiler on PyTorch's.
 
-ResNet50 from random weights, full fine-tune with BatchNorm frozen, L2-SP 0.01,
-SGD with momentum, on cached random uint8 images, in `--precision`. The tfxfer
-step is the one `tfxfer finetune` runs (the CPU speed-ups applied); the
-PyTorch step is the suite's eager loop (channels-last input, `torch.autocast`
-for bfloat16). Each profiles `--steps` steps after warm-up and sums op time by
+ResNet50 (or `--backbone vit_b16|convnext_tiny`) from random weights, full
+fine-tune with BatchNorm frozen, L2-SP `--l2sp` (0.01), SGD with momentum, on
+cached random uint8 images, in `--precision`. The tfxfer step is the one
+`tfxfer finetune` runs (the CPU speed-ups applied); the PyTorch step is the
+suite's eager loop (channels-last input, `torch.autocast` for bfloat16), over
+timm's model of the same architecture for the other backbones (run in the
+`families` benchmark's timm environment). Each profiles `--steps` steps after warm-up and sums op time by
 kind. TensorFlow runs up to two ops at once here (its executor has a thread per
 core), so op time adds up to more than the wall time; the shares say what the
 cores were busy with.
 
     python -m benchmarks profile                                   # 32 px, batch 64, float32
     python -m benchmarks profile --size 224 --batch-size 16 --steps 3 --precision mixed_bfloat16
-Writes benchmarks/profile-<size>px-<precision>.md (or --out).
+    python -m benchmarks profile --backbone vit_b16 --l2sp 0 --size 224 --batch-size 16 --steps 3
+Writes benchmarks/profile-[<backbone>-]<size>px-<precision>.md (or --out).
 """
 
 import argparse
@@ -37,6 +40,10 @@ KINDS = (
      or t in ("AssignSubVariableOp", "AssignAddVariableOp", "AssignVariableOp")),
     ("BatchNorm (frozen: scale and shift, and their gradients)", lambda t, n: "FusedBatchNorm" in t or "_bn" in n
      or "batchnorm" in n.lower()),
+    ("softmax (attention)", lambda t, n: "Softmax" in t),
+    ("GELU (erf, erfc)", lambda t, n: t in ("Erf", "Erfc") or "gelu" in n.lower()),
+    ("LayerNorm: moments, normalization and their gradients", lambda t, n: "layer_norm" in n.lower()
+     or "layernorm" in n.lower() or "/ln" in n.lower() or "norm" in n.lower() and t in ("Mean", "Rsqrt")),
     ("ReLU, additions and other elementwise ops", lambda t, n: t in (
         "Relu", "ReluGrad", "AddV2", "Add", "AddN", "Mul", "Sub", "BiasAdd", "BiasAddGrad", "Square", "Neg",
         "RealDiv", "Maximum", "Select", "SelectV2", "ZerosLike", "OnesLike")),
@@ -44,7 +51,7 @@ KINDS = (
 )
 
 
-def _tensorflow_profile(size, batch, steps, precision):
+def _tensorflow_profile(size, batch, steps, precision, backbone="resnet50", l2sp=0.01):
     quiet_tensorflow()
     import tfxfer
     import keras
@@ -56,7 +63,7 @@ def _tensorflow_profile(size, batch, steps, precision):
     keras.config.set_dtype_policy(precision)
     keras.utils.set_random_seed(0)
     batches = iter(random_batches(size, batch))
-    model = tfxfer.build_model("resnet50", num_classes=10, weights=None, image_size=size, freeze="full", l2sp=0.01)
+    model = tfxfer.build_model(backbone, num_classes=10, weights=None, image_size=size, freeze="full", l2sp=l2sp)
     model.compile(keras.optimizers.SGD(0.001, momentum=0.9), "sparse_categorical_crossentropy")
     speedups.apply(model, log=lambda line: None)
     model.make_train_function()
@@ -89,12 +96,15 @@ def _tensorflow_profile(size, batch, steps, precision):
     return step_seconds, per_kind, per_type, examples
 
 
-def _torch_profile(size, batch, steps, precision):
+def _torch_profile(size, batch, steps, precision, backbone="resnet50", l2sp=0.01):
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from benchmarks.torch_resnet import training_step
+    if backbone == "resnet50":
+        from benchmarks.torch_resnet import training_step
 
-    step = training_step(size, batch, precision, l2sp=0.01, phases=record_function)
+        step = training_step(size, batch, precision, l2sp=l2sp, phases=record_function)
+    else:
+        step = _timm_step(backbone, size, batch, precision, record_function)
     for _ in range(3):
         step()
     times = []
@@ -112,12 +122,42 @@ def _torch_profile(size, batch, steps, precision):
     return sorted(times)[len(times) // 2], phases, ops
 
 
+def _timm_step(backbone, size, batch, precision, phase):
+    """The families benchmark's eager step over timm's model, its phases labelled."""
+    import torch
+
+    from benchmarks.families import create_timm_model
+
+    torch.manual_seed(0)
+    model = create_timm_model(backbone, size)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
+    labels = torch.arange(batch) % 10
+
+    def step():
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        optimizer.zero_grad(set_to_none=True)
+        with phase("forward"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32"):
+                logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            optimizer.step()
+
+    return step
+
+
 def _tensorflow_section(args):
-    step, per_kind, per_type, examples = _tensorflow_profile(args.size, args.batch_size, args.steps, args.precision)
+    step, per_kind, per_type, examples = _tensorflow_profile(args.size, args.batch_size, args.steps, args.precision,
+                                                             args.backbone, args.l2sp)
     total = sum(per_kind.values())
     return [
         "## tfxfer (TensorFlow profiler)", "",
-        f"Full fine-tune (BatchNorm frozen) + L2-SP 0.01, Keras's SGD, the speed-ups `tfxfer finetune` applies. "
+        f"{args.backbone} full fine-tune (BatchNorm frozen) + L2-SP {args.l2sp:g}, Keras's SGD, the speed-ups "
+        "`tfxfer finetune` applies. "
         f"Step: **{step * 1000:.0f} ms** ({args.batch_size / step:.1f} img/s, median of {args.steps}, without the "
         f"profiler). Op time: {total:.0f} ms per step, summed over TensorFlow's executor threads (ops overlap).", "",
         "| kind of op | ms per step | share of op time | largest op types |", "|---|---|---|---|",
@@ -134,11 +174,12 @@ def _torch_section(args):
         import torch
     except ImportError:
         return ["PyTorch is not installed (`pip install -e '.[bench]'`): no PyTorch profile.", ""]
-    step, phases, ops = _torch_profile(args.size, args.batch_size, args.steps, args.precision)
+    step, phases, ops = _torch_profile(args.size, args.batch_size, args.steps, args.precision, args.backbone, args.l2sp)
     total = sum(ops.values())
     return [
         f"## PyTorch {torch.__version__} eager (torch.profiler)", "",
-        f"The same model, batch and recipe (BatchNorm frozen, L2-SP 0.01, SGD momentum), channels-last input"
+        f"The same model{' (timm)' if args.backbone != 'resnet50' else ''}, batch and recipe (BatchNorm frozen, "
+        f"L2-SP {args.l2sp:g}, SGD momentum), channels-last input"
         f"{', torch.autocast bfloat16' if args.precision != 'float32' else ''}. Step: **{step * 1000:.0f} ms** "
         f"({args.batch_size / step:.1f} img/s, median of {args.steps}, without the profiler). Self CPU time of "
         f"all ops: {total:.0f} ms per step.", "",
@@ -151,6 +192,8 @@ def _torch_section(args):
 
 def main(argv, prog="python -m benchmarks profile"):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="resnet50", choices=("resnet50", "vit_b16", "convnext_tiny"))
+    parser.add_argument("--l2sp", type=float, default=0.01)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
@@ -162,11 +205,18 @@ def main(argv, prog="python -m benchmarks profile"):
     if args.child:
         section = _tensorflow_section if args.framework == "tensorflow" else _torch_section
         return child_result({"lines": section(args)})
-    out = args.out or os.path.join(ROOT, "benchmarks", f"profile-{args.size}px-{args.precision}.md")
-    lines = [f"# Where the training step's time goes: ResNet50, {args.size} px, batch {args.batch_size}, "
+    prefix = "" if args.backbone == "resnet50" else args.backbone + "-"
+    out = args.out or os.path.join(ROOT, "benchmarks", f"profile-{prefix}{args.size}px-{args.precision}.md")
+    lines = [f"# Where the training step's time goes: {args.backbone}, {args.size} px, batch {args.batch_size}, "
              f"{args.precision}", "", *stamp(f"{prog} {' '.join(argv)}".strip())]
     # One process each: TensorFlow and PyTorch bring their own oneDNN and threads.
     for framework in (("tensorflow", "torch") if args.framework == "both" else (args.framework,)):
-        lines += run_child("profile", "--framework", framework, "--size", str(args.size), "--batch-size",
-                           str(args.batch_size), "--steps", str(args.steps), "--precision", args.precision)["lines"]
+        python = None
+        if framework == "torch" and args.backbone != "resnet50":
+            from benchmarks.families import ensure_timm
+
+            python = ensure_timm()
+        lines += run_child("profile", "--framework", framework, "--backbone", args.backbone, "--l2sp", str(args.l2sp),
+                           "--size", str(args.size), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                           "--precision", args.precision, python=python)["lines"]
     write_report(out, lines)
