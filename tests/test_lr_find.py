@@ -62,3 +62,12 @@ def test_finetune_lr_auto_records_the_chosen_rate(tmp_path):
     assert isinstance(lr, float) and 1e-7 <= lr <= 10
     assert f"--lr auto: lr {lr:g}" in result.output
     assert os.path.getsize(run / "lr_find.png") > 1000
+
+
+def test_a_strategy_may_set_lr_auto_over_a_study_s_shared_lr():
+    from tfxfer.config import FinetuneConfig, config_from_flat
+
+    config = config_from_flat({"dataset": "digits", "lr": "auto", "strategy": "full+lr=auto"}, FinetuneConfig)
+    assert config.optim.lr == "auto"
+    with pytest.raises(TfxferError, match="--lr 0.02 conflicts with --strategy full\\+lr=auto"):
+        config_from_flat({"dataset": "digits", "lr": 0.02, "strategy": "full+lr=auto"}, FinetuneConfig)

@@ -1,5 +1,6 @@
 """The `tfxfer` command: a thin layer that builds a config and calls the library."""
 
+import contextlib
 import functools
 import importlib
 import json
@@ -196,7 +197,9 @@ def rank(candidates, image_size, as_json, **data):
     data = {k: v for k, v in data.items() if v is not None}
     if not data.get("dataset") and not data.get("data_dir"):
         raise TfxferError("Give the target data: --dataset NAME or --data-dir DIR.")
-    results = rank_candidates(candidates, data, image_size, log=lambda line: click.echo(line, err=as_json))
+    # With --json, standard output is the JSON alone: progress and log lines go to standard error.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        results = rank_candidates(candidates, data, image_size, log=lambda line: click.echo(line, err=as_json))
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

@@ -498,8 +498,13 @@ def _with_strategy(values, fields):
     from tfxfer.strategies import expand
 
     values = dict(values)
+    def plain(key, value):  # a value as the config holds it; `auto` stays a word
+        if fields[key][1].metadata.get("auto") and str(value).strip().lower() == "auto":
+            return "auto"
+        return _coerce(key, value, fields[key][2])
+
     for key, value in expand(values["strategy"]).items():
-        if values.get(key) is not None and _coerce(key, values[key], fields[key][2]) != value:
+        if values.get(key) is not None and plain(key, values[key]) != plain(key, value):
             raise TfxferError(
                 f"--{key.replace('_', '-')} {values[key]} conflicts with --strategy {values['strategy']}, "
                 f"which sets it to {value}; drop one of them."
