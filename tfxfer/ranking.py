@@ -126,10 +126,11 @@ def rank(candidates, data_options, image_size=None, log=print):
     for candidate in parsed:
         if candidate.image_size not in data:
             config = load_config(backbone=candidate.backbone, image_size=candidate.image_size, **data_options)
-            train, val, _, info, size = runs.load_data(config, log, augment="none")
-            data[candidate.image_size] = (train, val, info)
-        train, val, info = data[candidate.image_size]
+            train, val, _, info, _ = runs.load_data(config, log, augment="none")
+            data[candidate.image_size] = (train, val, info, config)
+        train, val, info, config = data[candidate.image_size]
         keras.backend.clear_session()
+        runs.seed_everything(config.run.seed)  # a random candidate scores the same every time
         model = build_model(candidate.backbone, num_classes=info.num_classes, weights=candidate.weights,
                             image_size=candidate.image_size, freeze="head")
         started = time.perf_counter()
