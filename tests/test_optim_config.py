@@ -89,7 +89,7 @@ def test_bad_config_values_fail_clearly(values, message):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("lr: null\n", "Config key lr cannot be null; it takes a number, e.g. 0.001."),
+        ("lr: null\n", "Config key lr cannot be null; it takes a number, e.g. 0.01."),
         ("optimizer: ~\n", "Config key optimizer cannot be null; it takes one of sgd, adam, adamw"),
         ("epochs: 2.5\n", "Config key epochs must be a whole number, got 2.5."),
         ("epochs: true\n", "Config key epochs must be a whole number, got True."),

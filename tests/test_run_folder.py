@@ -88,7 +88,7 @@ def test_two_commands_with_one_run_name_at_once(tmp_path):
     assert second.returncode == 1, second.stdout + second.stderr
     assert f"in use by PID {first.pid}" in second.stderr and "Traceback" not in second.stderr
     saved = yaml.safe_load(open(out / "same" / "config.yaml"))
-    assert saved["run"]["seed"] == 1 and saved["optim"]["lr"] == 0.001
+    assert saved["run"]["seed"] == 1 and saved["optim"]["lr"] == 0.01
 
 
 def test_overwrite_replaces_only_a_tfxfer_run(tmp_path, folder):
