@@ -254,7 +254,8 @@ def write_report(study_dir, rows, commands, strategies, seeds, config, name):
         + f". Backbone {config.model.backbone} at {config.model.image_size or 'its default'} px, weights "
         f"`{config.model.weights}` (scratch: none). Budget per run: "
         + (f"time {config.optim.time_budget}" if config.optim.time_budget else f"{config.optim.epochs} epochs")
-        + f", {config.optim.optimizer} lr {config.optim.lr if config.optim.lr == 'auto' else format(config.optim.lr, 'g')} {config.optim.schedule}, batch {config.optim.batch_size}.",
+        + f", {config.optim.optimizer} lr {config.optim.lr if config.optim.lr == 'auto' else format(config.optim.lr, 'g')} {config.optim.schedule}, batch {config.optim.batch_size}"
+        + (", where a strategy sets no recipe option of its own." if any("=" in s for s in strategies) else "."),
         "",
         f"Each strategy ran with {runs_text}; a seed sets the labelled sample, the head's initialization and the "
         "data order, the same for every strategy, so differences are paired. The test split is used once per run, "
