@@ -61,7 +61,8 @@ def test_lr_decay_runs_with_gradual_unfreezing_and_resumes_exactly(tmp_path):
     data = write_splits(tmp_path / "data", train=6, test=2, classes=("cat", "dog"))
     common = ["--data-dir", data, "--backbone", "resnet9", "--weights", "none", "--image-size", "32", "--epochs", "3",
               "--unfreeze", "head@0,stages:2@1,full@2", "--lr-decay", "0.5", "--optimizer", "adam",
-              "--batch-size", "4", "--output-dir", tmp_path / "runs", "--seed", "3"]
+              "--batch-size", "4", "--output-dir", tmp_path / "runs", "--seed", "3",
+              "--schedule", "constant"]  # the run is stopped after 2 epochs and extended to 3: a cosine would stretch
     whole = run_cli("finetune", *common, "--run-name", "whole")
     assert whole.exit_code == 0, whole.output
     first = run_cli("finetune", *common, "--epochs", "2", "--run-name", "split")
