@@ -48,33 +48,50 @@ def child_step(side, family, size, batch, steps, precision):
     return {"images_per_second": rate, "params": int(model.count_params())}
 
 
-def _torch_step(family, size, batch, steps, precision):
-    import timm
+def timm_training_step(family, size, batch, precision, phase=None):
+    """`(step, model)`: the classic eager step over timm's model on one random
+    batch (zero_grad, forward, loss, backward, SGD step); `phase`, a `name ->
+    context manager` factory such as `torch.profiler.record_function`, labels
+    its forward, backward and optimizer parts."""
+    import contextlib
+
     import torch
 
+    phase = phase or (lambda name: contextlib.nullcontext())
     torch.manual_seed(0)
     model = create_timm_model(family, size)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
     labels = torch.arange(batch) % 10
-    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # the same preprocessing work as the TF side
+        optimizer.zero_grad(set_to_none=True)
+        with phase("forward"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32"):
+                logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            optimizer.step()
+
+    return step, model
+
+
+def _torch_step(family, size, batch, steps, precision):
+    import timm
+    import torch
+
+    step, model = timm_training_step(family, size, batch, precision)
     times = []
     for _ in range(steps + WARMUP):
         start = time.perf_counter()
-        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # the same preprocessing work as the TF side
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32"):
-            logits = model(x)
-        loss = loss_fn(logits.float(), labels)
-        loss.backward()
-        optimizer.step()
+        step()
         times.append(time.perf_counter() - start)
     return {"images_per_second": batch / statistics.median(times[WARMUP:]),
             "params": sum(p.numel() for p in model.parameters()), "versions": f"torch {torch.__version__}, timm {timm.__version__}"}
-
-
-TIMM_VENV = os.path.join(ROOT, "benchmarks", ".timm-venv")
 
 
 def create_timm_model(family, size):
@@ -83,6 +100,9 @@ def create_timm_model(family, size):
 
     options = {"img_size": size} if family.startswith("vit") else {}
     return timm.create_model(FAMILIES[family], pretrained=False, num_classes=10, **options)
+
+
+TIMM_VENV = os.path.join(ROOT, "benchmarks", ".timm-venv")
 
 
 def ensure_timm():

@@ -104,7 +104,9 @@ def _torch_profile(size, batch, steps, precision, backbone="resnet50", l2sp=0.01
 
         step = training_step(size, batch, precision, l2sp=l2sp, phases=record_function)
     else:
-        step = _timm_step(backbone, size, batch, precision, record_function)
+        from benchmarks.families import timm_training_step
+
+        step = timm_training_step(backbone, size, batch, precision, record_function)[0]
     for _ in range(3):
         step()
     times = []
@@ -120,34 +122,6 @@ def _torch_profile(size, batch, steps, precision, backbone="resnet50", l2sp=0.01
     ops = collections.Counter({e.key: e.self_cpu_time_total / 1e3 / steps for e in events
                                if e.key not in phases and not e.key.startswith("ProfilerStep")})
     return sorted(times)[len(times) // 2], phases, ops
-
-
-def _timm_step(backbone, size, batch, precision, phase):
-    """The families benchmark's eager step over timm's model, its phases labelled."""
-    import torch
-
-    from benchmarks.families import create_timm_model
-
-    torch.manual_seed(0)
-    model = create_timm_model(backbone, size)
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
-    labels = torch.arange(batch) % 10
-
-    def step():
-        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        optimizer.zero_grad(set_to_none=True)
-        with phase("forward"):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32"):
-                logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        with phase("backward"):
-            loss.backward()
-        with phase("optimizer"):
-            optimizer.step()
-
-    return step
 
 
 def _tensorflow_section(args):
