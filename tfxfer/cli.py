@@ -55,7 +55,7 @@ def _option(name, field, type_, default):
 
 
 EVALUATE_OPTIONS = (
-    "dataset", "data_dir", "tfds_data_dir", "train_split", "val_split", "test_split", "val_fraction", "classes",
+    "dataset", "data_dir", "csv", "tfrecord", "tfrecord_image_key", "tfrecord_label_key", "tfds_data_dir", "train_split", "val_split", "test_split", "val_fraction", "classes",
     "labels_per_class", "batch_size", "seed",
 )
 
@@ -195,8 +195,8 @@ def rank(candidates, image_size, as_json, **data):
     from tfxfer.ranking import rank as rank_candidates
 
     data = {k: v for k, v in data.items() if v is not None}
-    if not data.get("dataset") and not data.get("data_dir"):
-        raise TfxferError("Give the target data: --dataset NAME or --data-dir DIR.")
+    if not any(data.get(k) for k in ("dataset", "data_dir", "csv", "tfrecord")):
+        raise TfxferError("Give the target data: --dataset NAME, --data-dir DIR, --csv FILE or --tfrecord GLOB.")
     # With --json, standard output is the JSON alone: progress and log lines go to standard error.
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         results = rank_candidates(candidates, data, image_size, log=lambda line: click.echo(line, err=as_json))

@@ -67,6 +67,16 @@ def option(default, help, choices=None, auto=False):
 class DataConfig:
     dataset: Optional[str] = option(None, "Built-in dataset (digits) or a tensorflow-datasets name, e.g. cifar10.")
     data_dir: Optional[str] = option(None, "Image folder: one sub-folder per class, or train/ plus val/ and/or test/.")
+    csv: Optional[str] = option(
+        None, "CSV of labelled images: columns path and label, optionally split (train, val, test); paths relative "
+        "to the CSV's folder."
+    )
+    tfrecord: Optional[str] = option(
+        None, "TFRecord files of tf.train.Example records: a GLOB of training files, or SPLIT=GLOB pairs separated "
+        "by commas (train, val, test)."
+    )
+    tfrecord_image_key: str = option("image", "Feature of a --tfrecord record that holds the encoded image.")
+    tfrecord_label_key: str = option("label", "Feature of a --tfrecord record that holds the label (integer or string).")
     tfds_data_dir: Optional[str] = option(None, "Folder with prepared tensorflow-datasets data (the offline route).")
     train_split: str = option("train", "tfds split to train on (slicing allowed, e.g. 'train[:50%]').")
     val_split: Optional[str] = option(None, "tfds validation split; default 'validation', else carved from train.")
@@ -84,8 +94,8 @@ class DataConfig:
     )
 
     def validate(self):
-        if (self.dataset is None) == (self.data_dir is None):
-            raise TfxferError("Give exactly one of --dataset NAME or --data-dir FOLDER.")
+        if sum(x is not None for x in (self.dataset, self.data_dir, self.csv, self.tfrecord)) != 1:
+            raise TfxferError("Give exactly one of --dataset NAME, --data-dir FOLDER, --csv FILE or --tfrecord GLOB.")
         from tfxfer.data.augment import parse_augment  # where the augmentations are built
 
         parse_augment(self.augment)
@@ -98,7 +108,16 @@ class DataConfig:
             raise TfxferError(f"--folds must be at least 2 and --fold in 0..folds-1, got folds {self.folds}, fold {self.fold}.")
 
     def source_name(self):
+        if self.csv:
+            return os.path.splitext(os.path.basename(self.csv))[0]
+        if self.tfrecord:
+            return "tfrecord"
         return self.dataset or os.path.basename(os.path.normpath(self.data_dir or "data"))
+
+    def source(self):
+        """The keyword arguments of `tfxfer.data.load_splits` that name the data."""
+        return {"name": self.dataset, "data_dir": self.data_dir, "csv": self.csv, "tfrecord": self.tfrecord,
+                "tfrecord_keys": (self.tfrecord_image_key, self.tfrecord_label_key)}
 
 
 @dataclasses.dataclass

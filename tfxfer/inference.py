@@ -111,7 +111,8 @@ def evaluate_export(model_path, dataset=None, data_dir=None, split="test", batch
 
     loaded, metadata = load_export(model_path, need_tfxfer=True)
     size = metadata["image_size"]
-    splits, info = load_splits(dataset, data_dir, image_size=size, **data_args)
+    keys = (data_args.pop("tfrecord_image_key", "image"), data_args.pop("tfrecord_label_key", "label"))
+    splits, info = load_splits(dataset, data_dir, image_size=size, tfrecord_keys=keys, **data_args)
     key = {"train": "train", "val": "val", "validation": "val", "test": "test"}.get(split)
     if key not in splits:
         raise TfxferError(f"{info.name} has no {split!r} split here; choose --split test, val or train.")

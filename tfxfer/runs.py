@@ -324,7 +324,7 @@ def load_data(config, log=print, augment=None):
     data = config.data
     image_size = config.model.image_size or get_backbone(config.model.backbone).default_size
     train, val, test, info = load_dataset(
-        data.dataset, data.data_dir, image_size=image_size, batch_size=config.optim.batch_size,
+        **data.source(), image_size=image_size, batch_size=config.optim.batch_size,
         val_fraction=data.val_fraction, seed=config.run.seed, tfds_data_dir=data.tfds_data_dir,
         train_split=data.train_split, val_split=data.val_split, test_split=data.test_split,
         max_train_examples=data.max_train_examples, augment=data.augment if augment is None else augment,

@@ -132,8 +132,10 @@ def _require_test_split(config):
 
     data = config.data
     _, info = load_splits(
-        data.dataset, data.data_dir, 32, data.val_fraction, 0, data.tfds_data_dir, data.train_split, data.val_split,
-        data.test_split, data.max_train_examples, data.classes, data.labels_per_class, data.folds, 0,
+        **data.source(), image_size=32, val_fraction=data.val_fraction, tfds_data_dir=data.tfds_data_dir,
+        train_split=data.train_split, val_split=data.val_split, test_split=data.test_split,
+        max_train_examples=data.max_train_examples, classes=data.classes, labels_per_class=data.labels_per_class,
+        folds=data.folds,
     )
     if "test" not in info.num_examples:
         raise TfxferError(

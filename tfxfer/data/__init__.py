@@ -18,6 +18,7 @@ from tfxfer.data.folders import image_folder
 from tfxfer.data.augment import AUGMENTATIONS, parse_augment
 from tfxfer.data.pipeline import build_pipeline
 from tfxfer.data.splits import carve, kfold, sample, sample_per_class, select_classes
+from tfxfer.data.tables import csv_table, tfrecord_files
 from tfxfer.data.tfds import tfds_dataset
 from tfxfer.errors import TfxferError
 
@@ -61,6 +62,9 @@ def load_dataset(
     folds=None,
     fold=0,
     count_classes=False,
+    csv=None,
+    tfrecord=None,
+    tfrecord_keys=("image", "label"),
 ):
     """Load a dataset as batched `tf.data` pipelines.
 
@@ -91,6 +95,11 @@ def load_dataset(
             own validation split is then not used.
         count_classes: read a tfds split's labels, if not read already, to
             fill `info.class_counts` (image folders and arrays always have it).
+        csv: instead of `name` or `data_dir`, a CSV of path,label[,split] rows
+            (`tfxfer.data.tables.csv_table`).
+        tfrecord: instead, a glob (or `SPLIT=GLOB` pairs) of TFRecord files of
+            `tf.train.Example`s; `tfrecord_keys` names their image and label
+            features.
 
     Returns:
         `(train, val, test, info)`; `test` is `None` when there is no test split.
@@ -99,7 +108,7 @@ def load_dataset(
         parse_augment(augment)
     splits, info = load_splits(
         name, data_dir, image_size, val_fraction, seed, tfds_data_dir, train_split, val_split, test_split,
-        max_train_examples, classes, labels_per_class, folds, fold, count_classes,
+        max_train_examples, classes, labels_per_class, folds, fold, count_classes, csv, tfrecord, tfrecord_keys,
     )
     pipelines = {
         key: build_pipeline(split, image_size, batch_size, training=key == "train", seed=seed, augment=augment, cache=cache,
@@ -112,11 +121,11 @@ def load_dataset(
 def load_splits(
     name=None, data_dir=None, image_size=32, val_fraction=0.1, seed=0, tfds_data_dir=None, train_split="train",
     val_split=None, test_split=None, max_train_examples=None, classes=None, labels_per_class=None, folds=None, fold=0,
-    count_classes=False,
+    count_classes=False, csv=None, tfrecord=None, tfrecord_keys=("image", "label"),
 ):
     """The unbatched `Split`s after selection, and the `DatasetInfo`."""
-    if (name is None) == (data_dir is None):
-        raise TfxferError("Give exactly one of a dataset name (--dataset) or an image folder (--data-dir).")
+    if sum(x is not None for x in (name, data_dir, csv, tfrecord)) != 1:
+        raise TfxferError("Give exactly one of --dataset NAME, --data-dir FOLDER, --csv FILE or --tfrecord GLOB.")
     if not 0.0 < val_fraction < 1.0:
         raise TfxferError(f"--val-fraction must be between 0 and 1, got {val_fraction}.")
     selecting = bool(classes) or labels_per_class is not None
@@ -124,6 +133,13 @@ def load_splits(
     if data_dir is not None:
         splits, class_names, skipped = image_folder(data_dir)
         label = os.path.basename(os.path.normpath(data_dir))
+    elif csv is not None:
+        splits, class_names, skipped = csv_table(csv)
+        label = os.path.splitext(os.path.basename(csv))[0]
+    elif tfrecord is not None:
+        splits, class_names, skipped = tfrecord_files(tfrecord, *tfrecord_keys)
+        label = "tfrecord"
+
     elif name in BUILTIN_DATASETS:
         splits, class_names = BUILTIN_DATASETS[name](seed)
         label = name

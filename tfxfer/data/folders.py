@@ -10,7 +10,7 @@ from tfxfer.data.images import decode_image
 from tfxfer.data.splits import Split
 from tfxfer.errors import TfxferError
 
-__all__ = ["image_folder"]
+__all__ = ["image_folder", "decodable"]
 
 VAL_FOLDERS = ("val", "validation")
 UNLABELLED = "unlabelled"
@@ -90,7 +90,7 @@ def _scan_files(labelled_dirs, skipped, recurse=True):
                 if not f.startswith(b"."):
                     paths.append(os.path.join(root, f))
                     labels.append(label)
-    good = _decodable(paths)
+    good = decodable(paths)
     skipped.extend(os.fsdecode(p) for p in paths if p not in good)
     keep = [i for i, p in enumerate(paths) if p in good]
     return Split(len(keep), np.asarray([labels[i] for i in keep], np.int32), np.asarray([paths[i] for i in keep], dtype=object))
@@ -100,7 +100,7 @@ def _scan_files(labelled_dirs, skipped, recurse=True):
 PROGRESS_FILES = 5000
 
 
-def _decodable(paths):
+def decodable(paths):
     """The subset of `paths` (bytes) that decode as images, checked in parallel by tf.data."""
     if not paths:
         return set()

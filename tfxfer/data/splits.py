@@ -110,7 +110,10 @@ def select_classes(splits, class_names, wanted):
     for key, split in splits.items():
         if split is None:
             continue
-        if split.records is not None:
+        if split.records is not None and split.labels is not None:
+            # Labels already read (TFRecord files): map them; records keep their source labels.
+            split = dataclasses.replace(split, label_map=label_map, labels=label_map[split.labels].astype(np.int32))
+        elif split.records is not None:
             # Read (again) with the map applied: records keep their source labels.
             split = dataclasses.replace(split, label_map=label_map, labels=None, positions=None).with_labels()
         else:
