@@ -168,3 +168,53 @@ def test_a_bfloat16_run_exports_float32_in_every_format(tmp_path):
     result = run_cli("export", run, "--format", "saved_model", "--precision", "bfloat16")
     assert result.exit_code == 0, result.output
     assert "bfloat16" in result.output and "allowed: 0.03" in result.output
+
+
+def test_calibrate_folds_the_temperature_into_every_export_and_evaluate_reports_tta(tmp_path):
+    import json
+
+    from tests.conftest import run_cli, write_splits
+
+    write_splits(tmp_path / "data", train=12, test=4)
+    result = run_cli(
+        "finetune", "--data-dir", tmp_path / "data", "--backbone", "tiny", "--weights", "none", "--image-size", "32",
+        "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "--calibrate", "--top-k", "2",
+        "--output-dir", tmp_path / "runs", "--run-name", "cal",
+    )
+    assert result.exit_code == 0, result.output
+    assert "calibration: temperature" in result.output
+    run = tmp_path / "runs" / "cal"
+    metrics = json.loads((run / "metrics.json").read_text())
+    temperature = metrics["calibration"]["temperature"]
+    assert temperature != 1.0 and {"val_ece_before", "val_ece_after", "test_ece_before"} <= set(metrics["calibration"])
+    # On the split it was fitted on, the temperature cannot do worse than T = 1.
+    assert metrics["calibration"]["val_ece_after"] <= metrics["calibration"]["val_ece_before"] + 0.05
+    assert metrics["test"]["top_k"]["k"] == 2 and "ece" in metrics["test"]["calibration"]
+    assert (run / "reliability.png").stat().st_size > 0
+    export = run / "export" / "1"
+    assert json.loads((export / "tfxfer.json").read_text())["temperature"] == temperature
+    # The served probabilities are the uncalibrated ones at that temperature: the head was scaled, nothing else.
+    from tfxfer.evaluation import apply_temperature
+
+    npz = np.load(run / "test_predictions.npz")
+    result = run_cli("evaluate", "--model", run, "--data-dir", tmp_path / "data", "--tta", "flip", "--output",
+                     tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert "with test-time augmentation (flip, 2 views)" in result.output
+    evaluation = json.loads((tmp_path / "eval" / "metrics.json").read_text())["evaluations"]
+    report = next(iter(evaluation.values()))
+    assert np.isclose(report["accuracy"], metrics["test"]["accuracy"])
+    assert np.isclose(report["tta"]["gain"], report["tta"]["accuracy"] - report["accuracy"])
+    assert (tmp_path / "eval" / "reliability-test.png").exists()
+    import keras
+
+    import tfxfer.model  # noqa: F401
+
+    model = keras.models.load_model(run / "model.keras", compile=False)
+    assert model.calibration_temperature == temperature
+    kernel, bias = model.head.get_weights()
+    model.head.set_weights([kernel * temperature, bias * temperature])
+    raw = model.predict(np.zeros((1, 32, 32, 3), np.uint8), verbose=0)
+    scaled = keras.models.load_model(run / "model.keras", compile=False).predict(np.zeros((1, 32, 32, 3), np.uint8), verbose=0)
+    assert np.allclose(apply_temperature(raw, temperature), scaled, atol=1e-5)
+    assert npz["probabilities"].shape[1] == 3

@@ -12,6 +12,7 @@ import click
 from tfxfer import atomic, runtime
 from tfxfer.config import BN_MODES, FinetuneConfig, PretrainConfig, StudyConfig, load_config
 from tfxfer.errors import TfxferError, write_failure
+from tfxfer.evaluation import TTA_MODES
 
 def config_options(kind, names=None):
     """Click options for the fields of the command config `kind` (or only
@@ -241,16 +242,27 @@ def study(config_path, **flags):
 @click.option("--predictions", "predictions_path", type=click.Path(),
               help="CSV of every image: file, true, predicted, probability, loss. [default: predictions.csv beside metrics.json]")
 @click.option("--top-wrong", default=10, show_default=True, help="How many of the most confidently wrong images to list.")
+@click.option("--top-k", default=5, show_default=True, help="Also report top-K accuracy (when K is below the number of classes).")
+@click.option("--tta", default="none", show_default=True, type=click.Choice(TTA_MODES),
+              help="Test-time augmentation: average the probabilities over the image and its mirror image (flip), "
+                   "and four shifted crops of each (flip_crop); reported beside the plain accuracy.")
 @_friendly
-def evaluate(model_path, split, output_dir, predictions_path, top_wrong, **data):
-    """Accuracy, loss, per-class precision/recall/F1, confusion matrix, every
-    prediction (predictions.csv) and the most confidently wrong images."""
+def evaluate(model_path, split, output_dir, predictions_path, top_wrong, top_k, tta, **data):
+    """Accuracy, top-k accuracy, loss, per-class precision/recall/F1, confusion
+    matrix, calibration (ECE and reliability-SPLIT.png), every prediction
+    (predictions.csv) and the most confidently wrong images."""
     from tfxfer.evaluation import confident_mistakes, format_report, write_predictions
     from tfxfer.inference import evaluate_export
+    from tfxfer.reporting import plots
 
     data = {k: v for k, v in data.items() if v is not None}
-    report, export_dir, rows = evaluate_export(model_path, split=split, **data)
+    report, export_dir, rows = evaluate_export(model_path, split=split, top_k=top_k, tta=tta, **data)
     click.echo(format_report(report, f"{report['data']} {split}"))
+    if "tta" in report:
+        t = report["tta"]
+        click.echo(f"with test-time augmentation ({t['mode']}, {t['views']} views): accuracy {t['accuracy']:.4f} "
+                   f"({t['gain']:+.4f} against {report['accuracy']:.4f} without); expected calibration error "
+                   f"{t['calibration']['ece']:.4f}")
     mistakes = confident_mistakes(rows, top_wrong)
     if mistakes:
         click.echo(f"\nmost confidently wrong ({len(mistakes)} of {sum(r['true'] != r['predicted'] for r in rows)} wrong):")
@@ -263,6 +275,12 @@ def evaluate(model_path, split, output_dir, predictions_path, top_wrong, **data)
             os.makedirs(output_dir, exist_ok=True)
         write_predictions(predictions_path, rows)
         click.echo(f"predictions of {len(rows)} images written to {predictions_path}")
+        curves = {"plain": report["calibration"]}
+        if "tta" in report:
+            curves[f"TTA {tta}"] = report["tta"]["calibration"]
+        diagram = os.path.join(os.path.dirname(metrics_path), f"reliability-{split}.png")
+        plots.reliability(curves, diagram, f"{report['data']} {split}: {report['num_examples']} images")
+        click.echo(f"reliability diagram written to {diagram}")
         metrics = atomic.read_json(metrics_path) if os.path.exists(metrics_path) else {}
         metrics.setdefault("evaluations", {})[f"{report['data']}:{split}"] = report
         atomic.write_json(metrics_path, metrics)

@@ -153,6 +153,11 @@ class TransferConfig:
         "(always trains) or off (always frozen, in inference mode). A bare --train-bn is on.", BN_MODES
     )
     dropout: float = option(0.0, "Dropout rate before the new head.")
+    top_k: int = option(5, "Also report top-K accuracy (when K is below the number of classes).")
+    calibrate: bool = option(
+        False, "Temperature scaling: fit a temperature on the validation split after training and fold it into the "
+        "head, so the exports serve calibrated probabilities (accuracy is unchanged)."
+    )
     l2sp: float = option(0.0, "L2-SP alpha: pull the backbone toward its starting weights (Li et al. 2018).")
     l2sp_scope: str = option("kernels", "Weights L2-SP pulls: kernels (as the paper) or all.", SCOPES)
     head_l2: float = option(0.0, "Plain L2 beta on the new head's kernel.")
@@ -195,6 +200,8 @@ class TransferConfig:
             raise TfxferError(f"ema must be between 0 and 1, e.g. 0.999, got {self.ema}.")
         if not 0 < self.lr_decay <= 1:
             raise TfxferError(f"lr_decay must be above 0 and at most 1, got {self.lr_decay}.")
+        if self.top_k < 1:
+            raise TfxferError(f"top_k must be at least 1, got {self.top_k}.")
 
 
 @dataclasses.dataclass

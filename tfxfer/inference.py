@@ -101,13 +101,32 @@ def predict_imagenet(backbone, weights, files, top=5):
     return [[(name, float(p)) for _, name, p in row] for row in decoded]
 
 
-def evaluate_export(model_path, dataset=None, data_dir=None, split="test", batch_size=64, **data_args):
+def tta_views(images, mode):
+    """The test-time views of a batch of uint8 images [N, S, S, 3]: itself and
+    its mirror image (`flip`), and with `flip_crop` also four crops shifted by
+    S/8 (reflect-padded, as training's pad-and-crop) and their mirror images."""
+    views = [images]
+    if mode == "flip_crop":
+        size = int(images.shape[1])
+        pad = max(1, size // 8)
+        padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        for dy, dx in ((0, 0), (0, 2 * pad), (2 * pad, 0), (2 * pad, 2 * pad)):
+            views.append(padded[:, dy:dy + size, dx:dx + size])
+    return views + [tf.image.flip_left_right(v) for v in views]
+
+
+def evaluate_export(model_path, dataset=None, data_dir=None, split="test", batch_size=64, top_k=5, tta="none",
+                    **data_args):
     """Evaluate an exported model on a split; returns `(report, export_dir,
     rows)`, where `rows` are `tfxfer.evaluation.prediction_rows`: one per
-    image, with its file (or `<data>:<split>:<index>` for arrays and tfds)."""
+    image, with its file (or `<data>:<split>:<index>` for arrays and tfds).
+
+    With `tta` (`flip` or `flip_crop`), `report["tta"]` holds the accuracy,
+    loss and calibration of the probabilities averaged over `tta_views`, and
+    the gain over the plain accuracy; the rest of the report is plain."""
     from tfxfer.data import load_splits
     from tfxfer.data.pipeline import build_pipeline
-    from tfxfer.evaluation import classification_report, prediction_rows
+    from tfxfer.evaluation import TTA_MODES, classification_report, prediction_rows
 
     loaded, metadata = load_export(model_path, need_tfxfer=True)
     size = metadata["image_size"]
@@ -122,14 +141,26 @@ def evaluate_export(model_path, dataset=None, data_dir=None, split="test", batch
             f"The data's classes ({', '.join(info.class_names)}) differ from the model's "
             f"({', '.join(metadata['class_names'])}); evaluate on data with the model's classes."
         )
+    if tta not in TTA_MODES:
+        raise TfxferError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}.")
     serve = loaded.signatures["serving_default"]
-    labels, probabilities = [], []
+    labels, probabilities, averaged = [], [], []
     for images, y in chosen.as_numpy_iterator():
         probabilities.append(serve(images=tf.constant(images))["probabilities"].numpy())
+        if tta != "none":
+            views = tta_views(tf.constant(images), tta)
+            averaged.append(np.mean([serve(images=v)["probabilities"].numpy() for v in views], axis=0))
         labels.append(y)
     labels, probabilities = np.concatenate(labels), np.concatenate(probabilities)
-    report = classification_report(labels, probabilities, info.class_names)
+    report = classification_report(labels, probabilities, info.class_names, top_k)
     report["split"], report["data"] = split, info.name
+    if tta != "none":
+        with_tta = classification_report(labels, np.concatenate(averaged), info.class_names, top_k)
+        report["tta"] = {
+            "mode": tta, "views": len(tta_views(tf.zeros([1, size, size, 3], tf.uint8), tta)),
+            "accuracy": with_tta["accuracy"], "gain": with_tta["accuracy"] - report["accuracy"],
+            "loss": with_tta["loss"], "calibration": with_tta["calibration"],
+        }
     items = splits[key].items
     if items is not None and splits[key].from_paths:
         files = [os.fsdecode(p) for p in items]

@@ -104,6 +104,8 @@ class TransferModel(PenalizedLoss, keras.Model):
         l2sp_scope: `"kernels"` or `"all"`.
         head_l2: beta of the plain L2 penalty on the head's kernel.
         class_names: optional list of class names, kept in the config.
+        calibration_temperature: the temperature already folded into the
+            head's weights by `--calibrate`, kept in the config.
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class TransferModel(PenalizedLoss, keras.Model):
         l2sp_scope="kernels",
         head_l2=0.0,
         class_names=None,
+        calibration_temperature=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -133,6 +136,8 @@ class TransferModel(PenalizedLoss, keras.Model):
         self.bn_momentum = None if bn_momentum is None else float(bn_momentum)
         self.dropout_rate = float(dropout)
         self.class_names = list(class_names) if class_names is not None else None
+        # Set by `--calibrate`, which divides the head's weights by it; kept for the record only.
+        self.calibration_temperature = calibration_temperature
 
         self.preprocess = Preprocess(backbone, name="preprocess")
         self.backbone = create_backbone(backbone, weights, self.image_size)
@@ -279,6 +284,7 @@ class TransferModel(PenalizedLoss, keras.Model):
             "l2sp_scope": self.penalty.scope,
             "head_l2": self.penalty.beta,
             "class_names": self.class_names,
+            "calibration_temperature": self.calibration_temperature,
             "name": self.name,
         }
 

@@ -37,7 +37,7 @@ from tfxfer.backbones.pretrained import save_backbone
 from tfxfer.backbones.registry import rebuild_weights
 from tfxfer.config import FinetuneConfig
 from tfxfer.errors import TfxferError
-from tfxfer.evaluation import classification_report, format_report
+from tfxfer.evaluation import apply_temperature, calibration, classification_report, fit_temperature, format_report
 from tfxfer.freezing import UnfreezeSchedule, parse_unfreeze, phase_at, resolve_phases, resolve_train_bn
 from tfxfer.export import export_saved_model, next_version_dir
 from tfxfer.export.precision import at_precision
@@ -249,11 +249,21 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
         "skipped_files": {"count": len(info.skipped_files), "files": info.skipped_files},
         "train_images_per_second": facts["train_images_per_second"],
     }
-    metrics["val"] = classification_report(*predict_dataset(model.predict, val), info.class_names)
+    top_k = config.transfer.top_k
+    val_predictions = predict_dataset(model.predict, val)
+    test_predictions = predict_dataset(model.predict, test) if test is not None else None
+    if config.transfer.calibrate:
+        metrics["calibration"] = _calibrate(model, val_predictions, test_predictions, log)
+        # What the scaled head now computes, without a second pass over the data.
+        temperature = metrics["calibration"]["temperature"]
+        val_predictions = (val_predictions[0], apply_temperature(val_predictions[1], temperature))
+        if test is not None:
+            test_predictions = (test_predictions[0], apply_temperature(test_predictions[1], temperature))
+    metrics["val"] = classification_report(*val_predictions, info.class_names, top_k)
     log(format_report(metrics["val"], "validation (best epoch)"))
     if test is not None:
-        labels, probabilities = predict_dataset(model.predict, test)
-        metrics["test"] = classification_report(labels, probabilities, info.class_names)
+        labels, probabilities = test_predictions
+        metrics["test"] = classification_report(labels, probabilities, info.class_names, top_k)
         log(format_report(metrics["test"], "test"))
         atomic.write_npz(run.path(PREDICTIONS), labels=labels, probabilities=probabilities)
     _plot_run(run.dir, config.run.run_name, metrics, info.class_names)
@@ -278,6 +288,28 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
     return RunResult(run.dir, export_dir, _history_dict(histories), metrics, model)
 
 
+def _calibrate(model, val_predictions, test_predictions, log):
+    """Fit a temperature on the validation predictions and fold it into the
+    head (its kernel and bias divided by T: softmax(z / T) exactly), so every
+    export serves calibrated probabilities. Returns the temperature and the
+    expected calibration error before and after, on validation (where T was
+    fitted) and on test (which T never saw)."""
+    temperature = fit_temperature(*val_predictions)
+    kernel, bias = model.head.get_weights()
+    model.head.set_weights([kernel / temperature, bias / temperature])
+    model.calibration_temperature = temperature
+    result = {"temperature": temperature, "fitted_on": "validation"}
+    for name, predictions in (("val", val_predictions), ("test", test_predictions)):
+        if predictions is not None:
+            labels, probabilities = predictions
+            result[f"{name}_ece_before"] = calibration(labels, probabilities)["ece"]
+            result[f"{name}_ece_after"] = calibration(labels, apply_temperature(probabilities, temperature))["ece"]
+    changes = ", ".join(f"{name} {result[f'{name}_ece_before']:.4f} -> {result[f'{name}_ece_after']:.4f}"
+                        for name in ("val", "test") if f"{name}_ece_before" in result)
+    log(f"calibration: temperature {temperature:.3f} fitted on the validation split; expected calibration error {changes}")
+    return result
+
+
 BEST_WEIGHTS = "best.weights.h5"
 PREDICTIONS = "test_predictions.npz"  # labels and probabilities of the test split, in its order
 
@@ -289,6 +321,8 @@ def _plot_run(run_dir, run_name, metrics, class_names):
     plots.learning_curves({run_name: [runs.read_history(run_dir)]}, os.path.join(run_dir, "learning_curves.png"), run_name)
     split = "test" if "test" in metrics else "val"
     report = metrics[split]
+    plots.reliability({split: report["calibration"]}, os.path.join(run_dir, "reliability.png"),
+                      f"{run_name}: {split}, {report['num_examples']} images")
     plots.confusion_matrix(
         report["confusion_matrix"], class_names, os.path.join(run_dir, "confusion_matrix.png"),
         f"{run_name}: {split}, accuracy {report['accuracy']:.3f} ({report['num_examples']} images)",

@@ -85,8 +85,12 @@ def _save(model, path, class_names, precision):
 
 
 def metadata_of(model, class_names, inputs):
-    return {"image_size": int(model.image_size), "class_names": list(class_names),
-            "backbone": getattr(model, "backbone_name", None), "inputs": inputs}
+    metadata = {"image_size": int(model.image_size), "class_names": list(class_names),
+                "backbone": getattr(model, "backbone_name", None), "inputs": inputs}
+    temperature = getattr(model, "calibration_temperature", None)
+    if temperature is not None:
+        metadata["temperature"] = temperature  # already folded into the head's weights
+    return metadata
 
 
 def _write(model, folder, class_names):

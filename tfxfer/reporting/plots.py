@@ -86,6 +86,30 @@ def confusion_matrix(matrix, class_names, path, title="confusion matrix"):
     return _save(figure, path)
 
 
+def reliability(calibrations, path, title="reliability"):
+    """Accuracy against confidence per bin, one line per `{label: calibration}`
+    (`tfxfer.evaluation.calibration`); the diagonal is perfect calibration,
+    and the bars underneath are the share of images in each bin."""
+    figure, (ax, counts) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    for i, (label, result) in enumerate(calibrations.items()):
+        used = [b for b in result["bins"] if b["count"]]
+        ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], marker="o",
+                label=f"{label} (ECE {result['ece']:.3f})")
+        total = max(sum(b["count"] for b in result["bins"]), 1)
+        width = 1.0 / max(len(result["bins"]), 1) / max(len(calibrations), 1)
+        counts.bar([b["low"] + (i + 0.5) * width for b in result["bins"]], [b["count"] / total for b in result["bins"]],
+                   width=width, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(title)
+    counts.set_xlabel("confidence (top probability)")
+    counts.set_ylabel("share")
+    return _save(figure, path)
+
+
 def bar_chart(labels, means, lows, highs, path, ylabel="test accuracy", title="strategies"):
     """One bar per label at its mean, with an error bar from `lows` to `highs`."""
     means, lows, highs = (np.asarray(v, dtype=float) for v in (means, lows, highs))
