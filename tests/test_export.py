@@ -125,6 +125,8 @@ def test_onnx_and_litert_match_the_saved_model_on_real_images(run_dir):
     for name in ("onnx", "litert"):
         metadata = json.loads((run_dir / "export" / name / "tfxfer.json").read_text())
         assert metadata["class_names"] == ["cat", "dog", "owl"] and metadata["max_abs_difference"] <= 1e-4
+        card = (run_dir / "export" / name / "MODEL_CARD.md").read_text()
+        assert f"This export: {name}, computing in float32." in card and "this format takes pixels" in card
 
 
 def test_export_saved_model_again_and_bad_requests(run_dir, monkeypatch):
@@ -192,6 +194,12 @@ def test_calibrate_folds_the_temperature_into_every_export_and_evaluate_reports_
     assert metrics["test"]["top_k"]["k"] == 2 and "ece" in metrics["test"]["calibration"]
     assert (run / "reliability.png").stat().st_size > 0
     export = run / "export" / "1"
+    card = (export / "MODEL_CARD.md").read_text()
+    for fact in ("over 3 classes", "`tiny`, weights from `none` (random initialization)", "`cat`, `dog`, `owl`",
+                 "Training images per class: cat ", "Unreadable files skipped: 0",
+                 f"top-2 {metrics['test']['top_k']['accuracy']:.4f}", f"T = {temperature:.3f}",
+                 "| owl | ", "It knows only its 3 classes", "EXIF"):
+        assert fact in card, fact
     assert json.loads((export / "tfxfer.json").read_text())["temperature"] == temperature
     # The served probabilities are the uncalibrated ones at that temperature: the head was scaled, nothing else.
     from tfxfer.evaluation import apply_temperature

@@ -42,6 +42,7 @@ from tfxfer.freezing import UnfreezeSchedule, parse_unfreeze, phase_at, resolve_
 from tfxfer.export import export_saved_model, next_version_dir
 from tfxfer.export.precision import at_precision
 from tfxfer.model import TransferModel
+from tfxfer.reporting.card import write_model_card
 from tfxfer.compiling import compile_run, compiled_model, objective
 
 __all__ = ["finetune", "RunResult", "predict_dataset"]
@@ -247,6 +248,8 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
         "frozen_params": facts["frozen_params"],
         "num_examples": info.num_examples,
         "skipped_files": {"count": len(info.skipped_files), "files": info.skipped_files},
+        "class_counts": info.class_counts,
+        "precision": keras.mixed_precision.global_policy().name,
         "train_images_per_second": facts["train_images_per_second"],
     }
     top_k = config.transfer.top_k
@@ -281,6 +284,7 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
     log(f"SavedModel round trip: max |probability difference| {metrics['export_max_abs_diff']:.2e} on one batch")
     metrics["wall_time_seconds"] = run.elapsed()
     atomic.write_json(run.path("metrics.json"), metrics)
+    write_model_card(run.dir, export_dir)
     summary = f"validation accuracy {metrics['val']['accuracy']:.4f}"
     if test is not None:
         summary += f", test accuracy {metrics['test']['accuracy']:.4f}"

@@ -9,6 +9,7 @@ import numpy as np
 
 from tfxfer import atomic
 from tfxfer.errors import TfxferError, did_you_mean
+from tfxfer.reporting.card import write_model_card
 
 __all__ = ["ExportFormat", "FORMATS", "register_format", "get_format", "export_run", "disk_size"]
 
@@ -98,6 +99,7 @@ def export_run(run_dir, format="saved_model", output=None, log=print, precision=
         }
         if format != "saved_model":  # the SavedModel writes its own tfxfer.json
             atomic.write_json(os.path.join(temporary, METADATA_FILE), metadata)
+        write_model_card(run_dir, temporary, format, precision)
         name = os.path.relpath(artifact, temporary)
     artifact = os.path.join(folder, name) if name != "." else folder
     log(f"{format}: {artifact} ({disk_size(artifact) / 2**20:.1f} MiB, {precision}); max |probability difference| "
