@@ -50,6 +50,12 @@ def _option(name, field, type_, default):
             return click.option(f"--no-{flag[2:]}", is_flag=True, hidden=True, expose_value=False,
                                 callback=no_flag)(command)
         return decorate
+    if name == "mlflow_uri":
+        # `--mlflow` alone is the local ./mlruns store; `--mlflow URI` another store or a server.
+        from tfxfer.tracking import DEFAULT_STORE
+
+        return click.option("--mlflow", name, is_flag=False, flag_value=DEFAULT_STORE, default=None, metavar="[URI]",
+                            help=text)
     # A field that takes `auto` reaches the config as text, which checks it.
     plain = type_ is str or field.metadata.get("auto")
     return click.option(flag, name, type=None if plain else type_, default=None, help=text)

@@ -237,10 +237,17 @@ class RunConfig:
     jit_compile: bool = option(False, "Compile the training step with XLA (measure first on CPU).")
     distribute: str = option("none", "none; mirrored: the GPUs of this machine; multiworker: the workers of TF_CONFIG (README).", DISTRIBUTE)
     tensorboard: bool = option(False, "Write TensorBoard logs to the run's tensorboard/ folder (scalars, L2-SP, learning rate, a batch of images).")
+    tracking: Optional[str] = option(None, "Experiment tracker to log the run to: mlflow (or give --mlflow).", ("mlflow",))
+    mlflow_uri: Optional[str] = option(
+        None, "Track the run in MLflow: a bare --mlflow logs to ./mlruns (open it with `mlflow ui`), --mlflow URI to "
+        "that tracking server or store."
+    )
     run_name: Optional[str] = option(None, "Run folder name under --output-dir (default: from data, backbone and method).")
     output_dir: str = option("saved_models", "Where run folders go.")
 
     def validate(self):
+        if self.mlflow_uri and self.tracking is None:
+            self.tracking = "mlflow"  # --mlflow URI alone asks for MLflow
         if self.jit_compile and self.deterministic:
             raise TfxferError(
                 "--jit-compile needs --no-deterministic: Keras silently turns XLA off while TF op determinism is on."

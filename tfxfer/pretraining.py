@@ -19,7 +19,7 @@ import os
 
 import keras
 
-from tfxfer import budget, distributed, runs, speedups
+from tfxfer import budget, distributed, runs, speedups, tracking
 from tfxfer.callbacks import (
     DataEpoch, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
     tensorboard_callbacks,
@@ -74,22 +74,11 @@ def pretrain(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
         if initial_epoch:
             log(f"resuming {config.run.run_name} after epoch {initial_epoch}")
         timer = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
-        history = model.fit(
-            train,
-            validation_data=method.validation(val, config) if method.validation else val,
-            epochs=config.optim.epochs,
-            initial_epoch=initial_epoch,
-            # The method's callbacks add metrics (kNN accuracy) that the checkpoint and the log read.
-            callbacks=[
-                DataEpoch(train), StopOnNonFinite(), *method.callbacks(model, run.dir, val, info, config),
-                LearningRateLog(), HistoryLogger(run.path(runs.HISTORY_FILE), initial_epoch), checkpoint, timer,
-                *budget.budget_callbacks(config, run.started, resume, log),
-                *(tensorboard_callbacks(run.path("tensorboard"), train, log) if config.run.tensorboard else []),
-                *callbacks,
-            ],
-            verbose=verbose,
-            shuffle=False,  # the pipeline shuffles, seeded by epoch
-        )
+        tracker = tracking.open_tracker(config, run.dir, run.resume, tags={
+            "backbone": config.model.backbone, "weights": config.model.weights, "method": method.name})
+        with tracking.ending(tracker):
+            history = _fit(model, method, train, val, info, run, checkpoint, timer, initial_epoch, callbacks, verbose,
+                           tracker)
         plain()  # the backbone is saved as built
 
         model.backbone.load_weights(best_path)
@@ -101,9 +90,34 @@ def pretrain(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
             "train_images_per_second": timer.images_per_second, "wall_time_seconds": run.elapsed(),
         })
         weights = save_backbone(run.dir, model.backbone, spec)
+        if tracker:
+            tracker.log_metrics({"best_epoch": best}, step=len(runs.read_history(run.dir).get("epoch", [])))
+            tracker.log_artifacts(tracking.run_artifacts(run.dir) + [weights])
+            tracker.finish()
         log(f"backbone of epoch {best} ({monitor} {checkpoint.best_value}) saved as {weights}; "
             f"fine-tune it with: tfxfer finetune --weights {run.dir} ...")
     return PretrainResult(run.dir, weights, spec, {k: [float(x) for x in v] for k, v in history.history.items()}, model)
+
+
+def _fit(model, method, train, val, info, run, checkpoint, timer, initial_epoch, callbacks, verbose, tracker):
+    """The method's `fit`, with the run's callbacks, and `tracker`'s when tracking."""
+    config, log = run.config, run.log
+    return model.fit(
+        train,
+        validation_data=method.validation(val, config) if method.validation else val,
+        epochs=config.optim.epochs,
+        initial_epoch=initial_epoch,
+        # The method's callbacks add metrics (kNN accuracy) that the checkpoint and the log read.
+        callbacks=[
+            DataEpoch(train), StopOnNonFinite(), *method.callbacks(model, run.dir, val, info, config),
+            LearningRateLog(), HistoryLogger(run.path(runs.HISTORY_FILE), initial_epoch), checkpoint, timer,
+            *budget.budget_callbacks(config, run.started, run.resume, log),
+            *(tensorboard_callbacks(run.path("tensorboard"), train, log) if config.run.tensorboard else []),
+            *callbacks, *([tracker.callback(log)] if tracker else []),
+        ],
+        verbose=verbose,
+        shuffle=False,  # the pipeline shuffles, seeded by epoch
+    )
 
 
 def _build(run, method, info, image_size, train):

@@ -20,6 +20,7 @@ the epoch in progress.
 
 import csv
 import dataclasses
+import glob
 import io
 import os
 import shutil
@@ -28,7 +29,7 @@ import keras
 import numpy as np
 import yaml
 
-from tfxfer import atomic, runs
+from tfxfer import atomic, runs, tracking
 from tfxfer.backbones.pretrained import apply_pretrained_spec
 from tfxfer.config import FinetuneConfig, StudyConfig, config_from_flat
 from tfxfer.errors import TfxferError
@@ -83,6 +84,28 @@ def _run_study(config, name, study_dir, shared, strategies, seeds, folds, log, v
     planned = [(s, seed, fold) for s in strategies for seed in seeds for fold in folds]
     log(f"study {name}: {len(strategies)} strategies x {len(seeds)} seeds"
         + (f" x {len(folds)} folds" if config.data.folds else "") + f" = {len(planned)} runs in {study_dir}")
+    tracker = tracking.open_tracker(config, study_dir, resume=True, tags={"strategies": config.study.strategies})
+    with tracking.ending(tracker):
+        rows, commands = _run_all(planned, shared, study_dir, log, verbose, tracker)
+        if config.study.keep_exports == "best":
+            _keep_best_exports(study_dir, rows, strategies, log)
+        atomic.write_text(os.path.join(study_dir, "commands.txt"), "\n".join(commands) + "\n")
+        _write_csv(os.path.join(study_dir, "results.csv"), rows)
+        report_path, summary = write_report(study_dir, rows, commands, strategies, seeds, config, name)
+        if tracker:
+            for strategy in strategies:
+                own = [r["test_accuracy"] for r in rows if r["strategy"] == strategy]
+                tracker.log_metrics({f"test_accuracy_mean.{_slug(strategy)}": np.mean(own)}, 0)
+            names = ("report.md", "results.csv", "commands.txt", "study.yaml")
+            tracker.log_artifacts([os.path.join(study_dir, n) for n in names] + sorted(glob.glob(os.path.join(study_dir, "*.png"))))
+            tracker.finish()
+    log("\n".join(summary))
+    log(f"study {name}: results.csv, report.md and plots in {study_dir}")
+    return StudyResult(study_dir, rows, report_path)
+
+
+def _run_all(planned, shared, study_dir, log, verbose, tracker):
+    """Every planned run (nested under `tracker`'s MLflow run when tracking): `(rows, commands)`."""
     rows, commands = [], []
     for i, (strategy, seed, fold) in enumerate(planned, 1):
         run_config = _run_config(shared, strategy, seed, fold)
@@ -90,15 +113,9 @@ def _run_study(config, name, study_dir, shared, strategies, seeds, folds, log, v
         commands.append(command)
         log(f"[{i}/{len(planned)}] {run_config.run.run_name}: {command}")
         run_dir = os.path.join(run_config.run.output_dir, run_config.run.run_name)
-        rows.append(_row(strategy, seed, fold, _run_once(run_config, run_dir, log, verbose), os.path.relpath(run_dir, study_dir)))
-    if config.study.keep_exports == "best":
-        _keep_best_exports(study_dir, rows, strategies, log)
-    atomic.write_text(os.path.join(study_dir, "commands.txt"), "\n".join(commands) + "\n")
-    _write_csv(os.path.join(study_dir, "results.csv"), rows)
-    report_path, summary = write_report(study_dir, rows, commands, strategies, seeds, config, name)
-    log("\n".join(summary))
-    log(f"study {name}: results.csv, report.md and plots in {study_dir}")
-    return StudyResult(study_dir, rows, report_path)
+        metrics = _run_once(run_config, run_dir, log, verbose, tracker.run_id if tracker else None)
+        rows.append(_row(strategy, seed, fold, metrics, os.path.relpath(run_dir, study_dir)))
+    return rows, commands
 
 
 def _shared_options(config, study_dir):
@@ -144,9 +161,13 @@ def _require_test_split(config):
         )
 
 
+def _slug(strategy):
+    """A strategy as a folder (and MLflow metric) name: l2sp@0.01+bn -> l2sp0.01-bn."""
+    return strategy.replace("@", "").replace("+", "-").replace(":", "").replace("=", "")
+
+
 def run_name(strategy, seed, fold=None):
-    slug = strategy.replace("@", "").replace("+", "-").replace(":", "").replace("=", "")
-    return f"{slug}-seed{seed}" + (f"-fold{fold}" if fold is not None else "")
+    return f"{_slug(strategy)}-seed{seed}" + (f"-fold{fold}" if fold is not None else "")
 
 
 def _run_config(shared, strategy, seed, fold):
@@ -156,7 +177,7 @@ def _run_config(shared, strategy, seed, fold):
     return config_from_flat(values, FinetuneConfig)
 
 
-def _run_once(run_config, run_dir, log, verbose):
+def _run_once(run_config, run_dir, log, verbose, tracking_parent=None):
     """The run's metrics: read when it finished, resumed when interrupted, else run."""
     from tfxfer.training import finetune
 
@@ -166,7 +187,8 @@ def _run_once(run_config, run_dir, log, verbose):
     else:
         resume = os.path.exists(os.path.join(run_dir, runs.CHECKPOINT_STATE))
         keras.backend.clear_session()
-        finetune(run_config, resume=resume, overwrite=not resume, verbose=verbose, log=lambda m: log("  " + m))
+        finetune(run_config, resume=resume, overwrite=not resume, verbose=verbose, log=lambda m: log("  " + m),
+                 tracking_parent=tracking_parent)
     return atomic.read_json(metrics_path)
 
 

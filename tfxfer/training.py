@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfxfer import atomic, budget, distributed, feature_cache, runs, speedups
+from tfxfer import atomic, budget, distributed, feature_cache, runs, speedups, tracking
 from tfxfer.averaging import AveragedWeights, WeightAverage
 from tfxfer.callbacks import (
     DataEpoch, EarlyStop, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
@@ -37,7 +37,10 @@ from tfxfer.backbones.pretrained import save_backbone
 from tfxfer.backbones.registry import rebuild_weights
 from tfxfer.config import FinetuneConfig
 from tfxfer.errors import TfxferError
-from tfxfer.evaluation import apply_temperature, calibration, classification_report, fit_temperature, format_report
+from tfxfer.evaluation import (
+    apply_temperature, calibration, classification_report, fit_temperature, format_report, prediction_rows,
+    write_predictions,
+)
 from tfxfer.freezing import UnfreezeSchedule, parse_unfreeze, phase_at, resolve_phases, resolve_train_bn
 from tfxfer.export import export_saved_model, next_version_dir
 from tfxfer.export.precision import at_precision
@@ -57,7 +60,7 @@ class RunResult:
     model: keras.Model
 
 
-def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log=print):
+def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log=print, tracking_parent=None):
     """Run `config` (a `FinetuneConfig`) and return a `RunResult`.
 
     Args:
@@ -66,6 +69,8 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
         overwrite: replace an existing run folder of the same name (a folder
             that holds anything but a tfxfer run is refused).
         callbacks: extra Keras callbacks for `fit`.
+        tracking_parent: with `tracking: mlflow`, the MLflow run id to nest
+            this run under (a study's).
     """
     if not isinstance(config, FinetuneConfig):
         raise TypeError("finetune() takes a FinetuneConfig; build one with tfxfer.load_config().")
@@ -83,17 +88,25 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
             from tfxfer.reporting.plots import lr_range
 
             lr_range(finding, run.path("lr_find.png"))
+        tracker = None
+        if distributed.is_chief(strategy):
+            tracker = tracking.open_tracker(run.config, run.dir, run.resume, tracking_parent, _tags(run.config))
+        if tracker:
+            callbacks = (*callbacks, tracker.callback(log))
         checkpoint, timer, fit_callbacks, initial_epoch = _callbacks(run, model, schedule, train, info, callbacks)
-        histories = _train(run, model, strategy, schedule, checkpoint, fit_callbacks, initial_epoch, train, val, info,
-                           verbose)
-        plain()  # evaluation and export get the model as built
-        if not distributed.is_chief(strategy):
-            result = RunResult(run.dir, None, _history_dict(histories), {}, model)
-        else:
-            if run.config.run.distribute != "none":
-                model = _local_copy(model, run.config, runs.steps_per_epoch(run.config, info))
-            result = _finish(run, model, checkpoint, val, test, info, image_size, histories,
-                             {"train_images_per_second": timer.images_per_second, **parameters})
+        with tracking.ending(tracker):
+            histories = _train(run, model, strategy, schedule, checkpoint, fit_callbacks, initial_epoch, train, val,
+                               info, verbose)
+            plain()  # evaluation and export get the model as built
+            if not distributed.is_chief(strategy):
+                result = RunResult(run.dir, None, _history_dict(histories), {}, model)
+            else:
+                if run.config.run.distribute != "none":
+                    model = _local_copy(model, run.config, runs.steps_per_epoch(run.config, info))
+                result = _finish(run, model, checkpoint, val, test, info, image_size, histories,
+                                 {"train_images_per_second": timer.images_per_second, **parameters})
+                if tracker:
+                    tracking.log_finished_run(tracker, run.dir, result.metrics)
     if worker:
         # A non-chief worker's copy of the run only served the collectives.
         shutil.rmtree(run.dir, ignore_errors=True)
@@ -101,6 +114,13 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
             os.rmdir(os.path.dirname(run.dir))
         log(f"{worker}: training done; the chief wrote the run folder")
     return result
+
+
+def _tags(config):
+    """What a tracker can filter runs by: the backbone, where its weights came from, and the strategy."""
+    transfer = config.transfer
+    return {"backbone": config.model.backbone, "weights": config.model.weights,
+            "strategy": transfer.strategy or transfer.unfreeze or transfer.freeze}
 
 
 def _check_data(config, info, log):
@@ -269,6 +289,8 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
         metrics["test"] = classification_report(labels, probabilities, info.class_names, top_k)
         log(format_report(metrics["test"], "test"))
         atomic.write_npz(run.path(PREDICTIONS), labels=labels, probabilities=probabilities)
+        files = info.files.get("test") or [f"{info.name}:test:{i}" for i in range(len(labels))]
+        write_predictions(run.path("predictions.csv"), prediction_rows(files, labels, probabilities, info.class_names))
     _plot_run(run.dir, config.run.run_name, metrics, info.class_names)
     with atomic.replacing(run.path("model.keras")) as temporary:
         model.save(temporary)

@@ -37,6 +37,7 @@ class DatasetInfo:
     classes: Optional[list] = None  # the class subset asked for, if any
     labels_per_class: Optional[int] = None
     class_counts: Optional[list] = None  # training images per class, when the labels are known
+    files: dict = dataclasses.field(default_factory=dict)  # split -> its image files in order, for file sources
 
     @property
     def num_classes(self):
@@ -172,5 +173,6 @@ def load_splits(
     info = DatasetInfo(
         label, list(class_names), image_size, {k: s.count for k, s in splits.items()}, skipped,
         classes=list(class_names) if classes else None, labels_per_class=labels_per_class, class_counts=counts,
+        files={key: [os.fsdecode(p) for p in split.items] for key, split in splits.items() if split.from_paths},
     )
     return splits, info
