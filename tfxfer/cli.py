@@ -62,7 +62,7 @@ def _option(name, field, type_, default):
 
 
 EVALUATE_OPTIONS = (
-    "dataset", "data_dir", "csv", "tfrecord", "tfrecord_image_key", "tfrecord_label_key", "tfds_data_dir", "train_split", "val_split", "test_split", "val_fraction", "classes",
+    "dataset", "data_dir", "csv", "tfrecord", "tfrecord_image_key", "tfrecord_label_key", "tfds_data_dir", "tfds_manual_dir", "train_split", "val_split", "test_split", "val_fraction", "classes",
     "labels_per_class", "batch_size", "seed",
 )
 

@@ -78,6 +78,10 @@ class DataConfig:
     tfrecord_image_key: str = option("image", "Feature of a --tfrecord record that holds the encoded image.")
     tfrecord_label_key: str = option("label", "Feature of a --tfrecord record that holds the label (integer or string).")
     tfds_data_dir: Optional[str] = option(None, "Folder with prepared tensorflow-datasets data (the offline route).")
+    tfds_manual_dir: Optional[str] = option(
+        None, "Folder with the archives tensorflow-datasets would download for --dataset (for cifar10: "
+        "cifar-10-binary.tar.gz), put there by hand; tfds prepares the dataset from them, checksums checked."
+    )
     train_split: str = option("train", "tfds split to train on (slicing allowed, e.g. 'train[:50%]').")
     val_split: Optional[str] = option(None, "tfds validation split; default 'validation', else carved from train.")
     test_split: Optional[str] = option(None, "tfds test split; default 'test' when the dataset has one.")
@@ -117,7 +121,8 @@ class DataConfig:
     def source(self):
         """The keyword arguments of `tfxfer.data.load_splits` that name the data."""
         return {"name": self.dataset, "data_dir": self.data_dir, "csv": self.csv, "tfrecord": self.tfrecord,
-                "tfrecord_keys": (self.tfrecord_image_key, self.tfrecord_label_key)}
+                "tfrecord_keys": (self.tfrecord_image_key, self.tfrecord_label_key),
+                "tfds_manual_dir": self.tfds_manual_dir}
 
 
 @dataclasses.dataclass

@@ -66,6 +66,7 @@ def load_dataset(
     csv=None,
     tfrecord=None,
     tfrecord_keys=("image", "label"),
+    tfds_manual_dir=None,
 ):
     """Load a dataset as batched `tf.data` pipelines.
 
@@ -110,6 +111,7 @@ def load_dataset(
     splits, info = load_splits(
         name, data_dir, image_size, val_fraction, seed, tfds_data_dir, train_split, val_split, test_split,
         max_train_examples, classes, labels_per_class, folds, fold, count_classes, csv, tfrecord, tfrecord_keys,
+        tfds_manual_dir,
     )
     pipelines = {
         key: build_pipeline(split, image_size, batch_size, training=key == "train", seed=seed, augment=augment, cache=cache,
@@ -122,7 +124,7 @@ def load_dataset(
 def load_splits(
     name=None, data_dir=None, image_size=32, val_fraction=0.1, seed=0, tfds_data_dir=None, train_split="train",
     val_split=None, test_split=None, max_train_examples=None, classes=None, labels_per_class=None, folds=None, fold=0,
-    count_classes=False, csv=None, tfrecord=None, tfrecord_keys=("image", "label"),
+    count_classes=False, csv=None, tfrecord=None, tfrecord_keys=("image", "label"), tfds_manual_dir=None,
 ):
     """The unbatched `Split`s after selection, and the `DatasetInfo`."""
     if sum(x is not None for x in (name, data_dir, csv, tfrecord)) != 1:
@@ -148,6 +150,7 @@ def load_splits(
         splits, class_names = tfds_dataset(
             name, tfds_data_dir, train_split, val_split, test_split,
             slice_fraction=None if selecting or folds else val_fraction, known=BUILTIN_DATASETS,
+            manual_dir=tfds_manual_dir,
         )
         label = name
 

@@ -1,6 +1,7 @@
 """`tensorflow-datasets` image-classification datasets, by name."""
 
 import contextlib
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -12,12 +13,17 @@ from tfxfer.errors import TfxferError, did_you_mean, is_network_failure
 __all__ = ["tfds_dataset"]
 
 
-def tfds_dataset(name, data_dir, train_split="train", val_split=None, test_split=None, slice_fraction=None, known=()):
+def tfds_dataset(name, data_dir, train_split="train", val_split=None, test_split=None, slice_fraction=None, known=(),
+                 manual_dir=None):
     """`(splits, class names)` of the tfds dataset `name`.
 
     Without a validation split, `slice_fraction` carves one from the end of train
     with tfds's own slicing (no pass over the data); otherwise `load_dataset`
     carves it per class after reading the labels.
+
+    `manual_dir` holds the files tfds would download (for cifar10,
+    `cifar-10-binary.tar.gz`), placed there by hand: tfds's own builder
+    prepares the dataset from them, checksums checked, with no network.
     """
     import tensorflow_datasets as tfds
 
@@ -25,9 +31,13 @@ def tfds_dataset(name, data_dir, train_split="train", val_split=None, test_split
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise did_you_mean(name, list(known) + tfds.list_builders(), "dataset") from None
+    download_config = None
+    if manual_dir is not None and not builder.is_prepared():
+        _check_manual_files(builder, name, manual_dir)
+        download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     try:
         with _few_download_retries():
-            builder.download_and_prepare()
+            builder.download_and_prepare(download_config=download_config)
     except Exception as e:
         if not is_network_failure(e):
             raise
@@ -64,6 +74,29 @@ def tfds_dataset(name, data_dir, train_split="train", val_split=None, test_split
             _count(builder, split, ds), records=records, read_labels=_label_reader(builder, split, image_key, label_key)
         )
     return splits, class_names
+
+
+def _check_manual_files(builder, name, manual_dir):
+    """Every file `builder` downloads is in `manual_dir`, with the checksum tfds
+    registered for it; else one sentence naming the file (and both checksums)."""
+    from tensorflow_datasets.core.download import checksums
+
+    if not os.path.isdir(manual_dir):
+        raise TfxferError(f"--tfds-manual-dir {manual_dir!r} is not a folder.")
+    expected = builder.url_infos or {}
+    missing = [(url, info) for url, info in expected.items() if not os.path.isfile(os.path.join(manual_dir, info.filename))]
+    if missing:
+        wanted = "; ".join(f"{info.filename} (from {url})" for url, info in missing)
+        raise TfxferError(f"--tfds-manual-dir {manual_dir!r} lacks what tensorflow-datasets downloads for {name!r}: "
+                          f"{wanted}; copy it there from a machine with network.")
+    for url, info in expected.items():
+        path = os.path.join(manual_dir, info.filename)
+        got = checksums.compute_url_info(path)
+        if got.checksum != info.checksum:
+            raise TfxferError(
+                f"{path} is not the file tensorflow-datasets expects for {name!r}: its SHA-256 is {got.checksum} "
+                f"({got.size} bytes), tfds registered {info.checksum} ({info.size} bytes) for {url}."
+            )
 
 
 def _check_split(split, available, name):
