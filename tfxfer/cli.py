@@ -249,11 +249,14 @@ def study(config_path, **flags):
               help="CSV of every image: file, true, predicted, probability, loss. [default: predictions.csv beside metrics.json]")
 @click.option("--top-wrong", default=10, show_default=True, help="How many of the most confidently wrong images to list.")
 @click.option("--top-k", default=5, show_default=True, help="Also report top-K accuracy (when K is below the number of classes).")
+@click.option("--explain", "explain_count", default=0, show_default=True,
+              help="Draw the N most confidently wrong images with their Grad-CAM heat-maps (top_losses.png); needs "
+                   "a run folder as --model.")
 @click.option("--tta", default="none", show_default=True, type=click.Choice(TTA_MODES),
               help="Test-time augmentation: average the probabilities over the image and its mirror image (flip), "
                    "and four shifted crops of each (flip_crop); reported beside the plain accuracy.")
 @_friendly
-def evaluate(model_path, split, output_dir, predictions_path, top_wrong, top_k, tta, **data):
+def evaluate(model_path, split, output_dir, predictions_path, top_wrong, top_k, tta, explain_count, **data):
     """Accuracy, top-k accuracy, loss, per-class precision/recall/F1, confusion
     matrix, calibration (ECE and reliability-SPLIT.png), every prediction
     (predictions.csv) and the most confidently wrong images."""
@@ -287,6 +290,12 @@ def evaluate(model_path, split, output_dir, predictions_path, top_wrong, top_k, 
         diagram = os.path.join(os.path.dirname(metrics_path), f"reliability-{split}.png")
         plots.reliability(curves, diagram, f"{report['data']} {split}: {report['num_examples']} images")
         click.echo(f"reliability diagram written to {diagram}")
+        if explain_count:
+            from tfxfer.explain import explain_mistakes
+
+            grid = explain_mistakes(model_path, rows, explain_count, split, data,
+                                    os.path.join(os.path.dirname(metrics_path), "top_losses.png"))
+            click.echo(f"the {explain_count} most confidently wrong images with their heat-maps: {grid}")
         metrics = atomic.read_json(metrics_path) if os.path.exists(metrics_path) else {}
         metrics.setdefault("evaluations", {})[f"{report['data']}:{split}"] = report
         atomic.write_json(metrics_path, metrics)
@@ -347,6 +356,29 @@ def predict(images, model_path, backbone, weights, top, as_json):
             click.echo(r["file"])
             for name, probability in r["top"]:
                 click.echo(f"  {probability:8.4f}  {name}")
+    if any("error" in r for r in results):
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--class", "class_name", help="Explain this class instead of each image's predicted one.")
+@click.option("--output", "output_dir", type=click.Path(file_okay=False), help="Folder for the PNGs. [default: RUN/explain]")
+@_friendly
+def explain(run, images, class_name, output_dir):
+    """Grad-CAM heat-maps of the finetune RUN over IMAGES (files, folders or
+    quoted globs): where its backbone's last convolutional stage found the
+    evidence for the predicted class (or --class), one PNG per image."""
+    from tfxfer.explain import explain_files
+
+    output_dir = output_dir or os.path.join(run, "explain")
+    results = explain_files(run, images, output_dir, class_name)
+    for r in results:
+        if "error" in r:
+            click.echo(f"error: {r['error']}", err=True)
+        else:
+            click.echo(f"{r['file']}: {r['class']} {r['probability']:.4f} -> {r['png']}")
     if any("error" in r for r in results):
         raise SystemExit(1)
 

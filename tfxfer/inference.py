@@ -124,18 +124,11 @@ def evaluate_export(model_path, dataset=None, data_dir=None, split="test", batch
     With `tta` (`flip` or `flip_crop`), `report["tta"]` holds the accuracy,
     loss and calibration of the probabilities averaged over `tta_views`, and
     the gain over the plain accuracy; the rest of the report is plain."""
-    from tfxfer.data import load_splits
-    from tfxfer.data.pipeline import build_pipeline
     from tfxfer.evaluation import TTA_MODES, classification_report, prediction_rows
 
     loaded, metadata = load_export(model_path, need_tfxfer=True)
     size = metadata["image_size"]
-    keys = (data_args.pop("tfrecord_image_key", "image"), data_args.pop("tfrecord_label_key", "label"))
-    splits, info = load_splits(dataset, data_dir, image_size=size, tfrecord_keys=keys, **data_args)
-    key = {"train": "train", "val": "val", "validation": "val", "test": "test"}.get(split)
-    if key not in splits:
-        raise TfxferError(f"{info.name} has no {split!r} split here; choose --split test, val or train.")
-    chosen = build_pipeline(splits[key], size, batch_size, training=False, seed=data_args.get("seed", 0))
+    chosen, items, info = evaluation_split(size, split, batch_size, dataset=dataset, data_dir=data_dir, **data_args)
     if list(info.class_names) != list(metadata["class_names"]):
         raise TfxferError(
             f"The data's classes ({', '.join(info.class_names)}) differ from the model's "
@@ -161,12 +154,24 @@ def evaluate_export(model_path, dataset=None, data_dir=None, split="test", batch
             "accuracy": with_tta["accuracy"], "gain": with_tta["accuracy"] - report["accuracy"],
             "loss": with_tta["loss"], "calibration": with_tta["calibration"],
         }
-    items = splits[key].items
-    if items is not None and splits[key].from_paths:
-        files = [os.fsdecode(p) for p in items]
-    else:
-        files = [f"{info.name}:{split}:{i}" for i in range(len(labels))]
+    files = items or [f"{info.name}:{split}:{i}" for i in range(len(labels))]
     return report, metadata["export_dir"], prediction_rows(files, labels, probabilities, info.class_names)
+
+
+def evaluation_split(size, split, batch_size=64, dataset=None, data_dir=None, **data_args):
+    """`(batched pipeline, image files or None, DatasetInfo)` of one split of
+    the data that `evaluate`'s data options describe, in a fixed order."""
+    from tfxfer.data import load_splits
+    from tfxfer.data.pipeline import build_pipeline
+
+    data_args = dict(data_args)
+    keys = (data_args.pop("tfrecord_image_key", "image"), data_args.pop("tfrecord_label_key", "label"))
+    splits, info = load_splits(dataset, data_dir, image_size=size, tfrecord_keys=keys, **data_args)
+    key = {"train": "train", "val": "val", "validation": "val", "test": "test"}.get(split)
+    if key not in splits:
+        raise TfxferError(f"{info.name} has no {split!r} split here; choose --split test, val or train.")
+    pipeline = build_pipeline(splits[key], size, batch_size, training=False, seed=data_args.get("seed", 0))
+    return pipeline, info.files.get(key), info
 
 
 def _read(path):

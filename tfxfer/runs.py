@@ -47,7 +47,7 @@ CONFIG_FILE = "config.yaml"
 RUN_FILES = frozenset({
     CONFIG_FILE, "history.csv", "checkpoint", "best.weights.h5", "model.keras", "metrics.json", "export",
     "learning_curves.png", "confusion_matrix.png", "reliability.png", "reliability-test.png", "reliability-val.png", "reliability-train.png", "test_predictions.npz", "predictions.csv", "tensorboard",
-    "backbone.weights.h5", "backbone.json", "reconstructions", "mlflow.json", "MODEL_CARD.md",
+    "backbone.weights.h5", "backbone.json", "reconstructions", "mlflow.json", "MODEL_CARD.md", "explain", "top_losses.png",
 })
 LOCK_FILE = ".lock"
 

@@ -128,9 +128,11 @@ def bar_chart(labels, means, lows, highs, path, ylabel="test accuracy", title="s
     return _save(figure, path)
 
 
-def top_losses(images, true, predicted, probabilities, losses, class_names, path, title="top losses", columns=4):
+def top_losses(images, true, predicted, probabilities, losses, class_names, path, title="top losses", columns=4,
+               heatmaps=None):
     """A grid of images with their true and predicted class, the predicted
-    probability and the loss, in the order given (largest loss first)."""
+    probability and the loss, in the order given (largest loss first); with
+    `heatmaps` (in [0, 1], the images' size), each drawn over its image."""
     count = len(images)
     rows = max(1, -(-count // columns))
     figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
@@ -139,6 +141,8 @@ def top_losses(images, true, predicted, probabilities, losses, class_names, path
         if i >= count:
             continue
         ax.imshow(np.asarray(images[i], dtype=np.uint8), interpolation="nearest")
+        if heatmaps is not None:
+            ax.imshow(heatmaps[i], cmap="jet", alpha=0.45, interpolation="bilinear", vmin=0.0, vmax=1.0)
         ax.set_title(
             f"true {class_names[true[i]]}\npred {class_names[predicted[i]]} {probabilities[i]:.2f}\nloss {losses[i]:.2f}",
             fontsize=8,

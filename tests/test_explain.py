@@ -1,0 +1,109 @@
+"""Grad-CAM: the map of an image whose class is decided in one quadrant peaks there."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+
+RED, BLUE = (230, 30, 30), (30, 30, 230)
+
+
+def _image(rng, label, quadrant=None):
+    """Grey noise with one coloured square, whose colour is the class, in one
+    quadrant (drawn when not given): that quadrant alone decides the class."""
+    image = np.clip(rng.normal(110, 25, (32, 32, 3)), 0, 255)
+    qy, qx = divmod(int(rng.integers(4) if quadrant is None else quadrant), 2)
+    y, x = 16 * qy + rng.integers(2, 7), 16 * qx + rng.integers(2, 7)
+    image[y:y + 8, x:x + 8] = (RED, BLUE)[label]
+    return image.astype(np.uint8)
+
+
+def _write(root, per_class, seed):
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(("red", "blue")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(_image(rng, label)).save(root / name / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def quadrant_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explain")
+    _write(root / "data" / "train", 80, 0)
+    _write(root / "data" / "test", 10, 1)
+    result = run_cli("finetune", "--data-dir", root / "data", "--backbone", "tiny", "--weights", "none",
+                     "--image-size", "32", "--epochs", "12", "--batch-size", "16", "--lr", "0.05",
+                     "--output-dir", root / "runs", "--run-name", "quadrant")
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_grad_cam_peaks_in_the_quadrant_that_decides_the_class(quadrant_run):
+    from tfxfer.explain import grad_cam, load_run_model
+
+    metrics = json.loads((quadrant_run / "runs" / "quadrant" / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] >= 0.9  # it learned the rule, so its evidence is in the top left
+    model = load_run_model(quadrant_run / "runs" / "quadrant")
+    rng = np.random.default_rng(7)
+    labels, where = np.arange(24) % 2, np.arange(24) // 2 % 4
+    images = np.stack([_image(rng, label, quadrant) for label, quadrant in zip(labels, where)])
+    class_ids = [model.class_names.index(("red", "blue")[label]) for label in labels]  # folders sort as blue, red
+    heatmaps, probabilities = grad_cam(model, images, class_ids)
+    assert (probabilities.argmax(axis=1) == class_ids).mean() >= 0.9
+    assert heatmaps.shape == (24, 32, 32) and heatmaps.min() >= 0 and heatmaps.max() <= 1
+    peaks = np.array([np.unravel_index(h.argmax(), h.shape) for h in heatmaps])
+    peak_quadrant = (peaks[:, 0] >= 16) * 2 + (peaks[:, 1] >= 16)
+    assert (peak_quadrant == where).mean() >= 0.9, list(zip(peak_quadrant, where))
+    # Not a constant map: the evidence moves with the square.
+    assert len(set(peak_quadrant)) == 4
+
+
+def test_explain_command_and_evaluate_explain(quadrant_run, tmp_path):
+    run = quadrant_run / "runs" / "quadrant"
+    image = quadrant_run / "data" / "test" / "red" / "0.png"
+    (tmp_path / "notes.txt").write_text("not an image")
+    result = run_cli("explain", run, image, tmp_path / "notes.txt", "--class", "blue", "--output", tmp_path / "maps")
+    assert result.exit_code == 1  # one file is not an image; the other is still explained
+    assert f"{image}: blue " in result.output and "notes.txt is not an image" in result.output
+    assert (tmp_path / "maps" / "0.gradcam.png").stat().st_size > 0
+    assert "Unknown class 'bleu'" in run_cli("explain", run, image, "--class", "bleu").output
+
+    # Test images filed under the other colour: the model is confidently wrong on them.
+    _write(tmp_path / "swapped" / "train", 2, 3)
+    _write(tmp_path / "swapped" / "test", 3, 4)
+    for name in ("red", "blue"):
+        (tmp_path / "swapped" / "test" / name).rename(tmp_path / "swapped" / "test" / f"{name}-")
+    for name, other in (("red", "blue"), ("blue", "red")):
+        (tmp_path / "swapped" / "test" / f"{name}-").rename(tmp_path / "swapped" / "test" / other)
+    result = run_cli("evaluate", "--model", run, "--data-dir", tmp_path / "swapped", "--explain", "4",
+                     "--output", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert "the 4 most confidently wrong images with their heat-maps" in result.output
+    assert (tmp_path / "eval" / "top_losses.png").stat().st_size > 0
+
+
+def test_a_token_backbone_is_refused_in_one_sentence():
+    from types import SimpleNamespace
+
+    from tfxfer.errors import TfxferError
+    from tfxfer.explain import grad_cam
+
+    vit = SimpleNamespace(backbone=SimpleNamespace(output=SimpleNamespace(shape=(None, 197, 768))), backbone_name="vit")
+    with pytest.raises(TfxferError, match="vit's output is a sequence of tokens; use a CNN backbone"):
+        grad_cam(vit, np.zeros((1, 32, 32, 3), np.uint8))
+
+
+@pytest.mark.parametrize("backbone", ["resnet9", "simplecnn", "resnet50", "mobilenetv2", "efficientnetv2b0", "convnext_tiny"])
+def test_grad_cam_works_for_the_cnn_backbones_from_their_last_feature_map(backbone):
+    from tfxfer.explain import grad_cam
+    from tfxfer.model import TransferModel
+
+    model = TransferModel(backbone, num_classes=3, weights="none", image_size=32)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8)
+    heatmaps, probabilities = grad_cam(model, images)
+    assert heatmaps.shape == (2, 32, 32) and np.isfinite(heatmaps).all()
+    # The map's forward pass is the model's own: the same probabilities.
+    np.testing.assert_allclose(probabilities, model.predict(images, verbose=0), atol=1e-5)
