@@ -226,3 +226,36 @@ def test_calibrate_folds_the_temperature_into_every_export_and_evaluate_reports_
     scaled = keras.models.load_model(run / "model.keras", compile=False).predict(np.zeros((1, 32, 32, 3), np.uint8), verbose=0)
     assert np.allclose(apply_temperature(raw, temperature), scaled, atol=1e-5)
     assert npz["probabilities"].shape[1] == 3
+
+
+def test_litert_int8_is_full_integer_with_uint8_in_and_probabilities_out(run_dir, monkeypatch):
+    import json
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tests.conftest import run_cli
+    from tfxfer.export import registry
+
+    result = run_cli("export", run_dir, "--format", "litert", "--quantize", "int8")
+    assert result.exit_code == 0, result.output
+    path = run_dir / "export" / "litert-int8" / "model.tflite"
+    interpreter = Interpreter(model_path=str(path))
+    assert interpreter.get_input_details()[0]["dtype"] == np.uint8
+    assert interpreter.get_output_details()[0]["dtype"] == np.float32
+    kinds = {d["dtype"] for d in interpreter.get_tensor_details()}
+    assert np.int8 in kinds  # the kernels compute in int8, not float with int8 storage only
+    if not (run_dir / "export" / "litert" / "model.tflite").exists():
+        assert run_cli("export", run_dir, "--format", "litert").exit_code == 0
+    float_size = (run_dir / "export" / "litert" / "model.tflite").stat().st_size
+    assert path.stat().st_size < float_size / 2.5
+    metadata = json.loads((path.parent / "tfxfer.json").read_text())
+    assert metadata["quantize"] == "int8" and metadata["images"] == 9 and 0 <= metadata["accuracy"] <= 1
+    assert "test accuracy" in result.output and "against" in result.output and "float SavedModel" in result.output
+    assert "int8-quantized" in (path.parent / "MODEL_CARD.md").read_text()
+
+    # Any drop over the limit is a warning of the export itself.
+    monkeypatch.setattr(registry, "MAX_QUANTIZED_DROP", -1.0)
+    result = run_cli("export", run_dir, "--format", "litert", "--quantize", "dynamic")
+    assert result.exit_code == 0 and "warning: dynamic quantization costs" in result.output
+    bad = run_cli("export", run_dir, "--format", "onnx", "--quantize", "int8")
+    assert bad.exit_code == 1 and "--quantize is for --format litert" in bad.output

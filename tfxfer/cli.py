@@ -392,8 +392,11 @@ def explain(run, images, class_name, output_dir):
                                                   "or the next numbered version for saved_model]")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="What the export computes in, whatever precision trained the model.")
+@click.option("--quantize", type=click.Choice(["int8", "dynamic"]),
+              help="LiteRT only: int8 (full-integer, calibrated on 300 training images) or dynamic (int8 weights); "
+                   "written to RUN/export/litert-<quantize>/ with its test accuracy against the float SavedModel.")
 @_friendly
-def export_command(run, formats, output, precision):
+def export_command(run, formats, output, precision, quantize):
     """Export the best model of a finetune RUN, preprocessing inside, and check
     it against the run's SavedModel on the same images (within 1e-4 in
     float32, 5e-3 in float16, 3e-2 in bfloat16)."""
@@ -403,7 +406,7 @@ def export_command(run, formats, output, precision):
     if output and len(names) > 1:
         raise TfxferError("--output takes one --format at a time.")
     for name in names:
-        export_run(run, name, output, log=click.echo, precision=precision)
+        export_run(run, name, output, log=click.echo, precision=precision, quantize=quantize)
 
 
 @main.command()

@@ -8,12 +8,35 @@ from tfxfer.errors import TfxferError
 from tfxfer.export.portable import INPUTS, uint8_model
 from tfxfer.export.registry import ExportFormat, register_format
 
-__all__ = ["write_litert", "predict_litert"]
+__all__ = ["QUANTIZE", "write_litert", "predict_litert"]
 
 
-def write_litert(model, folder, class_names):
+QUANTIZE = ("int8", "dynamic")
+
+
+def write_litert(model, folder, class_names, quantize=None, calibration=None):
+    """`model.tflite` in `folder`: float32; with `quantize="dynamic"`, int8
+    weights (activations stay float); with `"int8"`, full-integer kernels,
+    their activation ranges calibrated on `calibration` (uint8 images), and
+    still uint8 pixels in and float32 probabilities out."""
+    import tensorflow as tf
+
     path = os.path.join(folder, "model.tflite")
-    uint8_model(model).export(path, format="litert", verbose=False)
+    options = {}
+    if quantize is not None:
+        options["optimizations"] = [tf.lite.Optimize.DEFAULT]
+    if quantize == "int8":
+        if calibration is None or not len(calibration):
+            raise TfxferError("int8 quantization needs calibration images; the run's training images were not found.")
+
+        def representative():
+            for image in calibration:
+                yield [image[None]]
+
+        options.update(representative_dataset=representative, inference_input_type=tf.uint8,
+                       inference_output_type=tf.float32, target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]})
+    # Keras passes these to TF's LiteRT converter as its attributes.
+    uint8_model(model).export(path, format="litert", verbose=False, **options)
     return path
 
 

@@ -49,17 +49,26 @@ def get_format(name):
     return FORMATS[name]
 
 
-def export_run(run_dir, format="saved_model", output=None, log=print, precision="float32"):
+def export_run(run_dir, format="saved_model", output=None, log=print, precision="float32", quantize=None):
     """Export the best model of the finetune run `run_dir` as `format` (into
     `output`, default `run_dir/export/<format>/`, or the next numbered version
     for `saved_model`), computing in `precision` whatever precision trained
     it. Returns `(artifact path, max |probability difference| from the run's
     SavedModel on 16 seeded images)`; over the precision's tolerance
-    (`tfxfer.export.precision`: 1e-4 for float32) fails."""
+    (`tfxfer.export.precision`: 1e-4 for float32) fails.
+
+    `quantize` (`int8` or `dynamic`, LiteRT only) writes
+    `export/litert-<quantize>/`; int8 is calibrated on 300 of the run's
+    training images. A quantized model is held to accuracy, not to the
+    probability tolerance: its test accuracy (validation when the run has no
+    test split) is measured against the float SavedModel's, and a drop of
+    more than 2 points is printed as a warning."""
     from tfxfer.export.layout import METADATA_FILE, load_export, next_version_dir
     from tfxfer.export.precision import at_precision, tolerance
 
     spec = get_format(format)
+    if quantize is not None and (format != "litert" or precision != "float32"):
+        raise TfxferError("--quantize is for --format litert from the float32 model; export other formats without it.")
     model_path = os.path.join(run_dir, "model.keras")
     if not os.path.exists(model_path):
         raise TfxferError(f"{run_dir!r} has no model.keras; pass the folder of a finished tfxfer finetune run.")
@@ -80,14 +89,20 @@ def export_run(run_dir, format="saved_model", output=None, log=print, precision=
         expected, against = model.predict(images, verbose=0), "the Keras model (the run has no SavedModel)"
 
     export_root = os.path.join(run_dir, "export")
-    folder = output or (os.path.join(export_root, spec.folder) if spec.folder else next_version_dir(export_root))
+    default = spec.folder + (f"-{quantize}" if quantize else "") if spec.folder else None
+    folder = output or (os.path.join(export_root, default) if default else next_version_dir(export_root))
     os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+    options, held = {}, {}
+    if quantize:
+        options = {"quantize": quantize, "calibration": _run_images(run_dir, "train", CALIBRATION_IMAGES, log)[0]}
     with atomic.replacing(folder) as temporary:
         os.makedirs(temporary)
-        artifact = spec.write(model, temporary, class_names)
+        artifact = spec.write(model, temporary, class_names, **options)
         got = spec.predict(artifact, images)
         difference = float(np.abs(got - expected).max())
-        if not difference <= allowed:
+        if quantize:
+            held = _accuracy_against_float(run_dir, artifact, spec, reference, log)
+        elif not difference <= allowed:
             raise TfxferError(
                 f"The {format} export in {precision} differs from {against} by {difference:.2e} in probability "
                 f"(over the {allowed:g} allowed); it was not kept. Please report this with the run's config.yaml."
@@ -95,16 +110,66 @@ def export_run(run_dir, format="saved_model", output=None, log=print, precision=
         metadata = {
             "format": format, "image_size": size, "class_names": class_names, "backbone": model.backbone_name,
             "inputs": spec.inputs, "outputs": "probabilities float32 [N, classes]",
-            "precision": precision, "tolerance": allowed, "max_abs_difference": difference, "checked_against": against,
+            "precision": precision, "tolerance": None if quantize else allowed, "max_abs_difference": difference,
+            "checked_against": against, "quantize": quantize, **held,
         }
         if format != "saved_model":  # the SavedModel writes its own tfxfer.json
             atomic.write_json(os.path.join(temporary, METADATA_FILE), metadata)
-        write_model_card(run_dir, temporary, format, precision)
+        write_model_card(run_dir, temporary, format, f"{precision}, {quantize}-quantized" if quantize else precision)
         name = os.path.relpath(artifact, temporary)
     artifact = os.path.join(folder, name) if name != "." else folder
+    if quantize:
+        log(f"{format} {quantize}: {artifact} ({disk_size(artifact) / 2**20:.2f} MiB); {held['split']} accuracy "
+            f"{held['accuracy']:.4f} against {held['float_accuracy']:.4f} for the float SavedModel on "
+            f"{held['images']} images ({100 * (held['accuracy'] - held['float_accuracy']):+.1f} points)")
+        if held["float_accuracy"] - held["accuracy"] > MAX_QUANTIZED_DROP:
+            log(f"warning: {quantize} quantization costs {100 * (held['float_accuracy'] - held['accuracy']):.1f} points "
+                f"of {held['split']} accuracy (over {100 * MAX_QUANTIZED_DROP:.0f}); try --quantize dynamic, or serve "
+                "the float model.")
+        return artifact, difference
     log(f"{format}: {artifact} ({disk_size(artifact) / 2**20:.1f} MiB, {precision}); max |probability difference| "
         f"from {against} {difference:.1e} on 16 images (allowed: {allowed:g})")
     return artifact, difference
+
+
+# Full-integer quantization calibrates activation ranges on this many training images.
+CALIBRATION_IMAGES = 300
+# A quantized export is measured on at most this many test images ...
+CHECK_IMAGES = 2000
+# ... and a loss of accuracy over this share is a warning.
+MAX_QUANTIZED_DROP = 0.02
+
+
+def _run_images(run_dir, split, count, log):
+    """`(images, labels)`: up to `count` uint8 images of a split of the run's
+    own data (test: validation when there is none), without augmentation."""
+    from tfxfer import runs
+    from tfxfer.config import load_config
+
+    config = load_config(os.path.join(run_dir, "config.yaml"))
+    train, val, test, _, _ = runs.load_data(config, log=lambda message: None, augment="none")
+    chosen = {"train": train, "val": val, "test": test if test is not None else val}[split]
+    images, labels = [], []
+    for batch, y in chosen.as_numpy_iterator():
+        images.append(batch)
+        labels.append(y)
+        if sum(len(b) for b in images) >= count:
+            break
+    return np.concatenate(images)[:count], np.concatenate(labels)[:count]
+
+
+def _accuracy_against_float(run_dir, artifact, spec, reference, log):
+    """Accuracy of the artifact and of the float SavedModel on the run's test images (at most CHECK_IMAGES)."""
+    images, labels = _run_images(run_dir, "test", CHECK_IMAGES, log)
+    serve = reference.signatures["serving_default"]
+    ours, theirs = [], []
+    for start in range(0, len(images), 64):
+        batch = images[start:start + 64]
+        ours.append(spec.predict(artifact, batch).argmax(axis=1))
+        theirs.append(serve(images=batch)["probabilities"].numpy().argmax(axis=1))
+    ours, theirs = np.concatenate(ours), np.concatenate(theirs)
+    return {"accuracy": float((ours == labels).mean()), "float_accuracy": float((theirs == labels).mean()),
+            "images": int(len(labels)), "split": "test"}
 
 
 def disk_size(path):
