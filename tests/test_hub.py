@@ -160,3 +160,35 @@ def test_predict_with_an_imagenet_head_names_the_way_for_a_hub_backbone(tmp_path
     image = next((tmp_path / "data" / "test" / "cat").iterdir())
     result = run_cli("predict", "--backbone", "vit_b16", "--weights", "imagenet", image)
     assert result.exit_code == 1 and "vit_b16 comes without its ImageNet classifier here" in result.output
+
+
+def test_a_presets_image_converter_is_the_models_preprocessing_through_runs_and_exports(tmp_path):
+    import keras
+
+    import tfxfer.model  # noqa: F401
+
+    folder = str(tmp_path / "preset")
+    TINY["vit_b16"][1]().save_to_preset(folder)
+    scale, offset = [1 / 58.0, 1 / 57.0, 1 / 57.5], [-2.1, -2.0, -1.8]
+    keras_hub.layers.ViTImageConverter(image_size=(32, 32), scale=scale, offset=offset).save_to_preset(folder)
+
+    model = tfxfer.build_model("vit_b16", num_classes=2, weights=folder, image_size=32)
+    assert model.normalization == {"scale": scale, "offset": offset}
+    pixels = np.full((1, 2, 2, 3), 100, np.uint8)
+    np.testing.assert_allclose(np.asarray(model.preprocess(pixels))[0, 0, 0], 100 * np.array(scale) + offset, rtol=1e-6)
+    # Without the converter file, the family's own preprocessing ([-1, 1] for ViT) stays.
+    plain = str(tmp_path / "plain")
+    TINY["vit_b16"][1]().save_to_preset(plain)
+    assert tfxfer.build_model("vit_b16", num_classes=2, weights=plain, image_size=32).normalization is None
+
+    data = write_splits(tmp_path / "data", train=4, test=2, classes=("cat", "dog"))
+    result = run_cli("finetune", "--data-dir", data, "--backbone", "vit_b16", "--weights", folder, "--image-size", "32",
+                     "--epochs", "1", "--output-dir", tmp_path / "runs", "--run-name", "converted")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "converted"
+    assert json.loads((run / "backbone.json").read_text())["normalization"] == {"scale": scale, "offset": offset}
+    assert keras.models.load_model(run / "model.keras", compile=False).normalization["offset"] == offset
+    again = run_cli("finetune", "--data-dir", data, "--weights", run, "--epochs", "1", "--output-dir", tmp_path / "runs",
+                    "--run-name", "again")
+    assert again.exit_code == 0, again.output
+    assert keras.models.load_model(tmp_path / "runs" / "again" / "model.keras", compile=False).normalization["scale"] == scale

@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from tfxfer.backbones import create_backbone, get_backbone
+from tfxfer.backbones.pretrained import input_normalization
 from tfxfer.backbones.registry import backbone_units, feature_pool, set_bn_momentum
 from tfxfer.freezing import apply_freeze, parse_freeze
 from tfxfer.optim import regrow
@@ -28,17 +29,23 @@ __all__ = ["PenalizedLoss", "Preprocess", "TransferModel", "build_model", "track
 class Preprocess(keras.layers.Layer):
     """Casts raw 0-255 pixels to float32 and applies the backbone's preprocessing."""
 
-    def __init__(self, backbone, **kwargs):
+    def __init__(self, backbone, normalization=None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.backbone = backbone
+        self.normalization = normalization
         self._preprocess = get_backbone(backbone).preprocess
 
     def call(self, images):
-        return self._preprocess(tf.cast(images, tf.float32))
+        x = tf.cast(images, tf.float32)
+        if self.normalization is not None:
+            # The weights' own image converter (a KerasHub preset's): pixels * scale + offset, per channel or not.
+            return x * tf.constant(self.normalization["scale"], tf.float32) + tf.constant(
+                self.normalization["offset"], tf.float32)
+        return self._preprocess(x)
 
     def get_config(self):
-        return {**super().get_config(), "backbone": self.backbone}
+        return {**super().get_config(), "backbone": self.backbone, "normalization": self.normalization}
 
 
 class PenalizedLoss:
@@ -106,6 +113,9 @@ class TransferModel(PenalizedLoss, keras.Model):
         class_names: optional list of class names, kept in the config.
         calibration_temperature: the temperature already folded into the
             head's weights by `--calibrate`, kept in the config.
+        normalization: `{"scale", "offset"}` applied to the pixels instead of
+            the backbone's registered preprocessing; default: what the weights
+            bring (`tfxfer.backbones.pretrained.input_normalization`).
     """
 
     def __init__(
@@ -123,6 +133,7 @@ class TransferModel(PenalizedLoss, keras.Model):
         head_l2=0.0,
         class_names=None,
         calibration_temperature=None,
+        normalization=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -139,8 +150,9 @@ class TransferModel(PenalizedLoss, keras.Model):
         # Set by `--calibrate`, which divides the head's weights by it; kept for the record only.
         self.calibration_temperature = calibration_temperature
 
-        self.preprocess = Preprocess(backbone, name="preprocess")
         self.backbone = create_backbone(backbone, weights, self.image_size)
+        self.normalization = normalization if normalization is not None else input_normalization(weights)
+        self.preprocess = Preprocess(backbone, self.normalization, name="preprocess")
         self.pool = feature_pool(self.backbone)
         self.drop = keras.layers.Dropout(self.dropout_rate, name="dropout")
         # float32 head: softmax of bfloat16 logits loses the small probabilities.
@@ -285,6 +297,7 @@ class TransferModel(PenalizedLoss, keras.Model):
             "head_l2": self.penalty.beta,
             "class_names": self.class_names,
             "calibration_temperature": self.calibration_temperature,
+            "normalization": self.normalization,
             "name": self.name,
         }
 

@@ -88,7 +88,7 @@ def pretrain(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
         spec = runs.backbone_spec(config, info, image_size, method.settings(config), {
             "best_epoch": best, "monitor": monitor, "best_value": checkpoint.best_value, "best_epoch_logs": logs,
             "train_images_per_second": timer.images_per_second, "wall_time_seconds": run.elapsed(),
-        })
+        }, model.normalization)
         weights = save_backbone(run.dir, model.backbone, spec)
         if tracker:
             tracker.log_metrics({"best_epoch": best}, step=len(runs.read_history(run.dir).get("epoch", [])))

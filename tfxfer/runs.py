@@ -395,8 +395,9 @@ def set_op_determinism(enabled):
         tf_config.disable_op_determinism()
 
 
-def backbone_spec(config, info, image_size, settings, metrics):
-    """The `backbone.json` of a run: what the backbone is and how it was made."""
+def backbone_spec(config, info, image_size, settings, metrics, normalization=None):
+    """The `backbone.json` of a run: what the backbone is and how it was made
+    (and the pixel normalization its weights came with, when not the registry's)."""
     from tfxfer.backbones import get_backbone
 
     spec = get_backbone(config.model.backbone)
@@ -416,4 +417,5 @@ def backbone_spec(config, info, image_size, settings, metrics):
             "seed": config.run.seed,
         },
         "metrics": metrics,
+        **({"normalization": normalization} if normalization is not None else {}),
     }

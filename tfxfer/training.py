@@ -299,7 +299,8 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
     spec_metrics = {"val_accuracy": metrics["val"]["accuracy"], "best_epoch": checkpoint.best_epoch}
     if test is not None:
         spec_metrics["test_accuracy"] = metrics["test"]["accuracy"]
-    save_backbone(run.dir, model.backbone, runs.backbone_spec(config, info, image_size, settings, spec_metrics))
+    save_backbone(run.dir, model.backbone,
+                  runs.backbone_spec(config, info, image_size, settings, spec_metrics, model.normalization))
     export_dir = export_saved_model(model, next_version_dir(run.path("export")), info.class_names)
     metrics["export_dir"] = export_dir
     metrics["export_max_abs_diff"] = _round_trip(model, export_dir, test if test is not None else val)

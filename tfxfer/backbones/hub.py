@@ -5,7 +5,9 @@ a family and its preset; the family's architecture is written out here as
 well, so `--weights none` builds offline. `--weights imagenet` (or the
 preset's name) loads the preset through `Backbone.from_preset`, which
 downloads it once into KerasHub's cache; `--weights DIR` loads a preset folder
-written by `save_to_preset`, with the architecture that folder holds.
+written by `save_to_preset`, with the architecture that folder holds, and with
+its image converter's scale and offset as the preprocessing when it has one
+(`tfxfer.backbones.pretrained.input_normalization`).
 
 A transformer backbone returns tokens, not a feature map; the wrapper built
 here pools them the way each family's own classifier does (the class token

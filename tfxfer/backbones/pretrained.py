@@ -45,6 +45,33 @@ def is_preset_folder(weights):
     return isinstance(weights, str) and os.path.isfile(os.path.join(weights, "config.json"))
 
 
+# What KerasHub's `ImageConverter.save_to_preset` writes beside a preset's config.json.
+IMAGE_CONVERTER_FILE = "image_converter.json"
+
+
+def input_normalization(weights):
+    """`{"scale", "offset"}` that the weights were trained with, when they say
+    so: a KerasHub preset folder's image converter (pixels * scale + offset),
+    or what a tfxfer run recorded from one; `None` keeps the registry's
+    preprocessing of the backbone."""
+    if not isinstance(weights, str):
+        return None
+    if is_preset_folder(weights):
+        path = os.path.join(weights, IMAGE_CONVERTER_FILE)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                converter = json.load(f).get("config", {})
+        except (OSError, ValueError) as e:
+            raise TfxferError(f"Cannot read {path} ({e}); the preset folder is damaged.") from None
+        if converter.get("scale") is None:
+            return None
+        return {"scale": converter["scale"], "offset": converter.get("offset") or 0.0}
+    found = find_pretrained(weights)
+    return found[1].get("normalization") if found else None
+
+
 def find_pretrained(weights):
     """`(weights file, spec dict)` when `weights` names a run folder or a
     `backbone.weights.h5` beside its spec; `None` for anything else."""

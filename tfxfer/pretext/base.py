@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from tfxfer.backbones import create_backbone, get_backbone
+from tfxfer.backbones.pretrained import input_normalization
 from tfxfer.backbones.registry import feature_pool, set_bn_momentum
 from tfxfer.model import Preprocess
 
@@ -31,8 +32,9 @@ class PretextModel(keras.Model):
         self.image_size = int(image_size)
         self.bn_momentum = bn_momentum
         get_backbone(backbone)
-        self.preprocess = Preprocess(backbone, name="preprocess")
         self.backbone = create_backbone(backbone, weights, self.image_size)
+        self.normalization = input_normalization(weights)
+        self.preprocess = Preprocess(backbone, self.normalization, name="preprocess")
         set_bn_momentum(self.backbone, bn_momentum)
         self.pool = feature_pool(self.backbone)
         self.features_dim = int(self.backbone.output.shape[-1])
