@@ -19,7 +19,7 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.harness import ROOT, quiet_tensorflow, stamp, write_report
+from benchmarks.harness import ROOT, call_latencies, quiet_tensorflow, stamp, write_report
 
 
 def main(argv, prog="python -m benchmarks export-formats"):
@@ -77,16 +77,7 @@ def main(argv, prog="python -m benchmarks export-formats"):
         "ONNX (ONNX Runtime)": lambda x: session.run(None, {onnx_input: x})[0],
         "LiteRT (interpreter, XNNPACK)": litert,
     }
-    times = {name: [] for name in runners}
-    for name, run in runners.items():
-        for _ in range(args.warmup):
-            run(image)
-    for _ in range(args.rounds):
-        for name, run in runners.items():
-            for _ in range(args.repeats // args.rounds):
-                start = time.perf_counter()
-                run(image)
-                times[name].append(time.perf_counter() - start)
+    times = call_latencies(runners, image, args.warmup, args.repeats, args.rounds)
 
     files = {"SavedModel (TensorFlow)": "saved_model", "ONNX (ONNX Runtime)": "onnx", "LiteRT (interpreter, XNNPACK)": "litert"}
     weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)

@@ -75,6 +75,24 @@ def alternating_rounds(models, rounds, steps, warmup=1):
     return times
 
 
+def call_latencies(runners, example, warmup, repeats, rounds):
+    """`{name: [seconds of each call]}` of `{name: callable}` on `example`:
+    `warmup` calls each, then `repeats` calls each in `rounds` rounds that
+    alternate between the callables, so a change in the machine's speed hits
+    them all alike."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run(example)
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            for _ in range(repeats // rounds):
+                start = time.perf_counter()
+                run(example)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def paired_ratio(a, b):
     """The median over rounds of a's time / b's time in the same round."""
     return statistics.median(x / y for x, y in zip(a, b))

@@ -15,9 +15,8 @@ Writes benchmarks/int8.md (or --out).
 import argparse
 import os
 import statistics
-import time
 
-from benchmarks.harness import ROOT, quiet_tensorflow, stamp, write_report
+from benchmarks.harness import ROOT, call_latencies, quiet_tensorflow, stamp, write_report
 
 
 def main(argv, prog="python -m benchmarks int8"):
@@ -78,17 +77,7 @@ def main(argv, prog="python -m benchmarks int8"):
         for name, run in runners.items():
             predicted = np.concatenate([run(images[s:s + 64]).argmax(axis=1) for s in range(0, len(images), 64)])
             accuracy[name] = float((predicted == labels).mean())
-        one = images[:1]
-        times = {name: [] for name in runners}
-        for name, run in runners.items():
-            for _ in range(args.warmup):
-                run(one)
-        for _ in range(args.rounds):
-            for name, run in runners.items():
-                for _ in range(args.repeats // args.rounds):
-                    start = time.perf_counter()
-                    run(one)
-                    times[name].append(time.perf_counter() - start)
+        times = call_latencies(runners, images[:1], args.warmup, args.repeats, args.rounds)
         reference = accuracy["SavedModel float32"]
         for name, path in files.items():
             lines.append(

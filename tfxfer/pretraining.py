@@ -75,7 +75,7 @@ def pretrain(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
             log(f"resuming {config.run.run_name} after epoch {initial_epoch}")
         timer = ThroughputTimer(info.num_examples["train"], config.optim.batch_size)
         tracker = tracking.open_tracker(config, run.dir, run.resume, tags={
-            "backbone": config.model.backbone, "weights": config.model.weights, "method": method.name})
+            "backbone": config.model.backbone, "weights": config.model.weights, "method": method.name}, log=log)
         with tracking.ending(tracker):
             history = _fit(model, method, train, val, info, run, checkpoint, timer, initial_epoch, callbacks, verbose,
                            tracker)

@@ -84,7 +84,7 @@ def _run_study(config, name, study_dir, shared, strategies, seeds, folds, log, v
     planned = [(s, seed, fold) for s in strategies for seed in seeds for fold in folds]
     log(f"study {name}: {len(strategies)} strategies x {len(seeds)} seeds"
         + (f" x {len(folds)} folds" if config.data.folds else "") + f" = {len(planned)} runs in {study_dir}")
-    tracker = tracking.open_tracker(config, study_dir, resume=True, tags={"strategies": config.study.strategies})
+    tracker = tracking.open_tracker(config, study_dir, resume=True, tags={"strategies": config.study.strategies}, log=log)
     with tracking.ending(tracker):
         rows, commands = _run_all(planned, shared, study_dir, log, verbose, tracker)
         if config.study.keep_exports == "best":

@@ -144,14 +144,21 @@ class Tracker:
         return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
 
 
-def open_tracker(config, folder, resume, parent=None, tags=None):
+def open_tracker(config, folder, resume, parent=None, tags=None, log=print):
     """The `Tracker` of a command config whose `tracking` is `mlflow`, else `None`."""
     if config.run.tracking != "mlflow":
         return None
     flat = {key: value for group in config.to_dict().values() for key, value in group.items()}
     name = config.run.run_name or os.path.basename(os.path.normpath(folder))
     tags = {"tfxfer.command": config.COMMAND, **(tags or {})}
-    return Tracker.open(folder, config.run.mlflow_uri, name, tags, flat, parent, resume)
+    tracker = Tracker.open(folder, config.run.mlflow_uri, name, tags, flat, parent, resume)
+    where = tracker.uri
+    if where.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        where = f"{unquote(urlparse(where).path)} (`mlflow ui` in the folder that holds it opens it)"
+    log(f"MLflow: run {tracker.run_id} of experiment {EXPERIMENT!r} in {where}")
+    return tracker
 
 
 def run_artifacts(run_dir):

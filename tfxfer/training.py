@@ -90,7 +90,7 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
             lr_range(finding, run.path("lr_find.png"))
         tracker = None
         if distributed.is_chief(strategy):
-            tracker = tracking.open_tracker(run.config, run.dir, run.resume, tracking_parent, _tags(run.config))
+            tracker = tracking.open_tracker(run.config, run.dir, run.resume, tracking_parent, _tags(run.config), log)
         if tracker:
             callbacks = (*callbacks, tracker.callback(log))
         checkpoint, timer, fit_callbacks, initial_epoch = _callbacks(run, model, schedule, train, info, callbacks)
