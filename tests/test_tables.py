@@ -106,6 +106,10 @@ def test_tfrecord_labels_skipping_and_class_selection(tmp_path, string_labels):
     means = images.numpy().reshape(len(labels), -1).mean(axis=1)
     assert means[labels.numpy() == 1].max() < means[labels.numpy() == 0].min()  # cat (1) darker than owl (0)
 
+    # --labels-per-class: a seeded sample of N per class, before validation is carved, as for folders.
+    _, info = load_splits(tfrecord=pattern, labels_per_class=3, val_fraction=0.34, seed=1)
+    assert info.num_examples["train"] + info.num_examples["val"] == 9 and info.class_counts == [2, 2, 2]
+
 
 def test_tfrecord_keys_are_configurable_and_missing_ones_named(tmp_path):
     pairs = _images(tmp_path, 2)
