@@ -306,8 +306,8 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
     metrics["export_max_abs_diff"] = _round_trip(model, export_dir, test if test is not None else val)
     log(f"SavedModel round trip: max |probability difference| {metrics['export_max_abs_diff']:.2e} on one batch")
     metrics["wall_time_seconds"] = run.elapsed()
-    atomic.write_json(run.path("metrics.json"), metrics)
-    write_model_card(run.dir, export_dir)
+    write_model_card(run.dir, export_dir, metrics=metrics)
+    atomic.write_json(run.path("metrics.json"), metrics)  # last: a run with metrics.json is complete
     summary = f"validation accuracy {metrics['val']['accuracy']:.4f}"
     if test is not None:
         summary += f", test accuracy {metrics['test']['accuracy']:.4f}"

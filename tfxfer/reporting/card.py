@@ -17,18 +17,20 @@ __all__ = ["CARD_FILE", "model_card", "write_model_card"]
 CARD_FILE = "MODEL_CARD.md"
 
 
-def write_model_card(run_dir, export_dir, format="saved_model", precision="float32"):
-    """Write `MODEL_CARD.md` into `export_dir` for the finetune run `run_dir`."""
+def write_model_card(run_dir, export_dir, format="saved_model", precision="float32", metrics=None):
+    """Write `MODEL_CARD.md` into `export_dir` for the finetune run `run_dir`
+    (with `metrics`, or its `metrics.json`)."""
     path = os.path.join(export_dir, CARD_FILE)
-    atomic.write_text(path, model_card(run_dir, format, precision))
+    atomic.write_text(path, model_card(run_dir, format, precision, metrics))
     return path
 
 
-def model_card(run_dir, format="saved_model", precision="float32"):
+def model_card(run_dir, format="saved_model", precision="float32", metrics=None):
     """The Markdown text of the model card of the finetune run `run_dir`."""
     with open(os.path.join(run_dir, "config.yaml")) as f:
         config = yaml.safe_load(f)
-    metrics = _read_json(os.path.join(run_dir, "metrics.json"))
+    if metrics is None:
+        metrics = _read_json(os.path.join(run_dir, "metrics.json"))
     backbone = _read_json(os.path.join(run_dir, "backbone.json"))
     data, model, transfer, optim, run = (config.get(k, {}) for k in ("data", "model", "transfer", "optim", "run"))
     source = backbone.get("source", {})
