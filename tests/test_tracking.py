@@ -65,7 +65,7 @@ def test_resume_continues_the_same_mlflow_run(tmp_path):
     data = write_splits(tmp_path / "data", train=12, test=4)
     store = tmp_path / "store"
     config = tfxfer.load_config(data_dir=str(data), backbone="tiny", weights="none", image_size=32, batch_size=8,
-                                epochs=4, mlflow_uri=str(store), run_name="crashy", output_dir=str(tmp_path / "runs"))
+                                epochs=4, mlflow=str(store), run_name="crashy", output_dir=str(tmp_path / "runs"))
     with pytest.raises(RuntimeError):
         tfxfer.finetune(config, callbacks=[_Crash()], verbose=0)
     client = _client(store)

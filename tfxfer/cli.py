@@ -50,7 +50,7 @@ def _option(name, field, type_, default):
             return click.option(f"--no-{flag[2:]}", is_flag=True, hidden=True, expose_value=False,
                                 callback=no_flag)(command)
         return decorate
-    if name == "mlflow_uri":
+    if name == "mlflow":
         # `--mlflow` alone is the local ./mlruns store; `--mlflow URI` another store or a server.
         from tfxfer.tracking import DEFAULT_STORE
 

@@ -243,7 +243,7 @@ class RunConfig:
     distribute: str = option("none", "none; mirrored: the GPUs of this machine; multiworker: the workers of TF_CONFIG (README).", DISTRIBUTE)
     tensorboard: bool = option(False, "Write TensorBoard logs to the run's tensorboard/ folder (scalars, L2-SP, learning rate, a batch of images).")
     tracking: Optional[str] = option(None, "Experiment tracker to log the run to: mlflow (or give --mlflow).", ("mlflow",))
-    mlflow_uri: Optional[str] = option(
+    mlflow: Optional[str] = option(
         None, "Track the run in MLflow: a bare --mlflow logs to ./mlruns (open it with `mlflow ui`), --mlflow URI to "
         "that tracking server or store."
     )
@@ -251,7 +251,7 @@ class RunConfig:
     output_dir: str = option("saved_models", "Where run folders go.")
 
     def validate(self):
-        if self.mlflow_uri and self.tracking is None:
+        if self.mlflow and self.tracking is None:
             self.tracking = "mlflow"  # --mlflow URI alone asks for MLflow
         if self.jit_compile and self.deterministic:
             raise TfxferError(

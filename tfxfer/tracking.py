@@ -151,7 +151,7 @@ def open_tracker(config, folder, resume, parent=None, tags=None, log=print):
     flat = {key: value for group in config.to_dict().values() for key, value in group.items()}
     name = config.run.run_name or os.path.basename(os.path.normpath(folder))
     tags = {"tfxfer.command": config.COMMAND, **(tags or {})}
-    tracker = Tracker.open(folder, config.run.mlflow_uri, name, tags, flat, parent, resume)
+    tracker = Tracker.open(folder, config.run.mlflow, name, tags, flat, parent, resume)
     where = tracker.uri
     if where.startswith("file:"):
         from urllib.parse import unquote, urlparse
