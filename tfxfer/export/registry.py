@@ -142,18 +142,24 @@ MAX_QUANTIZED_DROP = 0.02
 
 def _run_images(run_dir, split, count, log):
     """`(images, labels)`: up to `count` uint8 images of a split of the run's
-    own data (test: validation when there is none), without augmentation."""
+    own data (test: validation when there is none), without augmentation.
+    Training images come shuffled; from an evaluation split, every k-th
+    image, so that a split stored class by class gives every class its share."""
     from tfxfer import runs
     from tfxfer.config import load_config
 
     config = load_config(os.path.join(run_dir, "config.yaml"))
-    train, val, test, _, _ = runs.load_data(config, log=lambda message: None, augment="none")
-    chosen = {"train": train, "val": val, "test": test if test is not None else val}[split]
-    images, labels = [], []
+    train, val, test, info, _ = runs.load_data(config, log=lambda message: None, augment="none")
+    key = split if split != "test" or test is not None else "val"
+    chosen = {"train": train, "val": val, "test": test}[key]
+    step = 1 if key == "train" else max(1, -(-info.num_examples[key] // count))
+    images, labels, seen = [], [], 0
     for batch, y in chosen.as_numpy_iterator():
-        images.append(batch)
-        labels.append(y)
-        if sum(len(b) for b in images) >= count:
+        keep = (np.arange(seen, seen + len(batch)) % step) == 0
+        images.append(batch[keep])
+        labels.append(y[keep])
+        seen += len(batch)
+        if key == "train" and seen >= count:
             break
     return np.concatenate(images)[:count], np.concatenate(labels)[:count]
 
