@@ -69,6 +69,10 @@ def test_explain_command_and_evaluate_explain(quadrant_run, tmp_path):
     assert result.exit_code == 1  # one file is not an image; the other is still explained
     assert f"{image}: blue " in result.output and "notes.txt is not an image" in result.output
     assert (tmp_path / "maps" / "0.gradcam.png").stat().st_size > 0
+    # Two images of one name from two folders get a map each.
+    other = quadrant_run / "data" / "test" / "blue" / "0.png"
+    assert run_cli("explain", run, image, other, "--output", tmp_path / "two").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["0.gradcam.png", "blue-0.gradcam.png"]
     assert "Unknown class 'bleu'" in run_cli("explain", run, image, "--class", "bleu").output
 
     # Test images filed under the other colour: the model is confidently wrong on them.

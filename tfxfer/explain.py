@@ -102,7 +102,7 @@ def explain_files(run_dir, inputs, output_dir, class_name=None, log=print):
         wanted = names.index(class_name)
     size = int(model.image_size)
     os.makedirs(output_dir, exist_ok=True)
-    results = []
+    results, taken = [], set()
     for path in expand_inputs(inputs):
         try:
             with open(path, "rb") as f:
@@ -118,7 +118,13 @@ def explain_files(run_dir, inputs, output_dir, class_name=None, log=print):
         class_id = wanted if wanted is not None else int(probabilities[0].argmax())
         figure, ax = plt.subplots(figsize=(3.2, 3.5))
         overlay(image, heatmaps[0], ax, f"{names[class_id]} {probabilities[0, class_id]:.2f}")
-        png = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + ".gradcam.png")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in taken:  # two images of one name from two folders: the parent folder tells them apart
+            stem = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}-{stem}"
+        while stem in taken:
+            stem += "-"
+        taken.add(stem)
+        png = os.path.join(output_dir, stem + ".gradcam.png")
         figure.savefig(png, dpi=120, bbox_inches="tight")
         plt.close(figure)
         results.append({"file": path, "class": names[class_id], "probability": float(probabilities[0, class_id]),
