@@ -42,6 +42,11 @@ def tfds_dataset(name, data_dir, train_split="train", val_split=None, test_split
         if not is_network_failure(e):
             raise
         where = data_dir or "~/tensorflow_datasets"
+        if manual_dir is not None:
+            raise TfxferError(
+                f"tensorflow-datasets still had to download part of {name!r} (no network?); put every file that "
+                f"tfds's checksum list for {name!r} names in --tfds-manual-dir {manual_dir}."
+            ) from None
         raise TfxferError(
             f"Could not download the tensorflow-datasets data for {name!r} into {where} (no network?); "
             "pass --tfds-data-dir with a folder where it is already prepared, or --data-dir with an image folder."
@@ -84,12 +89,13 @@ def _check_manual_files(builder, name, manual_dir):
     if not os.path.isdir(manual_dir):
         raise TfxferError(f"--tfds-manual-dir {manual_dir!r} is not a folder.")
     expected = builder.url_infos or {}
-    missing = [(url, info) for url, info in expected.items() if not os.path.isfile(os.path.join(manual_dir, info.filename))]
-    if missing:
-        wanted = "; ".join(f"{info.filename} (from {url})" for url, info in missing)
+    present = {url: info for url, info in expected.items() if os.path.isfile(os.path.join(manual_dir, info.filename))}
+    if expected and not present:
+        # A checksum list may name files of several configs or versions; with none of them here, nothing can work.
+        wanted = "; ".join(f"{info.filename} (from {url})" for url, info in expected.items())
         raise TfxferError(f"--tfds-manual-dir {manual_dir!r} lacks what tensorflow-datasets downloads for {name!r}: "
                           f"{wanted}; copy it there from a machine with network.")
-    for url, info in expected.items():
+    for url, info in present.items():
         path = os.path.join(manual_dir, info.filename)
         got = checksums.compute_url_info(path)
         if got.checksum != info.checksum:
