@@ -102,3 +102,15 @@ def test_an_unreachable_tracking_server_is_one_sentence(tmp_path):
     assert result.exit_code == 1
     assert "MLflow could not read the experiment at http://127.0.0.1:9" in result.output
     assert "Traceback" not in result.output
+
+
+def test_tracking_mlflow_in_a_config_file_logs_to_mlruns(tmp_path, monkeypatch):
+    data = write_splits(tmp_path / "data", train=6, test=2)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text(f"data_dir: {data}\nbackbone: tiny\nweights: none\nimage_size: 32\n"
+                                       "epochs: 1\nbatch_size: 8\ntracking: mlflow\n")
+    result = run_cli("finetune", "--config", tmp_path / "run.yaml", "--output-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    client = _client(tmp_path / "mlruns")
+    (run,) = client.search_runs([client.get_experiment_by_name("tfxfer").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["tracking"] == "mlflow"
