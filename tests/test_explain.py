@@ -87,6 +87,8 @@ def test_explain_command_and_evaluate_explain(quadrant_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "the 4 most confidently wrong images with their heat-maps" in result.output
     assert (tmp_path / "eval" / "top_losses.png").stat().st_size > 0
+    refused = run_cli("evaluate", "--model", run / "export" / "1", "--data-dir", tmp_path / "swapped", "--explain", "2")
+    assert refused.exit_code == 1 and "--explain needs the run folder of a finetune run" in refused.output
 
 
 def test_a_token_backbone_is_refused_in_one_sentence():

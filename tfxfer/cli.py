@@ -265,6 +265,9 @@ def evaluate(model_path, split, output_dir, predictions_path, top_wrong, top_k, 
     from tfxfer.reporting import plots
 
     data = {k: v for k, v in data.items() if v is not None}
+    if explain_count and not os.path.isfile(os.path.join(model_path, "model.keras")):
+        raise TfxferError(f"--explain needs the run folder of a finetune run as --model (its model.keras); "
+                          f"{model_path!r} has none.")
     report, export_dir, rows = evaluate_export(model_path, split=split, top_k=top_k, tta=tta, **data)
     click.echo(format_report(report, f"{report['data']} {split}"))
     if "tta" in report:
@@ -290,16 +293,17 @@ def evaluate(model_path, split, output_dir, predictions_path, top_wrong, top_k, 
         diagram = os.path.join(os.path.dirname(metrics_path), f"reliability-{split}.png")
         plots.reliability(curves, diagram, f"{report['data']} {split}: {report['num_examples']} images")
         click.echo(f"reliability diagram written to {diagram}")
+        metrics = atomic.read_json(metrics_path) if os.path.exists(metrics_path) else {}
+        metrics.setdefault("evaluations", {})[f"{report['data']}:{split}"] = report
+        atomic.write_json(metrics_path, metrics)
+        click.echo(f"written to {metrics_path}")
         if explain_count:
             from tfxfer.explain import explain_mistakes
 
             grid = explain_mistakes(model_path, rows, explain_count, split, data,
                                     os.path.join(os.path.dirname(metrics_path), "top_losses.png"))
-            click.echo(f"the {explain_count} most confidently wrong images with their heat-maps: {grid}")
-        metrics = atomic.read_json(metrics_path) if os.path.exists(metrics_path) else {}
-        metrics.setdefault("evaluations", {})[f"{report['data']}:{split}"] = report
-        atomic.write_json(metrics_path, metrics)
-        click.echo(f"written to {metrics_path}")
+            click.echo(f"the {explain_count} most confidently wrong images with their heat-maps: {grid}"
+                       if grid else "no wrong prediction to explain")
     except OSError as e:
         if write_failure(e) is None:
             raise
