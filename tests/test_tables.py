@@ -67,6 +67,20 @@ def test_csv_without_the_columns_says_which(tmp_path):
     _write_csv(tmp_path / "labels.csv", [("a.png", "cat")], header="file,class")
     with pytest.raises(TfxferError, match="lacks the column\\(s\\) label, path"):
         load_splits(csv=str(tmp_path / "labels.csv"))
+    _write_csv(tmp_path / "empty.csv", [])
+    with pytest.raises(TfxferError, match="has a header and no rows"):
+        load_splits(csv=str(tmp_path / "empty.csv"))
+
+
+def test_a_damaged_tfrecord_file_is_one_sentence(tmp_path):
+    pairs = _images(tmp_path, 2)
+    _write_records(tmp_path / "a.tfrecord", _record_items(tmp_path, pairs, True))
+    data = (tmp_path / "a.tfrecord").read_bytes()
+    (tmp_path / "cut.tfrecord").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.tfrecord").write_bytes(b"not a record file at all")
+    for name, message in (("cut", "damaged or not a TFRecord file"), ("junk", "damaged or not a TFRecord file|no readable record")):
+        with pytest.raises(TfxferError, match=message):
+            load_splits(tfrecord=str(tmp_path / f"{name}.tfrecord"))
 
 
 def _write_records(path, items):

@@ -29,12 +29,13 @@ def csv_table(path):
     train). Relative paths are from the CSV's folder."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = set(reader.fieldnames or ())
     except FileNotFoundError:
         raise TfxferError(f"CSV file {path!r} does not exist; pass --csv with a file of path,label rows.") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise TfxferError(f"Cannot read {path!r} as CSV ({e}); it needs a header row with the columns path and label.") from None
-    columns = set(rows[0]) if rows else set()
     missing = {"path", "label"} - columns
     if missing:
         raise TfxferError(
@@ -58,6 +59,8 @@ def csv_table(path):
         if not file or not os.path.isfile(full):
             raise TfxferError(f"Row {number} of {path!r} names {file!r}, which is not a file (looked for {full!r}).")
         by_split.setdefault(SPLIT_NAMES[split], []).append((os.fsencode(full), label))
+    if not rows:
+        raise TfxferError(f"{path!r} has a header and no rows; add one path,label row per image.")
     if not by_split.get("train"):
         raise TfxferError(f"{path!r} has no training rows; rows without a split value are training rows.")
     class_names = sorted({label for label in (lab for pairs in by_split.values() for _, lab in pairs)})
@@ -99,7 +102,10 @@ def tfrecord_files(pattern, image_key="image", label_key="label"):
     if "train" not in globs:
         raise TfxferError("--tfrecord needs training records: a plain GLOB, or train=GLOB among the pairs.")
 
-    scanned = {key: _scan_records(files, image_key, label_key) for key, files in globs.items()}
+    try:
+        scanned = {key: _scan_records(files, image_key, label_key) for key, files in globs.items()}
+    except tf.errors.DataLossError as e:
+        raise TfxferError(f"A --tfrecord file is damaged or not a TFRecord file ({e.message.splitlines()[0]}).") from None
     kinds = {kind for _, _, kind, _ in scanned.values()}
     if len(kinds) > 1:
         raise TfxferError(f"{label_key!r} is an integer in some --tfrecord files and a string in others; use one kind.")
@@ -149,7 +155,8 @@ def _scan_records(files, image_key, label_key):
         if kind is not None:
             break
     if kind is None:
-        raise TfxferError(f"The --tfrecord files {', '.join(files[:3])} hold no record.")
+        raise TfxferError(f"The --tfrecord files {', '.join(files[:3])} hold no readable record; they must be TFRecord "
+                          "files of tf.train.Example records.")
     names = [f"{path}#{i}" for path in files for i in range(_count(path))]
     check = _parsed(files, image_key, label_key, kind).map(
         lambda data, value: (value, tf.shape(decode_image(data))[0] > 0)
