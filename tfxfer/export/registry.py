@@ -149,7 +149,10 @@ def _run_images(run_dir, split, count, log):
     from tfxfer.config import load_config
 
     config = load_config(os.path.join(run_dir, "config.yaml"))
-    train, val, test, info, _ = runs.load_data(config, log=lambda message: None, augment="none")
+    try:
+        train, val, test, info, _ = runs.load_data(config, log=lambda message: None, augment="none")
+    except TfxferError as e:
+        raise TfxferError(f"--quantize calibrates and checks on the run's own images, which did not load: {e}") from None
     key = split if split != "test" or test is not None else "val"
     chosen = {"train": train, "val": val, "test": test}[key]
     step = 1 if key == "train" else max(1, -(-info.num_examples[key] // count))
