@@ -102,6 +102,7 @@ def test_an_unreachable_tracking_server_is_one_sentence(tmp_path):
     assert result.exit_code == 1
     assert "MLflow could not read the experiment at http://127.0.0.1:9" in result.output
     assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()  # nothing made: the same command works once the server is up
 
 
 def test_tracking_mlflow_in_a_config_file_logs_to_mlruns(tmp_path, monkeypatch):

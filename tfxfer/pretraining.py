@@ -58,6 +58,7 @@ def pretrain(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
     get_method(config.pretext.method)  # an unknown method fails before any work
     with runs.Run.open(config, resume, overwrite, log=log) as run:
         config = run.config  # on resume, the saved one
+        tracking.check_reachable(config)
         method = get_method(config.pretext.method)
         train, val, test, info, image_size = run.load_data(augment=method.augment(config))
         if method.needs_labels and info.num_classes < 2:

@@ -65,6 +65,7 @@ def study(config, log=print, verbose=2):
     study_dir = os.path.join(config.run.output_dir, name)
     shared = _shared_options(config, study_dir)
     _require_test_split(config)
+    tracking.check_reachable(config)
     # One process runs a study at a time: a second would run the same runs and
     # write the same report.
     lock = runs.RunFolderLock(study_dir)

@@ -19,7 +19,7 @@ import time
 from tfxfer import atomic
 from tfxfer.errors import TfxferError
 
-__all__ = ["RECORD_FILE", "DEFAULT_STORE", "EXPERIMENT", "Tracker", "tracking_uri", "open_tracker"]
+__all__ = ["RECORD_FILE", "DEFAULT_STORE", "EXPERIMENT", "Tracker", "tracking_uri", "check_reachable", "open_tracker"]
 
 RECORD_FILE = "mlflow.json"
 # `mlflow ui`, started in the same folder, opens a ./mlruns store when there is one.
@@ -142,6 +142,17 @@ class Tracker:
                 log(f"note: {e} Training goes on; the later epochs are not logged to MLflow.")
 
         return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
+
+
+def check_reachable(config):
+    """With `tracking: mlflow`, fail now, in one sentence, when the store or
+    server cannot be reached: before a run makes its folder or loads data."""
+    if config.run.tracking != "mlflow":
+        return
+    uri = tracking_uri(config.run.mlflow)
+    tracker = Tracker(_client(uri), None, uri)
+    with _fail_fast():
+        tracker._call("read the experiment", tracker.client.get_experiment_by_name, EXPERIMENT)
 
 
 def open_tracker(config, folder, resume, parent=None, tags=None, log=print):

@@ -77,6 +77,7 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
     strategy = distributed.make_strategy(config.run.distribute)  # before any TensorFlow op
     worker = distributed.worker_folder(strategy)
     with runs.Run.open(config, resume, overwrite, worker, log) as run:
+        tracking.check_reachable(run.config)
         if run.config.run.distribute != "none":
             log(f"distribute: {run.config.run.distribute}, {distributed.worker_description(strategy)}")
         train, val, test, info, image_size = run.load_data()
