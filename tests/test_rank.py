@@ -64,4 +64,4 @@ def test_rank_scores_every_candidate(tmp_path, monkeypatch):
     random = next(r["logme"] for r in rows if r["candidate"] == "resnet9:none")
     assert f"resnet9:none  {random:.4f}" in table.output  # random weights are seeded: the same score again
     missing = run_cli("rank", "resnet9:none")
-    assert missing.exit_code == 1 and "--dataset NAME or --data-dir DIR" in missing.output
+    assert missing.exit_code == 1 and "--dataset NAME, --data-dir DIR, --csv FILE or --tfrecord GLOB" in missing.output
