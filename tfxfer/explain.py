@@ -14,7 +14,7 @@ import tensorflow as tf
 from tfxfer.data.images import decode_image, not_an_image, resize_uint8
 from tfxfer.errors import TfxferError
 
-__all__ = ["grad_cam", "load_run_model", "explain_files", "explain_mistakes", "overlay"]
+__all__ = ["grad_cam", "load_run_model", "explain_files", "explain_mistakes"]
 
 
 def load_run_model(run_dir):
@@ -71,25 +71,13 @@ def _split_at_last_feature_map(model):
     return keras.Model(backbone.inputs, last), keras.Model(last, backbone.output)
 
 
-def overlay(image, heatmap, ax, title=""):
-    """Draw `image` with `heatmap` over it (jet colours, half transparent) on a Matplotlib axis."""
-    ax.imshow(np.asarray(image, np.uint8), interpolation="nearest")
-    ax.imshow(heatmap, cmap="jet", alpha=0.45, interpolation="bilinear", vmin=0.0, vmax=1.0)
-    ax.set_title(title, fontsize=8)
-    ax.axis("off")
-
-
 def explain_files(run_dir, inputs, output_dir, class_name=None, log=print):
     """Write `<name>.gradcam.png` into `output_dir` for each image file of
     `inputs` (files, folders, globs): the image, its heat-map for the
     predicted class (or `class_name`), and the class's probability. Returns
     `[{"file", "class", "probability", "png"} | {"file", "error"}]`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from tfxfer.inference import expand_inputs
+    from tfxfer.reporting import plots
 
     model = load_run_model(run_dir)
     names = list(model.class_names or [str(i) for i in range(model.num_classes)])
@@ -116,17 +104,14 @@ def explain_files(run_dir, inputs, output_dir, class_name=None, log=print):
             continue
         heatmaps, probabilities = grad_cam(model, image[None], None if wanted is None else [wanted])
         class_id = wanted if wanted is not None else int(probabilities[0].argmax())
-        figure, ax = plt.subplots(figsize=(3.2, 3.5))
-        overlay(image, heatmaps[0], ax, f"{names[class_id]} {probabilities[0, class_id]:.2f}")
         stem = os.path.splitext(os.path.basename(path))[0]
         if stem in taken:  # two images of one name from two folders: the parent folder tells them apart
             stem = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}-{stem}"
         while stem in taken:
             stem += "-"
         taken.add(stem)
-        png = os.path.join(output_dir, stem + ".gradcam.png")
-        figure.savefig(png, dpi=120, bbox_inches="tight")
-        plt.close(figure)
+        png = plots.heatmap(image, heatmaps[0], os.path.join(output_dir, stem + ".gradcam.png"),
+                            f"{names[class_id]} {probabilities[0, class_id]:.2f}")
         results.append({"file": path, "class": names[class_id], "probability": float(probabilities[0, class_id]),
                         "png": png})
     return results

@@ -128,6 +128,22 @@ def bar_chart(labels, means, lows, highs, path, ylabel="test accuracy", title="s
     return _save(figure, path)
 
 
+def _overlay(ax, image, heatmap):
+    """`image` with a heat-map in [0, 1] over it, jet colours, half transparent."""
+    ax.imshow(np.asarray(image, dtype=np.uint8), interpolation="nearest")
+    if heatmap is not None:
+        ax.imshow(heatmap, cmap="jet", alpha=0.45, interpolation="bilinear", vmin=0.0, vmax=1.0)
+
+
+def heatmap(image, heat, path, title=""):
+    """One image with its heat-map (Grad-CAM) over it."""
+    figure, ax = plt.subplots(figsize=(3.2, 3.5))
+    _overlay(ax, image, heat)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    return _save(figure, path)
+
+
 def top_losses(images, true, predicted, probabilities, losses, class_names, path, title="top losses", columns=4,
                heatmaps=None):
     """A grid of images with their true and predicted class, the predicted
@@ -140,9 +156,7 @@ def top_losses(images, true, predicted, probabilities, losses, class_names, path
         ax.axis("off")
         if i >= count:
             continue
-        ax.imshow(np.asarray(images[i], dtype=np.uint8), interpolation="nearest")
-        if heatmaps is not None:
-            ax.imshow(heatmaps[i], cmap="jet", alpha=0.45, interpolation="bilinear", vmin=0.0, vmax=1.0)
+        _overlay(ax, images[i], None if heatmaps is None else heatmaps[i])
         ax.set_title(
             f"true {class_names[true[i]]}\npred {class_names[predicted[i]]} {probabilities[i]:.2f}\nloss {losses[i]:.2f}",
             fontsize=8,
