@@ -94,14 +94,15 @@ def export_run(run_dir, format="saved_model", output=None, log=print, precision=
     os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
     options, held = {}, {}
     if quantize:
-        options = {"quantize": quantize, "calibration": _run_images(run_dir, "train", CALIBRATION_IMAGES, log)[0]}
+        data = _run_data(run_dir)
+        options = {"quantize": quantize, "calibration": _run_images(data, "train", CALIBRATION_IMAGES)[0]}
     with atomic.replacing(folder) as temporary:
         os.makedirs(temporary)
         artifact = spec.write(model, temporary, class_names, **options)
         got = spec.predict(artifact, images)
         difference = float(np.abs(got - expected).max())
         if quantize:
-            held = _accuracy_against_float(run_dir, artifact, spec, reference, log)
+            held = _accuracy_against_float(data, artifact, spec, reference)
         elif not difference <= allowed:
             raise TfxferError(
                 f"The {format} export in {precision} differs from {against} by {difference:.2e} in probability "
@@ -140,19 +141,24 @@ CHECK_IMAGES = 2000
 MAX_QUANTIZED_DROP = 0.02
 
 
-def _run_images(run_dir, split, count, log):
-    """`(images, labels)`: up to `count` uint8 images of a split of the run's
-    own data (test: validation when there is none), without augmentation.
-    Training images come shuffled; from an evaluation split, every k-th
-    image, so that a split stored class by class gives every class its share."""
+def _run_data(run_dir):
+    """`(train, val, test, info)` pipelines of the run's own data, without augmentation, read once."""
     from tfxfer import runs
     from tfxfer.config import load_config
 
     config = load_config(os.path.join(run_dir, "config.yaml"))
     try:
-        train, val, test, info, _ = runs.load_data(config, log=lambda message: None, augment="none")
+        return runs.load_data(config, log=lambda message: None, augment="none")[:4]
     except TfxferError as e:
         raise TfxferError(f"--quantize calibrates and checks on the run's own images, which did not load: {e}") from None
+
+
+def _run_images(data, split, count):
+    """`(images, labels)`: up to `count` uint8 images of a split of `data`
+    (`_run_data`; test: validation when there is none). Training images come
+    shuffled; from an evaluation split, every k-th image, so that a split
+    stored class by class gives every class its share."""
+    train, val, test, info = data
     key = split if split != "test" or test is not None else "val"
     chosen = {"train": train, "val": val, "test": test}[key]
     step = 1 if key == "train" else max(1, -(-info.num_examples[key] // count))
@@ -167,9 +173,9 @@ def _run_images(run_dir, split, count, log):
     return np.concatenate(images)[:count], np.concatenate(labels)[:count]
 
 
-def _accuracy_against_float(run_dir, artifact, spec, reference, log):
+def _accuracy_against_float(data, artifact, spec, reference):
     """Accuracy of the artifact and of the float SavedModel on the run's test images (at most CHECK_IMAGES)."""
-    images, labels = _run_images(run_dir, "test", CHECK_IMAGES, log)
+    images, labels = _run_images(data, "test", CHECK_IMAGES)
     serve = reference.signatures["serving_default"]
     ours, theirs = [], []
     for start in range(0, len(images), 64):
