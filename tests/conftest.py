@@ -1,7 +1,11 @@
 import contextlib
 import errno
 import io
+import ipaddress
 import os
+import shutil
+import signal
+import socket
 import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -48,6 +52,85 @@ def _fresh_keras():
     keras.utils.set_random_seed(0)
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+# The suite runs offline wherever it runs: a test that reaches past the loopback
+# fails, so no test can pass because a download happened (or failed) somewhere.
+_OUTSIDE_CONNECTIONS = []
+_connect, _connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+
+def _is_local(sock, address):
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return True  # unix sockets, netlink
+    host = address[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
+def _guarded(connect):
+    def guarded(sock, address):
+        if not _is_local(sock, address):
+            _OUTSIDE_CONNECTIONS.append(address)
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"the test suite is offline; refused {address!r}")
+        return connect(sock, address)
+
+    return guarded
+
+
+socket.socket.connect, socket.socket.connect_ex = _guarded(_connect), _guarded(_connect_ex)
+
+
+def _offline_download(*args, **kwargs):
+    """What tensorflow-datasets' downloader meets on a machine without a network."""
+    raise ConnectionError("Failed to establish a new connection: [Errno -3] Temporary failure in name resolution")
+
+
+def _hermetic_tfds():
+    from tensorflow_datasets.core.download import downloader
+    from tensorflow_datasets.core.utils import gcs_utils
+
+    # tfds probes its cloud bucket for prepared data; behind a firewall that drops packets each probe stalls.
+    gcs_utils._is_gcs_disabled = True
+    downloader._Downloader._sync_download = _offline_download
+
+
+_hermetic_tfds()
+
+
+def _descendants(pid):
+    """The pids of the processes below `pid`, from /proc (empty where there is none)."""
+    children = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_network_and_no_leftover_processes():
+    before = len(_OUTSIDE_CONNECTIONS)
+    yield
+    # A test that failed or timed out may leave a training subprocess (and its children) running.
+    for pid in _descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    reached = _OUTSIDE_CONNECTIONS[before:]
+    assert not reached, f"the test opened connections outside the loopback: {reached}"
 
 
 def random_images(n, size=32, seed=0):
@@ -158,3 +241,98 @@ def read_only(folder, monkeypatch):
         elif os.geteuid() != 0:
             for root, _, _ in os.walk(folder):
                 os.chmod(root, 0o755)
+
+
+def serve(run_dir, images, export="1"):
+    """Probabilities of `images` (uint8, N×S×S×3) from the run's export `export`, run by the format's own runtime:
+    TensorFlow for a SavedModel version, onnxruntime for `onnx`, the LiteRT interpreter for `litert*`."""
+    folder = os.path.join(str(run_dir), "export", export)
+    if export.startswith("onnx"):
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(os.path.join(folder, "model.onnx"))
+        return session.run(None, {session.get_inputs()[0].name: images})[0]
+    if export.startswith("litert"):
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=os.path.join(folder, "model.tflite"))
+        entry = interpreter.get_input_details()[0]
+        interpreter.resize_tensor_input(entry["index"], images.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(entry["index"], images)
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    import tensorflow as tf
+
+    served = tf.saved_model.load(folder).signatures["serving_default"]
+    return served(images=tf.constant(images))["probabilities"].numpy()
+
+
+def split_images(data_dir, split, size):
+    """`(images, class ids)` of a write_splits folder's split, decoded and resized as training does."""
+    from tfxfer.data.images import decode_image, resize_uint8
+
+    classes = sorted(os.listdir(os.path.join(str(data_dir), split)))
+    files = [(c, os.path.join(str(data_dir), split, name, f)) for c, name in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(str(data_dir), split, name)))]
+    images = np.stack([resize_uint8(decode_image(open(f, "rb").read()), size).numpy() for _, f in files])
+    return images, np.array([c for c, _ in files])
+
+
+# Work shared by the whole run. Each is made once, on first use; a test that writes
+# copies it (`run_copy`) and a test that only reads uses it as it is: each fixture
+# checks at the end of the run that nothing in it changed.
+def _snapshot(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): (os.path.getsize(os.path.join(d, f)),
+                                                          os.path.getmtime(os.path.join(d, f)))
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@contextlib.contextmanager
+def _unchanged(folder):
+    before = _snapshot(folder)
+    yield
+    assert _snapshot(folder) == before, f"a test wrote into the shared {folder}; copy it first (run_copy)"
+
+
+@pytest.fixture(scope="session")
+def shared_data(tmp_path_factory):
+    """A write_splits folder: cat, dog and owl, 12 train and 4 test images each, one colour per class."""
+    folder = tmp_path_factory.mktemp("shared") / "data"
+    write_splits(folder, train=12, test=4)
+    with _unchanged(folder):
+        yield folder
+
+
+SHARED_RUN = ["--backbone", "resnet9", "--weights", "none", "--image-size", "32", "--epochs", "5", "--batch-size", "8",
+              "--lr", "0.01", "--train-bn", "--seed", "0", "--precision", "float32"]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, shared_data):
+    """A finished `finetune` of resnet9 on `shared_data` (options SHARED_RUN) that learned its classes:
+    its run folder, with model.keras, metrics.json, the plots and the SavedModel export/1."""
+    root = tmp_path_factory.mktemp("finished")
+    result = run_cli("finetune", "--data-dir", shared_data, *SHARED_RUN, "--output-dir", root, "--run-name", "r")
+    assert result.exit_code == 0, result.output
+    with _unchanged(root / "r"):
+        yield root / "r"
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A copy of `finished_run` at tmp_path/runs/r, for a test that writes into a run."""
+    copy = tmp_path / "runs" / "r"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+# bfloat16 is native on some CPUs (AVX512-BF16, AMX) and emulated, slowly, on others: there the tests that
+# force it join the slow tier; where it is native they stay in the inner loop.
+def _bfloat16_mark():
+    from tfxfer.runtime import has_bf16
+
+    return pytest.mark.usefixtures() if has_bf16() else pytest.mark.slow
+
+
+bfloat16 = _bfloat16_mark()

@@ -8,7 +8,8 @@ the run (data loading, a training step, checkpointing, evaluation, export,
 saving the pretrained backbone, the study's report); when the drawn phase
 begins for the drawn time, a timer SIGKILLs the process a drawn number of
 milliseconds later. The phase the process is in when the signal fires is
-recorded: a kill armed in one phase can land in the next.
+recorded: a kill armed in one phase can land in the next, and then that
+phase is armed again (at most RETRIES more times).
 
 After the kills, the run is continued to its end (`--resume` where the folder
 holds a run, the same command for a study) and must equal the unbroken run:
@@ -40,6 +41,8 @@ PHASES = {
 # The longest delay after a phase begins, in milliseconds, drawn uniformly below it.
 DELAY_MS = {"data loading": 300, "train step": 40, "checkpointing": 60, "evaluation": 60, "export": 800,
             "saving the backbone": 40, "study report": 400}
+# How many more times a phase is armed when a kill meant for it landed elsewhere.
+RETRIES = 2
 COMMON = ["--backbone", "simplecnn", "--weights", "none", "--image-size", "32", "--epochs", "3", "--batch-size", "8",
           "--deterministic"]
 OPTIONS = {
@@ -128,19 +131,26 @@ def drive(command, workdir, kills=5, seed=0, log=print):
     landed_file = os.path.join(workdir, f"landed-{command}.txt")
     report = {"kills": [], "mismatches": [], "leftovers": []}
     phases = PHASES[command]
-    while len(report["kills"]) < kills:
-        armed = phases[len(report["kills"]) % len(phases)]
-        occurrence = rng.randint(1, 6) if armed == "train step" else rng.randint(1, 2) if armed == "evaluation" else 1
-        target = [armed, occurrence, rng.uniform(0, DELAY_MS[armed])]
-        result = _child(_args(command, data, dirs["broken"], folder), target, landed_file, workdir)
-        if result.returncode != -9:
-            raise RuntimeError(f"{command} armed to die in {armed} exited {result.returncode}:\n"
-                               f"{result.stdout[-1500:]}\n{result.stderr[-3000:]}")
-        with open(landed_file) as f:
-            landed = f.read().splitlines()[-1]
-        report["kills"].append((armed, landed))
-        log(f"{command}: kill {len(report['kills'])} armed in {armed} (#{occurrence}, {target[2]:.0f} ms), "
-            f"landed in {landed}")
+    armed_count = 0
+    while armed_count < kills:
+        armed = phases[armed_count % len(phases)]
+        # A kill can land after its phase ended; it still counts (the run must survive it), and the
+        # phase is armed again, a few times at most, so that each phase is really hit.
+        for _ in range(1 + RETRIES):
+            occurrence = rng.randint(1, 6) if armed == "train step" else rng.randint(1, 2) if armed == "evaluation" else 1
+            target = [armed, occurrence, rng.uniform(0, DELAY_MS[armed])]
+            result = _child(_args(command, data, dirs["broken"], folder), target, landed_file, workdir)
+            if result.returncode != -9:
+                raise RuntimeError(f"{command} armed to die in {armed} exited {result.returncode}:\n"
+                                   f"{result.stdout[-1500:]}\n{result.stderr[-3000:]}")
+            with open(landed_file) as f:
+                landed = f.read().splitlines()[-1]
+            report["kills"].append((armed, landed))
+            log(f"{command}: kill {len(report['kills'])} armed in {armed} (#{occurrence}, {target[2]:.0f} ms), "
+                f"landed in {landed}")
+            if landed == armed:
+                break
+        armed_count += 1
     finished = _child(_args(command, data, dirs["broken"], folder), None, "", workdir)
     if finished.returncode != 0:
         raise RuntimeError(f"{command} after the kills failed:\n{finished.stdout[-1500:]}\n{finished.stderr[-3000:]}")

@@ -257,51 +257,42 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_path, mon
 # --- predict, evaluate and serving --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    data = write_splits(root / "data", train=6, test=2, classes=("cat", "dog"))
-    result = run_cli("finetune", "--data-dir", data, "--backbone", "tiny", "--weights", "none", "--image-size", "32",
-                     "--epochs", "1", "--output-dir", root / "runs", "--run-name", "r")
-    assert result.exit_code == 0, result.output
-    return root
-
-
-def test_predict_on_a_file_that_is_not_an_image(trained):
-    (trained / "notes.txt").write_text("not an image")
-    good = next((trained / "data" / "test" / "cat").iterdir())
-    result = run_cli("predict", "--model", trained / "runs" / "r", trained / "notes.txt", good)
+# These read the run shared by the whole suite (tests/conftest.py) and write only under tmp_path.
+def test_predict_on_a_file_that_is_not_an_image(finished_run, shared_data, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    good = next((shared_data / "test" / "cat").iterdir())
+    result = run_cli("predict", "--model", finished_run, tmp_path / "notes.txt", good)
     assert result.exit_code == 1
     assert "notes.txt is not an image (JPEG, PNG, BMP, GIF or WebP)" in result.output
     assert str(good) in result.output  # the good file is still predicted
 
 
-def test_a_savedmodel_tfxfer_did_not_write(trained):
+def test_a_savedmodel_tfxfer_did_not_write(shared_data, tmp_path):
     class Plain(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
         def __call__(self, x):
             return {"y": x * 2}
 
-    foreign = str(trained / "foreign")
+    foreign = str(tmp_path / "foreign")
     plain = Plain()
     tf.saved_model.save(plain, foreign, signatures=plain.__call__)
-    image = next((trained / "data" / "test" / "cat").iterdir())
-    for command in (["predict", "--model", foreign, image], ["evaluate", "--model", foreign, "--data-dir", trained / "data"]):
+    image = next((shared_data / "test" / "cat").iterdir())
+    for command in (["predict", "--model", foreign, image], ["evaluate", "--model", foreign, "--data-dir", shared_data]):
         result = run_cli(*command)
         assert result.exit_code == 1 and "not exported by tfxfer" in result.output, result.output
 
 
-def test_a_run_folder_without_export(trained, tmp_path):
+def test_a_run_folder_without_export(shared_data, tmp_path):
     (tmp_path / "empty-run").mkdir()
-    result = run_cli("evaluate", "--model", tmp_path / "empty-run", "--data-dir", trained / "data")
+    result = run_cli("evaluate", "--model", tmp_path / "empty-run", "--data-dir", shared_data)
     assert result.exit_code == 1 and "No SavedModel under" in result.output
 
 
-def test_serve_bytes_refuses_bytes_that_are_not_an_image(trained):
-    serve = tf.saved_model.load(str(trained / "runs" / "r" / "export" / "1")).signatures["serve_bytes"]
-    good = next((trained / "data" / "test" / "cat").iterdir()).read_bytes()
+def test_serve_bytes_refuses_bytes_that_are_not_an_image(finished_run, shared_data):
+    serve = tf.saved_model.load(str(finished_run / "export" / "1")).signatures["serve_bytes"]
+    good = next((shared_data / "test" / "cat").iterdir()).read_bytes()
     for junk, message in ((b"plain text", "Unknown image file format"), (b"GIF89a but not really", "Invalid GIF data")):
         # The whole request fails with the decoder's reason; no probabilities come back for it.
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             serve(image_bytes=tf.constant([good, junk]))
-    assert serve(image_bytes=tf.constant([good]))["probabilities"].shape == (1, 2)
+    assert serve(image_bytes=tf.constant([good]))["probabilities"].shape == (1, 3)

@@ -3,11 +3,10 @@
 import json
 
 import keras
+import mlflow
 import pytest
 
 from tests.conftest import run_cli, write_splits
-
-mlflow = pytest.importorskip("mlflow")
 
 OPTIONS = ["--backbone", "tiny", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--lr", "0.05"]
 

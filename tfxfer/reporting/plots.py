@@ -7,23 +7,27 @@ image behind.
 
 
 import matplotlib
+import matplotlib.figure
 import matplotlib.ticker
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tfxfer import atomic  # noqa: E402
+from tfxfer import atomic
 
 __all__ = ["learning_curves", "confusion_matrix", "bar_chart", "top_losses", "lr_range"]
 
 DPI = 100
 
 
+def _subplots(*grid, figsize, **kwargs):
+    """`(figure, axes)` of a figure outside pyplot: no global state to close, and the
+    constrained layout fits titles and labels in one render (a tight bounding box takes two)."""
+    figure = matplotlib.figure.Figure(figsize=figsize, layout="constrained")
+    return figure, figure.subplots(*grid, **kwargs)
+
+
 def _save(figure, path):
     with atomic.replacing(path) as temporary:
-        figure.savefig(temporary, dpi=DPI, bbox_inches="tight")
-    plt.close(figure)
+        figure.savefig(temporary, dpi=DPI, format="png")
     return path
 
 
@@ -37,8 +41,8 @@ def learning_curves(curves, path, title="learning curves"):
             their minimum to maximum (runs of unequal length use the epochs
             all of them reached).
     """
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure, axes = _subplots(1, 2, figsize=(12, 4.5))
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, histories) in enumerate(curves.items()):
         color = colors[i % len(colors)]
         for ax, metric in zip(axes, ("loss", "accuracy")):
@@ -69,7 +73,7 @@ def confusion_matrix(matrix, class_names, path, title="confusion matrix"):
     matrix = np.asarray(matrix)
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = max(4.0, 0.6 * len(class_names) + 2)
-    figure, ax = plt.subplots(figsize=(size + 1, size))
+    figure, ax = _subplots(figsize=(size + 1, size))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ticks = np.arange(len(class_names))
     ax.set_xticks(ticks, class_names, rotation=45, ha="right")
@@ -90,7 +94,7 @@ def reliability(calibrations, path, title="reliability"):
     """Accuracy against confidence per bin, one line per `{label: calibration}`
     (`tfxfer.evaluation.calibration`); the diagonal is perfect calibration,
     and the bars underneath are the share of images in each bin."""
-    figure, (ax, counts) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    figure, (ax, counts) = _subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
     for i, (label, result) in enumerate(calibrations.items()):
         used = [b for b in result["bins"] if b["count"]]
@@ -113,7 +117,7 @@ def reliability(calibrations, path, title="reliability"):
 def bar_chart(labels, means, lows, highs, path, ylabel="test accuracy", title="strategies"):
     """One bar per label at its mean, with an error bar from `lows` to `highs`."""
     means, lows, highs = (np.asarray(v, dtype=float) for v in (means, lows, highs))
-    figure, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 4.5))
+    figure, ax = _subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 4.5))
     x = np.arange(len(labels))
     errors = np.nan_to_num(np.vstack([means - lows, highs - means]), nan=0.0)
     ax.bar(x, means, yerr=errors, capsize=4, color="#4C72B0", alpha=0.85)
@@ -137,7 +141,7 @@ def _overlay(ax, image, heatmap):
 
 def heatmap(image, heat, path, title=""):
     """One image with its heat-map (Grad-CAM) over it."""
-    figure, ax = plt.subplots(figsize=(3.2, 3.5))
+    figure, ax = _subplots(figsize=(3.2, 3.5))
     _overlay(ax, image, heat)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
@@ -151,7 +155,7 @@ def top_losses(images, true, predicted, probabilities, losses, class_names, path
     `heatmaps` (in [0, 1], the images' size), each drawn over its image."""
     count = len(images)
     rows = max(1, -(-count // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    figure, axes = _subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= count:
@@ -168,7 +172,7 @@ def top_losses(images, true, predicted, probabilities, losses, class_names, path
 def lr_range(finding, path, title="learning-rate range test"):
     """Training loss (raw and smoothed) against the learning rate of a range
     test (`tfxfer.lr_find.LRFinding`), log scale, the suggested rate marked."""
-    figure, ax = plt.subplots(figsize=(6.5, 4.2))
+    figure, ax = _subplots(figsize=(6.5, 4.2))
     ax.plot(finding.lrs, finding.losses, alpha=0.3, label="loss")
     ax.plot(finding.lrs, finding.smoothed, label="smoothed loss")
     ax.axvline(finding.suggestion, color="red", linestyle="--", label=f"suggested lr {finding.suggestion:.2g}")
