@@ -121,14 +121,21 @@ def _descendants(pid):
     return found
 
 
+def _kill_leftovers():
+    """SIGKILL what this process started and left running (a failed or timed-out test's training
+    subprocess, with its children); returns their pids."""
+    leftovers = _descendants(os.getpid())
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return leftovers
+
+
 @pytest.fixture(autouse=True)
 def _no_network_and_no_leftover_processes():
     before = len(_OUTSIDE_CONNECTIONS)
     yield
-    # A test that failed or timed out may leave a training subprocess (and its children) running.
-    for pid in _descendants(os.getpid()):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    _kill_leftovers()
     reached = _OUTSIDE_CONNECTIONS[before:]
     assert not reached, f"the test opened connections outside the loopback: {reached}"
 

@@ -139,9 +139,8 @@ def test_predict_and_evaluate_use_the_export(tmp_path, folder):
     assert not wrong or wrong[0]["file"] in evaluated.output
 
 
-def test_a_read_only_model_folder_still_predicts_and_evaluates(tmp_path, folder, monkeypatch):
-    assert _finetune(tmp_path, folder, "--run-name", "ro", "--epochs", "1").exit_code == 0
-    run = str(tmp_path / "runs" / "ro")
+def test_a_read_only_model_folder_still_predicts_and_evaluates(tmp_path, run_copy, shared_data, monkeypatch):
+    run, folder = str(run_copy), str(shared_data)
     before = {path: os.path.getmtime(path) for path in glob.glob(os.path.join(run, "**"), recursive=True)}
     image = sorted(glob.glob(os.path.join(folder, "test", "owl", "*.png")))[0]
     with read_only(run, monkeypatch):
@@ -160,10 +159,10 @@ def test_a_read_only_model_folder_still_predicts_and_evaluates(tmp_path, folder,
     assert len(open(tmp_path / "report" / "predictions.csv").read().splitlines()) == 1 + 12
 
 
-def test_predict_takes_folders_and_globs_and_prints_json(tmp_path, folder):
-    assert _finetune(tmp_path, folder, "--run-name", "p", "--epochs", "1").exit_code == 0
+def test_predict_takes_folders_and_globs_and_prints_json(finished_run, shared_data):
+    folder = str(shared_data)
     owl = os.path.join(folder, "test", "owl")
-    result = CliRunner().invoke(main, ["predict", "--model", str(tmp_path / "runs" / "p"), "--top", "2", "--json",
+    result = CliRunner().invoke(main, ["predict", "--model", str(finished_run), "--top", "2", "--json",
                                        owl, os.path.join(folder, "test", "c*", "*.png")])
     assert result.exit_code == 0, result.output
     answers = json.loads(result.output)
