@@ -343,3 +343,21 @@ def _bfloat16_mark():
 
 
 bfloat16 = _bfloat16_mark()
+
+
+@pytest.fixture(scope="session")
+def pretrained_backbone(tmp_path_factory):
+    """`(run folder, its data)`: a finished supervised `pretrain` of simplecnn, one epoch, on a class folder
+    of ant, bee, cat and dog (12 images each)."""
+    import tfxfer
+    from tfxfer.config import PretrainConfig, load_config
+
+    root = tmp_path_factory.mktemp("pretrained")
+    source = str(root / "source")
+    write_class_folder(source, classes=("ant", "bee", "cat", "dog"), per_class=12)
+    config = load_config(kind=PretrainConfig, data_dir=source, backbone="simplecnn", epochs=1, batch_size=8,
+                         output_dir=str(root / "runs"))
+    run_dir = tfxfer.pretrain(config, verbose=0, log=lambda *_: None).run_dir
+    keras.backend.clear_session()
+    with _unchanged(run_dir):
+        yield run_dir, source

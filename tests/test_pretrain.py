@@ -59,11 +59,10 @@ def test_supervised_pretrain_hands_its_backbone_to_finetune(tmp_path, source):
     assert finetuned.model.backbone_name == "simplecnn" and finetuned.model.image_size == 32
 
 
-def test_weights_file_beside_its_spec_and_finetune_runs_are_accepted(tmp_path, source):
-    pretrained = tfxfer.pretrain(_pretrain_config(tmp_path, source, epochs=1), **QUIET)
-    weights_file, spec = find_pretrained(os.path.join(pretrained.run_dir, "backbone.weights.h5"))
-    assert spec == json.load(open(os.path.join(pretrained.run_dir, "backbone.json")))
-    keras.backend.clear_session()
+def test_weights_file_beside_its_spec_and_finetune_runs_are_accepted(tmp_path, pretrained_backbone):
+    pretrained, source = pretrained_backbone
+    weights_file, spec = find_pretrained(os.path.join(pretrained, "backbone.weights.h5"))
+    assert spec == json.load(open(os.path.join(pretrained, "backbone.json")))
     first = tfxfer.finetune(load_config(data_dir=source, weights=weights_file, epochs=1, batch_size=8,
                                         output_dir=str(tmp_path / "runs"), run_name="first"), **QUIET)
     keras.backend.clear_session()
@@ -76,10 +75,10 @@ def test_weights_file_beside_its_spec_and_finetune_runs_are_accepted(tmp_path, s
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_conflicting_backbone_or_size_is_one_sentence(tmp_path, source):
-    pretrained = tfxfer.pretrain(_pretrain_config(tmp_path, source, epochs=1), **QUIET)
+def test_conflicting_backbone_or_size_is_one_sentence(tmp_path, pretrained_backbone):
+    pretrained, source = pretrained_backbone
     for flag, value in (("backbone", "resnet9"), ("image_size", 40)):
-        config = load_config(data_dir=source, weights=pretrained.run_dir, output_dir=str(tmp_path / "runs"), **{flag: value})
+        config = load_config(data_dir=source, weights=pretrained, output_dir=str(tmp_path / "runs"), **{flag: value})
         with pytest.raises(tfxfer.TfxferError, match=f"--{flag.replace('_', '-')} {value} conflicts with --weights"):
             tfxfer.finetune(config, **QUIET)
 
