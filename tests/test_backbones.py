@@ -17,6 +17,7 @@ def test_unknown_backbone_names_close_matches():
         tfxfer.get_backbone("resnet5O")
 
 
+@pytest.mark.slow
 def test_resnet50_stages_follow_keras_layer_names():
     spec = tfxfer.get_backbone("resnet50")
     backbone = create_backbone("resnet50", weights=None, image_size=32)
@@ -30,6 +31,7 @@ def test_resnet50_stages_follow_keras_layer_names():
     assert list(dict.fromkeys(stages.values())) == list(spec.stages)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenetv2", "efficientnetb0", "resnet50v2", "efficientnetv2b0", "convnext_tiny"])
 def test_every_stage_of_other_families_has_layers(name):
     spec = tfxfer.get_backbone(name)
@@ -46,6 +48,7 @@ def test_imagenet_download_offline_names_the_way_out(offline_keras):
     assert "--weights PATH" in message and ".keras" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_local_weights_file_round_trips(tmp_path):
     source = create_backbone("resnet50", weights=None, image_size=32)
     path = str(tmp_path / "resnet50_notop.weights.h5")
@@ -55,6 +58,7 @@ def test_local_weights_file_round_trips(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.slow
 def test_weights_file_of_another_architecture_fails_clearly(tmp_path):
     path = str(tmp_path / "mobilenet.weights.h5")
     create_backbone("mobilenetv2", weights=None, image_size=32).save_weights(path)

@@ -70,6 +70,7 @@ def _assert_same_history(got, expected):
                                            err_msg=key)
 
 
+@pytest.mark.slow
 def test_two_workers_match_one_process(tmp_path):
     cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
     outputs = [tmp_path / "chief", tmp_path / "worker1"]

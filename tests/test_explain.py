@@ -102,7 +102,8 @@ def test_a_token_backbone_is_refused_in_one_sentence():
         grad_cam(vit, np.zeros((1, 32, 32, 3), np.uint8))
 
 
-@pytest.mark.parametrize("backbone", ["resnet9", "simplecnn", "resnet50", "mobilenetv2", "efficientnetv2b0", "convnext_tiny"])
+@pytest.mark.parametrize("backbone", ["resnet9", "simplecnn", *(pytest.param(name, marks=pytest.mark.slow) for name in
+                                                                  ("resnet50", "mobilenetv2", "efficientnetv2b0", "convnext_tiny"))])
 def test_grad_cam_works_for_the_cnn_backbones_from_their_last_feature_map(backbone):
     from tfxfer.explain import grad_cam
     from tfxfer.model import TransferModel

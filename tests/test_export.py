@@ -37,7 +37,7 @@ def _dir_bytes(path):
     return sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "**"), recursive=True) if os.path.isfile(f))
 
 
-@pytest.mark.parametrize("backbone", ["mobilenetv2", "simplecnn", "resnet9"])
+@pytest.mark.parametrize("backbone", [pytest.param("mobilenetv2", marks=pytest.mark.slow), "simplecnn", "resnet9"])
 def test_saved_model_serves_in_a_tensorflow_only_process(tmp_path, backbone):
     model = tfxfer.build_model(backbone, num_classes=4, weights=None, image_size=32, freeze="stages:2", l2sp=0.1)
     names = ["ant", "bee", "cat", "dog"]

@@ -117,6 +117,7 @@ def test_symlink_loops_and_broken_links_end_the_scan(tmp_path):
     assert [os.path.basename(f) for f in info.skipped_files] == ["self.png"]
 
 
+@pytest.mark.slow
 def test_a_folder_of_100000_files_shows_a_progress_bar(tmp_path, capsys):
     root = tmp_path / "data"
     for name in ("cat", "dog"):

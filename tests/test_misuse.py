@@ -117,22 +117,20 @@ def test_bad_commands_get_one_sentence(data, argv, message):
     assert message.format(data=data) in result.output, result.output
 
 
-def test_a_run_file_as_weights_names_the_run_folder(data, tmp_path):
-    assert run_cli(*_finetune(data, tmp_path, "--run-name", "src")).exit_code == 0
+def test_a_run_file_as_weights_names_the_run_folder(data, tmp_path, finished_run):
     for name in ("model.keras", "best.weights.h5"):
-        result = run_cli("finetune", "--data-dir", data / "images", "--weights", tmp_path / "src" / name,
+        result = run_cli("finetune", "--data-dir", data / "images", "--weights", finished_run / name,
                          "--epochs", "1", "--output-dir", tmp_path)
         assert result.exit_code == 1 and "Traceback" not in result.output
-        assert f"pass the run folder: --weights {tmp_path / 'src'}" in result.output, result.output
+        assert f"pass the run folder: --weights {finished_run}" in result.output, result.output
 
 
-def test_a_tiff_is_named_by_its_format(data, tmp_path):
+def test_a_tiff_is_named_by_its_format(tmp_path, finished_run):
     from PIL import Image
 
-    assert run_cli(*_finetune(data, tmp_path, "--run-name", "m")).exit_code == 0
     tiff = tmp_path / "scan.tif"
     Image.new("RGB", (40, 40), (10, 200, 30)).save(tiff)
-    result = run_cli("predict", "--model", tmp_path / "m", tiff)
+    result = run_cli("predict", "--model", finished_run, tiff)
     assert result.exit_code == 1
     assert f"{tiff} is a TIFF image, which TensorFlow cannot decode; convert it to PNG or JPEG." in result.output
 
@@ -156,3 +154,28 @@ def test_values_of_the_wrong_kind_are_usage_errors(data, argv, message):
     result = run_cli(*[str(a).format(data=data) for a in argv])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and message in result.output, result.output
+
+
+def test_export_never_replaces_a_folder_it_did_not_write(run_copy, tmp_path, monkeypatch):
+    import os
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "important.txt").write_text("keep me")
+    (mine / "w.bin").write_bytes(b"another model")
+    result = run_cli("export", run_copy, "--format", "onnx", "--output", mine)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "holds important.txt, w.bin" in result.output and "new or empty folder" in result.output
+    monkeypatch.chdir(mine)
+    here = run_cli("export", run_copy, "--output", ".")
+    assert here.exit_code == 1 and "Traceback" not in here.output and "important.txt" in here.output, here.output
+    assert sorted(os.listdir(mine)) == ["important.txt", "w.bin"] and (mine / "important.txt").read_text() == "keep me"
+
+    # A new folder is made; an earlier export of the same format is replaced whole; another format's is not.
+    again = tmp_path / "served"
+    assert run_cli("export", run_copy, "--output", again).exit_code == 0
+    (again / "variables" / "stale").write_text("from the earlier export")
+    assert run_cli("export", run_copy, "--output", again).exit_code == 0
+    assert (again / "saved_model.pb").exists() and not (again / "variables" / "stale").exists()
+    other = run_cli("export", run_copy, "--format", "onnx", "--output", again)
+    assert other.exit_code == 1 and (again / "saved_model.pb").exists(), other.output

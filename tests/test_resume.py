@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests.conftest import write_splits
@@ -75,6 +76,7 @@ def _last(folder):
         return json.load(f)["checkpoint"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(tmp_path):
     data = write_splits(tmp_path / "data", train=20, test=4)
     common = [*OPTIONS, "--data-dir", data, "--output-dir", str(tmp_path / "runs")]

@@ -110,6 +110,11 @@ def test_tiny_study_end_to_end_and_resume_after_a_killed_run(tmp_path, folder, m
     study_dir = tmp_path / "studies" / "s"
     finished = {p: os.path.getmtime(study_dir / "runs" / p / "metrics.json")
                 for p in ("scratch-seed0-fold0", "scratch-seed1-fold1", "full-seed1-fold1")}
+    # What a user made by hand in every finished run's export/ survives the study's clean-up.
+    by_hand = [study_dir / "runs" / p / "export" / "onnx" / "model.onnx" for p in finished]
+    for path in by_hand:
+        path.parent.mkdir()
+        path.write_bytes(b"made by hand")
 
     result = _study(tmp_path, folder, *options)
     assert result.exit_code == 0, result.output
@@ -130,9 +135,10 @@ def test_tiny_study_end_to_end_and_resume_after_a_killed_run(tmp_path, folder, m
     # One export per strategy, the run best on validation; every run keeps its metrics.
     for strategy in ("scratch", "full", "lp-ft"):
         own = [r for r in rows if r["strategy"] == strategy]
-        kept = [r["run"] for r in own if os.path.isdir(study_dir / r["run"] / "export")]
+        kept = [r["run"] for r in own if os.path.isdir(study_dir / r["run"] / "export" / "1")]
         assert kept == [max(own, key=lambda r: float(r["val_accuracy"]))["run"]]
     assert "removed 9 others" in result.output and "--keep-exports all keeps them" in result.output
+    assert all(path.read_bytes() == b"made by hand" for path in by_hand)
     for name, min_size in (("bar_chart", (400, 300)), ("learning_curves", (800, 300)),
                            ("confusion_matrix", (300, 300)), ("top_losses", (400, 300))):
         with Image.open(study_dir / f"{name}.png") as image:

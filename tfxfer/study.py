@@ -18,18 +18,18 @@ an interrupted one from its checkpoint, so a study killed halfway loses at most
 the epoch in progress.
 """
 
+import contextlib
 import csv
 import dataclasses
 import glob
 import io
 import os
-import shutil
 
 import keras
 import numpy as np
 import yaml
 
-from tfxfer import atomic, runs, tracking
+from tfxfer import atomic, owned, runs, tracking
 from tfxfer.backbones.pretrained import apply_pretrained_spec
 from tfxfer.config import FinetuneConfig, StudyConfig, config_from_flat
 from tfxfer.errors import TfxferError
@@ -202,11 +202,21 @@ def _keep_best_exports(study_dir, rows, strategies, log):
         own = [r for r in rows if r["strategy"] == strategy]
         best = max(own, key=lambda r: r["val_accuracy"])
         for row in own:
-            export = os.path.join(study_dir, row["run"], "export")
-            if row is not best and os.path.isdir(export):
-                freed += sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(export) for f in files)
-                shutil.rmtree(export)
+            if row is best:
+                continue
+            # Only the SavedModel version the run's own finetune wrote; anything else under export/
+            # (an ONNX export made by hand, a later version) is the user's.
+            run_dir = os.path.join(study_dir, row["run"])
+            written = atomic.read_json(os.path.join(run_dir, "metrics.json")).get("export_dir")
+            if not written:
+                continue
+            export = os.path.join(run_dir, "export")
+            size = owned.remove_export(os.path.join(export, os.path.basename(os.path.normpath(written))))
+            if size:
+                freed += size
                 removed += 1
+                with contextlib.suppress(OSError):  # export/ itself goes only when nothing else is in it
+                    os.rmdir(export)
     if removed:
         log(f"kept the export of each strategy's best run on validation; removed {removed} others "
             f"({freed / 2**20:.0f} MB; --keep-exports all keeps them)")

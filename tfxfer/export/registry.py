@@ -65,6 +65,7 @@ def export_run(run_dir, format="saved_model", output=None, log=print, precision=
     more than 2 points is printed as a warning."""
     from tfxfer.export.layout import METADATA_FILE, load_export, next_version_dir
     from tfxfer.export.precision import at_precision, tolerance
+    from tfxfer.owned import check_export_target
 
     spec = get_format(format)
     if quantize is not None and (format != "litert" or precision != "float32"):
@@ -72,6 +73,10 @@ def export_run(run_dir, format="saved_model", output=None, log=print, precision=
     model_path = os.path.join(run_dir, "model.keras")
     if not os.path.exists(model_path):
         raise TfxferError(f"{run_dir!r} has no model.keras; pass the folder of a finished tfxfer finetune run.")
+    export_root = os.path.join(run_dir, "export")
+    default = spec.folder + (f"-{quantize}" if quantize else "") if spec.folder else None
+    folder = os.path.abspath(output or (os.path.join(export_root, default) if default else next_version_dir(export_root)))
+    check_export_target(folder, format)  # before any work: what tfxfer did not write is never replaced
     import keras
 
     import tfxfer.model  # noqa: F401  (registers TransferModel for load_model)
@@ -88,10 +93,7 @@ def export_run(run_dir, format="saved_model", output=None, log=print, precision=
     except TfxferError:
         expected, against = model.predict(images, verbose=0), "the Keras model (the run has no SavedModel)"
 
-    export_root = os.path.join(run_dir, "export")
-    default = spec.folder + (f"-{quantize}" if quantize else "") if spec.folder else None
-    folder = output or (os.path.join(export_root, default) if default else next_version_dir(export_root))
-    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
     options, held = {}, {}
     if quantize:
         data = _run_data(run_dir)
