@@ -106,6 +106,8 @@ OTHER_CASES = [
     (("predict", "--model", "{data}/runs", "{data}/empty"), "No image to predict"),
     (("predict", "{data}/images"), "Give exactly one of --model"),
     (("export", "{data}/nowhere"), "nowhere"),
+    (("finetune", "--data-dir", "{data}/images", "--backbone", "tiny", "--weights", "none", "--output-dir", "{data}/runs",
+      "--mlflow", "htp://localhost:5000"), "--mlflow htp://localhost:5000: unknown scheme 'htp'"),
 ]
 
 
@@ -144,6 +146,7 @@ USAGE_CASES = [
     (("finetune", "--learning-rate", "0.1"), "No such option '--learning-rate'"),
     (("export", "{data}/images", "--precision", "int8"), "'--precision'"),
     (("predict", "--top", "many", "x.png"), "'--top'"),
+    (("predict", "--top", "-3", "x.png"), "'--top': -3 is not in the range x>=1"),
     (("study", "--data-dir", "{data}/images", "--seed", "3"), "Did you mean one of: '--schedule', '--seeds'?"),
     (("evaluate", "--model", "{data}/images", "--output", "{data}/file.txt"), "'--output'"),
 ]

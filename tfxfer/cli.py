@@ -325,7 +325,7 @@ def _metrics_path(export_dir):
 @click.option("--model", "model_path", help="Run folder or SavedModel folder of a fine-tuned model.")
 @click.option("--backbone", help="Instead of --model: a backbone with its 1000-class ImageNet head.")
 @click.option("--weights", default="imagenet", show_default=True, help="With --backbone: imagenet or a weights file with the top.")
-@click.option("--top", default=5, show_default=True, help="How many classes to print.")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(min=1), help="How many classes to print.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list of {file, top: [{class, probability}]} or {file, error}.")
 @_friendly
 def predict(images, model_path, backbone, weights, top, as_json):

@@ -34,9 +34,19 @@ def tracking_uri(uri=None):
     (default ./mlruns) as the file: URI of its absolute path, so a resumed run
     finds the same store from any working directory."""
     uri = uri or DEFAULT_STORE
-    if "://" in uri or uri.startswith(("file:", "databricks")):
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0].lower()
+        if scheme not in KNOWN_SCHEMES and "+" not in scheme:  # postgresql+psycopg2:// and the like pass
+            raise TfxferError(f"--mlflow {uri}: unknown scheme {scheme!r}; MLflow takes "
+                              f"{', '.join(s + '://' for s in KNOWN_SCHEMES)}, or a folder.")
+        return uri
+    if uri.startswith(("file:", "databricks")):
         return uri
     return pathlib.Path(os.path.abspath(uri)).as_uri()
+
+
+# The tracking URI schemes MLflow's stores understand.
+KNOWN_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
 
 
 def _client(uri):
