@@ -182,3 +182,18 @@ def test_export_never_replaces_a_folder_it_did_not_write(run_copy, tmp_path, mon
     assert (again / "saved_model.pb").exists() and not (again / "variables" / "stale").exists()
     other = run_cli("export", run_copy, "--format", "onnx", "--output", again)
     assert other.exit_code == 1 and (again / "saved_model.pb").exists(), other.output
+
+
+def test_export_refuses_a_run_that_another_command_holds(run_copy):
+    from tfxfer.runs import RunFolderLock
+
+    training = RunFolderLock(str(run_copy))  # what finetune --resume holds while it trains
+    assert training.try_acquire(create=True)
+    training.stamp()
+    try:
+        result = run_cli("export", run_copy, "--format", "saved_model")
+    finally:
+        training.release()
+    assert result.exit_code == 1 and "is in use by PID" in result.output and "once that command has finished" in result.output
+    assert sorted(p.name for p in (run_copy / "export").iterdir()) == ["1"]  # nothing exported from the old model
+    assert run_cli("export", run_copy, "--format", "saved_model").exit_code == 0  # once it is free

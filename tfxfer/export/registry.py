@@ -62,7 +62,26 @@ def export_run(run_dir, format="saved_model", output=None, log=print, precision=
     training images. A quantized model is held to accuracy, not to the
     probability tolerance: its test accuracy (validation when the run has no
     test split) is measured against the float SavedModel's, and a drop of
-    more than 2 points is printed as a warning."""
+    more than 2 points is printed as a warning.
+
+    A run folder that another command holds (training, resuming) is refused."""
+    from tfxfer.runs import RunFolderLock
+
+    lock = RunFolderLock(run_dir)
+    try:
+        free = not os.path.isdir(run_dir) or lock.try_acquire(create=False)
+    except OSError:  # a read-only run folder, where nothing can be training
+        free = True
+    if not free:
+        raise TfxferError(f"Run {run_dir} is in use by {lock.holder()}; export it once that command has finished.")
+    try:
+        return _export_run(run_dir, format, output, log, precision, quantize)
+    finally:
+        lock.release()
+
+
+def _export_run(run_dir, format="saved_model", output=None, log=print, precision="float32", quantize=None):
+    """`export_run` once the run folder is held."""
     from tfxfer.export.layout import METADATA_FILE, load_export, next_version_dir
     from tfxfer.export.precision import at_precision, tolerance
     from tfxfer.owned import check_export_target
