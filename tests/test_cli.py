@@ -94,14 +94,19 @@ def test_interrupted_run_resumes(tmp_path, folder, monkeypatch):
 
     original = tfxfer.training.finetune
     monkeypatch.setattr(tfxfer.training, "finetune", lambda *a, **k: original(*a, callbacks=[_Interrupt()], **k))
-    stopped = _finetune(tmp_path, folder, "--run-name", "crash", "--epochs", "3")
+    monkeypatch.chdir(tmp_path)  # a relative --output-dir, as typed
+    stopped = _finetune(tmp_path, folder, "--run-name", "crash", "--epochs", "3", "--output-dir", "runs")
     assert stopped.exit_code == 130 and "tfxfer finetune --resume --run-name crash" in stopped.output
     monkeypatch.setattr(tfxfer.training, "finetune", original)
 
-    resumed = _finetune(tmp_path, folder, "--run-name", "crash", "--resume", "--epochs", "3")
+    # The folder moves, and the user resumes from another working directory.
+    os.rename(tmp_path / "runs", tmp_path / "moved")
+    monkeypatch.chdir(folder)
+    resumed = _finetune(tmp_path, folder, "--run-name", "crash", "--resume", "--epochs", "3",
+                        "--output-dir", str(tmp_path / "moved"))
     assert resumed.exit_code == 0, resumed.output
     assert "resuming crash after epoch 1" in resumed.output
-    assert [row["epoch"] for row in _history(tmp_path / "runs" / "crash")] == ["0", "1", "2"]
+    assert [row["epoch"] for row in _history(tmp_path / "moved" / "crash")] == ["0", "1", "2"]
 
 
 def test_predict_and_evaluate_use_the_export(tmp_path, folder):

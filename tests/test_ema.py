@@ -61,7 +61,7 @@ def test_the_best_epoch_the_test_metrics_and_the_export_are_the_averaged_weights
     result = tfxfer.finetune(config, callbacks=[live], verbose=0)
     run = tmp_path / "runs" / "e"
     state = json.loads((run / "checkpoint" / "state.json").read_text())["checkpoint"]
-    reader = tf.train.load_checkpoint(state)
+    reader = tf.train.load_checkpoint(str(run / state))  # relative to the run folder
     count = sum(1 for n in reader.get_variable_to_shape_map() if n.startswith("ema/averages/"))
     averages = [reader.get_tensor(f"ema/averages/{i}/.ATTRIBUTES/VARIABLE_VALUE") for i in range(count)]
     final = [w.numpy() for w in result.model.weights if "float" in str(w.dtype)]

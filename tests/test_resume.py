@@ -73,7 +73,7 @@ def _variables(run_dir):
 
 def _last(folder):
     with open(os.path.join(folder, "state.json")) as f:
-        return json.load(f)["checkpoint"]
+        return os.path.join(os.path.dirname(folder), json.load(f)["checkpoint"])  # relative to the run folder
 
 
 @pytest.mark.slow

@@ -70,7 +70,10 @@ class RunCheckpoint(keras.callbacks.Callback):
         if not os.path.exists(self.state_path):
             return 0
         state = self._state()
-        self._checkpoint().read(state["checkpoint"]).assert_existing_objects_matched()
+        # Relative to the run folder (older runs stored a path from the working directory): the folder
+        # resumes from anywhere, and after it was moved or renamed.
+        path = os.path.join(self.run_dir, "checkpoint", os.path.basename(state["checkpoint"]))
+        self._checkpoint().read(path).assert_existing_objects_matched()
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.best_tie = state.get("best_tie")
         return state["epoch"]
@@ -94,7 +97,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         folder = os.path.join(self.run_dir, "checkpoint")
         path = self._checkpoint().write(os.path.join(folder, f"epoch-{epoch + 1}"))
         atomic.write_json(self.state_path, {
-            "epoch": epoch + 1, "checkpoint": path, "monitor": self.monitor,
+            "epoch": epoch + 1, "checkpoint": os.path.relpath(path, self.run_dir), "monitor": self.monitor,
             "best_value": self.best_value, "best_epoch": self.best_epoch, "best_tie": self.best_tie,
         })
         keep = os.path.basename(path)
