@@ -30,9 +30,10 @@ OPTIONS = [
     # The tolerances below are float32's; auto is bfloat16 on CPUs that have it.
     "--precision", "float32",
 ]
-# Measured: history within 4e-6 relative, test probabilities within 3.1e-5.
+# Measured: history within 4e-6 relative; test probabilities within 3.1e-5 on one CPU and 1.3e-4 on an
+# AVX512-BF16 EPYC (two replicas' gradient sums round differently from one batch's, and the kernels differ).
 HISTORY_RTOL, HISTORY_ATOL = 1e-4, 1e-6
-PROBABILITY_ATOL = 1e-4
+PROBABILITY_ATOL = 5e-4
 
 
 def _free_ports(count):

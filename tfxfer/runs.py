@@ -125,7 +125,7 @@ def _missing_ancestor(path):
     return missing
 
 
-def _remove_leftovers(run_dir):
+def remove_leftovers(run_dir):
     """Delete the `tmp-*` files and folders a killed process left (`tfxfer.atomic`):
     the caller holds the folder's lock, so no live process is writing them."""
     for folder, subfolders, files in os.walk(run_dir):
@@ -223,7 +223,7 @@ class Run:
             if not lock.try_acquire(create=True):  # another run made the folder a moment ago
                 raise in_use(run_dir, lock)
             lock.stamp()
-            _remove_leftovers(run_dir)
+            remove_leftovers(run_dir)
         except BaseException:
             lock.release()
             raise

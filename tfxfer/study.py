@@ -76,6 +76,7 @@ def study(config, log=print, verbose=2):
         if not lock.try_acquire(create=True):
             raise runs.in_use(study_dir, lock, "Study folder", "--name")
         lock.stamp()
+        runs.remove_leftovers(study_dir)  # a killed study's half-written report or plots
         return _run_study(config, name, study_dir, shared, strategies, seeds, folds, log, verbose)
     finally:
         lock.release()
