@@ -85,7 +85,7 @@ CHILD = textwrap.dedent("""
     runs.Run.load_data = marking("data loading", runs.Run.load_data)
     callbacks.RunCheckpoint.on_epoch_end = marking("checkpointing", callbacks.RunCheckpoint.on_epoch_end)
     training.predict_dataset = marking("evaluation", training.predict_dataset)
-    training.export_saved_model = marking("export", training.export_saved_model)
+    training.write_saved_model = marking("export", training.write_saved_model)
     pretraining.save_backbone = marking("saving the backbone", pretraining.save_backbone)
     study.write_report = marking("study report", study.write_report)
 

@@ -42,8 +42,9 @@ from tfxfer.evaluation import (
     write_predictions,
 )
 from tfxfer.freezing import UnfreezeSchedule, parse_unfreeze, phase_at, resolve_phases, resolve_train_bn
-from tfxfer.export import export_saved_model, next_version_dir
+from tfxfer.export import next_version_dir
 from tfxfer.export.precision import at_precision
+from tfxfer.export.saved_model import write_saved_model
 from tfxfer.model import TransferModel
 from tfxfer.reporting.card import write_model_card
 from tfxfer.compiling import compile_run, compiled_model, objective
@@ -302,10 +303,10 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
         spec_metrics["test_accuracy"] = metrics["test"]["accuracy"]
     save_backbone(run.dir, model.backbone,
                   runs.backbone_spec(config, info, image_size, settings, spec_metrics, model.normalization))
-    export_dir = export_saved_model(model, next_version_dir(run.path("export")), info.class_names)
+    exported = at_precision(model, "float32")  # the export computes in float32 whatever precision trained it
+    export_dir = write_saved_model(exported, next_version_dir(run.path("export")), info.class_names)
     metrics["export_dir"] = export_dir
-    checked = (test, test_predictions) if test is not None else (val, val_predictions)
-    metrics["export_max_abs_diff"] = _round_trip(model, export_dir, *checked)
+    metrics["export_max_abs_diff"] = _round_trip(exported, export_dir, test if test is not None else val)
     log(f"SavedModel round trip: max |probability difference| {metrics['export_max_abs_diff']:.2e} on one batch")
     metrics["wall_time_seconds"] = run.elapsed()
     write_model_card(run.dir, export_dir, metrics=metrics)
@@ -424,16 +425,13 @@ def predict_dataset(predict, dataset):
     return labels, probabilities
 
 
-def _round_trip(model, export_dir, dataset, predictions):
-    """Largest difference between the exported and the in-memory model on the
-    first batch of `dataset`, whose `(labels, probabilities)` are `predictions`."""
+def _round_trip(exported, export_dir, dataset):
+    """Largest difference, on the first batch of `dataset`, between the SavedModel
+    loaded back and the model in memory that was exported (`exported`, called
+    eagerly: no function to trace for one batch)."""
     images, _ = next(dataset.as_numpy_iterator())
     served = tf.saved_model.load(export_dir).signatures["serving_default"](images=tf.constant(images))
-    if keras.mixed_precision.global_policy().name == "float32":
-        expected = predictions[1][: len(images)]  # what the model in memory just computed for them
-    else:
-        # The export computes in float32 whatever precision trained the model.
-        expected = at_precision(model, "float32").predict(images, verbose=0)
+    expected = keras.ops.convert_to_numpy(exported(images, training=False))
     return float(np.abs(served["probabilities"].numpy() - expected).max())
 
 

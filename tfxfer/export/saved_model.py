@@ -19,7 +19,7 @@ from tfxfer.export.layout import METADATA_FILE
 from tfxfer.export.precision import at_precision, precision_of
 from tfxfer.export.registry import ExportFormat, register_format
 
-__all__ = ["export_saved_model"]
+__all__ = ["export_saved_model", "write_saved_model"]
 
 def export_saved_model(model, path, class_names=None, precision="float32"):
     """Write `model` as a SavedModel at `path` and return `path`.
@@ -32,11 +32,12 @@ def export_saved_model(model, path, class_names=None, precision="float32"):
             trained `model`: `float32`, `bfloat16` or `float16`
             (`tfxfer.export.precision`).
     """
-    return _save(at_precision(model, precision), path, class_names, precision)
+    return write_saved_model(at_precision(model, precision), path, class_names, precision)
 
 
-def _save(model, path, class_names, precision):
-    """`export_saved_model` of a model already built at `precision`."""
+def write_saved_model(model, path, class_names=None, precision="float32"):
+    """`export_saved_model` of a model already built at `precision` by `at_precision`
+    (a run that checks its export against that same copy builds it once)."""
     size = int(model.image_size)
     names = list(class_names or getattr(model, "class_names", None) or [])
     names = names or [str(i) for i in range(model.num_classes)]
@@ -100,7 +101,7 @@ def _write(model, folder, class_names):
     # `folder` is new and empty; tf.saved_model.save wants to make it itself.
     # `model` is at the export's precision already (`export_run`).
     os.rmdir(folder)
-    return _save(model, folder, class_names, precision_of(model))
+    return write_saved_model(model, folder, class_names, precision_of(model))
 
 
 def _predict(path, images):
