@@ -27,7 +27,7 @@ def folder(tmp_path):
 def _finetune(tmp_path, folder, *extra):
     args = ["finetune", "--data-dir", folder, "--backbone", "tiny", "--weights", "none", "--image-size", "32",
             "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--output-dir", str(tmp_path / "runs"), *extra]
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 

@@ -47,7 +47,7 @@ def test_supervised_pretrain_hands_its_backbone_to_finetune(tmp_path, source):
     assert spec["preprocessing"].endswith("scale_unit") and spec["metrics"]["monitor"] == "val_accuracy"
     assert len(_rows(result.run_dir)) == 2
 
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     # No --backbone, no --image-size: both come from backbone.json.
     config = load_config(data_dir=source, classes="dog,bee", weights=result.run_dir, l2sp=0.1, epochs=1,
                          batch_size=8, output_dir=str(tmp_path / "runs"), run_name="target")
@@ -65,7 +65,7 @@ def test_weights_file_beside_its_spec_and_finetune_runs_are_accepted(tmp_path, p
     assert spec == json.load(open(os.path.join(pretrained, "backbone.json")))
     first = tfxfer.finetune(load_config(data_dir=source, weights=weights_file, epochs=1, batch_size=8,
                                         output_dir=str(tmp_path / "runs"), run_name="first"), **QUIET)
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     # A finetune run folder is a backbone too: its head is dropped.
     second = tfxfer.finetune(load_config(data_dir=source, classes="ant,bee", weights=first.run_dir, epochs=1,
                                          batch_size=8, output_dir=str(tmp_path / "runs"), run_name="second"), **QUIET)
@@ -95,7 +95,7 @@ def test_killed_pretrain_resumes(tmp_path, source, method):
         tfxfer.pretrain(config, callbacks=[_Interrupt()], **QUIET)
     run_dir = os.path.join(str(tmp_path / "runs"), "p")
     assert not os.path.exists(os.path.join(run_dir, "backbone.weights.h5"))  # nothing half-finished to trust
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     resumed = load_config(kind=PretrainConfig, run_name="p", output_dir=str(tmp_path / "runs"), validate=False)
     lines = []
     result = tfxfer.pretrain(resumed, resume=True, verbose=0, log=lines.append)
@@ -126,7 +126,7 @@ def test_time_budget_picks_fewer_pretrain_epochs_on_a_slower_step(tmp_path, sour
         monkeypatch.setattr(budget, "measure_seconds_per_step", lambda model, dataset, seconds, s=seconds: s)
         config = _pretrain_config(tmp_path, source, time_budget="2h", run_name=f"b{int(seconds)}")
         picked[seconds] = len(_rows(tfxfer.pretrain(config, **QUIET).run_dir))
-        keras.backend.clear_session()
+        keras.backend.clear_session(free_memory=False)
     # 44 train images (6 batches of 8) + 1 eval batch an epoch: 7200 / (60 * 6.33) = 18.9
     # epochs, 7200 / (240 * 6.33) = 4.7, whatever the start-up took (under a minute).
     assert picked == {60.0: 18, 240.0: 4}
@@ -146,7 +146,7 @@ def test_pretrain_cli(tmp_path, source):
 def test_same_seed_gives_identical_simclr_history(tmp_path, source):
     histories = []
     for name in ("a", "b"):
-        keras.backend.clear_session()
+        keras.backend.clear_session(free_memory=False)
         result = tfxfer.pretrain(_pretrain_config(tmp_path, source, method="simclr", seed=5, run_name=name), **QUIET)
         histories.append(_rows(result.run_dir))
     assert histories[0] == histories[1] and float(histories[0][0]["loss"]) > 0

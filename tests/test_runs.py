@@ -66,7 +66,7 @@ def test_yaml_syntax_error_is_one_sentence_with_the_line(tmp_path):
 
 def test_library_resume_reloads_the_saved_config(tmp_path, folder):
     tfxfer.finetune(_config(tmp_path, folder, epochs=1, freeze="stages:2", lr=0.05), verbose=0, log=lambda *_: None)
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     # Only the run and the new length: the rest comes from the saved config.
     config = load_config(run_name="r", output_dir=str(tmp_path / "runs"), epochs=2, validate=False)
     result = tfxfer.finetune(config, resume=True, verbose=0, log=lambda *_: None)
@@ -175,7 +175,7 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step_and_keeps_the_last_good_
     run_dir = tmp_path / "runs" / "r"
     assert atomic.read_json(run_dir / "checkpoint" / "state.json")["epoch"] == 1
     assert [row["epoch"] for row in _rows(run_dir)] == ["0"]
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     # The kept checkpoint is good: resuming trains on to the end.
     result = tfxfer.finetune(load_config(run_name="r", output_dir=str(tmp_path / "runs"), validate=False),
                              resume=True, verbose=0, log=lambda *_: None)
