@@ -61,6 +61,7 @@ def test_training_on_the_cache_matches_training_through_the_backbone(tmp_path, f
     assert metrics["export_max_abs_diff"] < 1e-5 and (cached / "export" / "1" / "saved_model.pb").exists()
 
 
+@pytest.mark.slow
 def test_a_cache_folder_is_reused_and_lp_ft_uses_the_cache_in_its_probe(tmp_path, folder):
     cache = str(tmp_path / "features")
     first, _ = _finetune(tmp_path, folder, "a", "--feature-cache", cache)
@@ -73,6 +74,7 @@ def test_a_cache_folder_is_reused_and_lp_ft_uses_the_cache_in_its_probe(tmp_path
     assert [row["phase"] for row in _history(run)] == ["head", "head", "full"]
 
 
+@pytest.mark.slow
 def test_augmentation_turns_auto_off_and_an_explicit_cache_says_what_it_skips(tmp_path, folder):
     output, _ = _finetune(tmp_path, folder, "aug", "--augment", "flip_crop")
     assert "feature cache" not in output

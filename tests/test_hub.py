@@ -133,6 +133,7 @@ def test_backbones_lists_the_families_with_source_and_licence():
     assert "85,798,656" in rows["vit_b16"] and "embed blocks1 blocks2 blocks3 blocks4" in rows["vit_b16"]
 
 
+@pytest.mark.slow
 def test_vit_finetunes_with_unfreezing_and_exports_everywhere(presets, tmp_path):
     data = write_splits(tmp_path / "data", train=6, test=3, classes=("cat", "dog", "owl"))
     result = run_cli("finetune", "--data-dir", data, "--backbone", "vit_b16", "--weights", presets["vit_b16"],
@@ -168,6 +169,7 @@ def test_predict_with_an_imagenet_head_names_the_way_for_a_hub_backbone(tmp_path
     assert result.exit_code == 1 and "vit_b16 comes without its ImageNet classifier here" in result.output
 
 
+@pytest.mark.slow
 def test_a_presets_image_converter_is_the_models_preprocessing_through_runs_and_exports(tmp_path):
     import keras
 

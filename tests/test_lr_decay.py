@@ -57,6 +57,7 @@ def test_lr_decay_and_mixed_float16_are_refused_in_one_sentence():
             load_config(dataset="digits", lr_decay=bad)
 
 
+@pytest.mark.slow
 def test_lr_decay_runs_with_gradual_unfreezing_and_resumes_exactly(tmp_path):
     data = write_splits(tmp_path / "data", train=6, test=2, classes=("cat", "dog"))
     common = ["--data-dir", data, "--backbone", "resnet9", "--weights", "none", "--image-size", "32", "--epochs", "3",

@@ -50,6 +50,7 @@ def test_bad_range_test_requests_get_one_sentence(tmp_path):
         load_config(kind=PretrainConfig, dataset="digits", lr="auto")
 
 
+@pytest.mark.slow
 def test_finetune_lr_auto_records_the_chosen_rate(tmp_path):
     data = write_splits(tmp_path / "data", train=8, test=2, classes=("cat", "dog"))
     result = run_cli("finetune", "--data-dir", data, "--backbone", "resnet9", "--weights", "none", "--image-size", "32",

@@ -2,6 +2,7 @@
 format), training and evaluation batches come out `[B, S, S, 3]` uint8."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ def _encode(rng, height, width, channels, kind):
     return tf.io.encode_png(pixels).numpy()
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     shapes=st.lists(images, min_size=2, max_size=7),

@@ -88,7 +88,7 @@ class _Interrupt(keras.callbacks.Callback):
         raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("method", ["supervised", "simclr", "autoencoder"])
+@pytest.mark.parametrize("method", ["supervised", *(pytest.param(m, marks=pytest.mark.slow) for m in ("simclr", "autoencoder"))])
 def test_killed_pretrain_resumes(tmp_path, source, method):
     config = _pretrain_config(tmp_path, source, method=method, epochs=3, run_name="p")
     with pytest.raises(KeyboardInterrupt):
@@ -143,6 +143,7 @@ def test_pretrain_cli(tmp_path, source):
     assert bad.exit_code == 1 and "did you mean 'simclr'" in bad.output
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_simclr_history(tmp_path, source):
     histories = []
     for name in ("a", "b"):

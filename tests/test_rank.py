@@ -46,16 +46,13 @@ def test_candidates_name_a_backbone_its_weights_or_a_run():
         parse_candidate("resnet51")
 
 
-def test_rank_scores_every_candidate(tmp_path, monkeypatch):
+def test_rank_scores_every_candidate(tmp_path, monkeypatch, finished_run):
     data = write_splits(tmp_path / "data", train=8, test=2, classes=("cat", "dog"))
-    pretrained = run_cli("finetune", "--data-dir", data, "--backbone", "resnet9", "--weights", "none",
-                         "--image-size", "32", "--epochs", "1", "--output-dir", tmp_path / "runs", "--run-name", "src")
-    assert pretrained.exit_code == 0, pretrained.output
     monkeypatch.setattr("tfxfer.data.folders.PROGRESS_FILES", 0)  # the file check's progress bar shows too
-    result = run_cli("rank", "--data-dir", data, "resnet9:none", "simplecnn:none", tmp_path / "runs" / "src", "--json")
+    result = run_cli("rank", "--data-dir", data, "resnet9:none", "simplecnn:none", finished_run, "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)  # the JSON alone: log lines go to standard error
-    assert {r["candidate"] for r in rows} == {"resnet9:none", "simplecnn:none", str(tmp_path / "runs" / "src")}
+    assert {r["candidate"] for r in rows} == {"resnet9:none", "simplecnn:none", str(finished_run)}
     assert all(np.isfinite(r["logme"]) and r["image_size"] == 32 and r["params"] > 0 for r in rows)
     assert [r["logme"] for r in rows] == sorted((r["logme"] for r in rows), reverse=True)
 

@@ -5,9 +5,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs(tmp_path):
     readme = open(os.path.join(ROOT, "README.md")).read()
     script = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
@@ -23,6 +26,7 @@ def _bash_lines(readme):
     return [line for block in re.findall(r"```bash\n(.*?)```", readme, re.S) for line in block.splitlines()]
 
 
+@pytest.mark.slow
 def test_readme_first_finetune_line_works_on_its_own(tmp_path):
     """The first line that runs `tfxfer finetune` runs offline, from a fresh folder, as written."""
     readme = open(os.path.join(ROOT, "README.md")).read()

@@ -48,6 +48,7 @@ def folder(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_a_held_run_folder_is_refused_by_name_and_pid_and_resumes_after_its_holder_is_killed(tmp_path, folder):
     assert _finetune(tmp_path, folder).exit_code == 0
     run_dir = str(tmp_path / "runs" / "r")
@@ -71,6 +72,7 @@ def test_a_held_run_folder_is_refused_by_name_and_pid_and_resumes_after_its_hold
         assert len(f.read().strip().splitlines()) == 1 + 3
 
 
+@pytest.mark.slow
 def test_two_commands_with_one_run_name_at_once(tmp_path):
     """Two real `tfxfer finetune` processes: the second is refused, the first's run is whole."""
     tfxfer = os.path.join(os.path.dirname(sys.executable), "tfxfer")

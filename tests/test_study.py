@@ -2,8 +2,10 @@
 study on generated data, and a study resumed after a killed run."""
 
 import csv
+import json
 import math
 import os
+import re
 
 import keras
 import numpy as np
@@ -94,6 +96,29 @@ class _KillIn(keras.callbacks.Callback):
         raise KeyboardInterrupt
 
 
+def test_a_finished_study_reports_pairs_and_keeps_one_export_per_strategy(finished_study):
+    study_dir, output = finished_study
+    with open(study_dir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["strategy"], r["seed"]) for r in rows) == [("full", "0"), ("full", "1"), ("scratch", "0"),
+                                                                ("scratch", "1")]
+    for row in rows:  # each row is its run's own test accuracy, read back from the run
+        metrics = json.loads((study_dir / row["run"] / "metrics.json").read_text())
+        assert float(row["test_accuracy"]) == pytest.approx(metrics["test"]["accuracy"])
+    report = (study_dir / "report.md").read_text()
+    assert re.search(r"\| (\*\*)?full(\*\*)? \| 2 \|", report) and re.search(r"\| (\*\*)?scratch(\*\*)? \| 2 \|", report)
+    assert "full vs scratch" in report
+    assert (study_dir / "commands.txt").read_text().count("tfxfer finetune") == 4
+    for strategy in ("scratch", "full"):
+        own = [r for r in rows if r["strategy"] == strategy]
+        kept = [r["run"] for r in own if os.path.isdir(study_dir / r["run"] / "export" / "1")]
+        assert kept == [max(own, key=lambda r: float(r["val_accuracy"]))["run"]]
+    assert "removed 2 others" in output
+    with Image.open(study_dir / "bar_chart.png") as image:
+        assert image.format == "PNG" and np.asarray(image.convert("L")).std() > 5
+
+
+@pytest.mark.slow
 def test_tiny_study_end_to_end_and_resume_after_a_killed_run(tmp_path, folder, monkeypatch):
     import tfxfer.training
 

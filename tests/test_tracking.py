@@ -58,6 +58,7 @@ class _Crash(keras.callbacks.Callback):
             raise RuntimeError("crash")
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_mlflow_run(tmp_path):
     import tfxfer
 
@@ -79,6 +80,7 @@ def test_resume_continues_the_same_mlflow_run(tmp_path):
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss")) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_study_is_a_parent_run_with_one_nested_run_per_strategy_and_seed(tmp_path):
     data = write_splits(tmp_path / "data", train=12, test=4)
     store = tmp_path / "store"

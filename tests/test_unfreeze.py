@@ -111,6 +111,7 @@ class _StopAfter(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_finetune_logs_phases_and_resume_restores_the_phase(tmp_path, folder, monkeypatch):
     import tfxfer.training
 
