@@ -347,6 +347,23 @@ def _bfloat16_mark():
 bfloat16 = _bfloat16_mark()
 
 
+def _auto_is_float32():
+    """`--precision auto` resolves by the CPU (bfloat16 where it is native). The suite pins it to float32,
+    so that a test means the same on every CPU; the tests about bfloat16 force it, and the resolution
+    itself is tested with the CPU flags given explicitly."""
+    from tfxfer import runtime
+
+    native = runtime.has_bf16
+
+    def has_bf16(flags=None, gpu_capabilities=None):
+        return False if flags is None and gpu_capabilities is None else native(flags, gpu_capabilities)
+
+    runtime.has_bf16 = has_bf16
+
+
+_auto_is_float32()
+
+
 @pytest.fixture(scope="session")
 def pretrained_backbone(tmp_path_factory):
     """`(run folder, its data)`: a finished supervised `pretrain` of simplecnn, one epoch, on a class folder

@@ -78,6 +78,7 @@ def test_same_seed_gives_identical_history(tmp_path, folder):
     assert a == b and float(a[0]["loss"]) > 0
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path, folder):
     assert _finetune(tmp_path, folder, "--run-name", "x").exit_code == 0
     again = _finetune(tmp_path, folder, "--run-name", "x")

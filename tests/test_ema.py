@@ -72,6 +72,7 @@ def test_the_best_epoch_the_test_metrics_and_the_export_are_the_averaged_weights
     assert result.metrics["export_max_abs_diff"] < 1e-4  # the export serves the model that was tested
 
 
+@pytest.mark.slow
 def test_ema_follows_a_cached_head_and_two_optimizers(tmp_path):
     data = write_splits(tmp_path / "data", train=8, test=3, classes=("cat", "dog"))
     result = run_cli("finetune", "--data-dir", data, "--backbone", "resnet9", "--weights", "none", "--image-size", "32",

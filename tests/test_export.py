@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import tfxfer
-from tests.conftest import random_images
+from tests.conftest import bfloat16, random_images
 
 SERVE = textwrap.dedent(
     """
@@ -129,6 +129,7 @@ def test_export_saved_model_again_and_bad_requests(run_dir, monkeypatch):
     assert not (run_dir.parent / "elsewhere").exists()  # nothing half-written is left
 
 
+@bfloat16
 def test_a_bfloat16_run_exports_float32_in_every_format(tmp_path, shared_data):
     # bfloat16 is emulated where the CPU lacks it: slow, but the same graph.
     import json

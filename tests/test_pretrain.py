@@ -108,6 +108,7 @@ def test_killed_pretrain_resumes(tmp_path, source, method):
         assert "val_knn_accuracy" in _rows(run_dir)[-1] and "embedding_std" in _rows(run_dir)[-1]
 
 
+@pytest.mark.slow
 def test_unlabelled_flat_folder_works_for_simclr_only(tmp_path):
     write_class_folder(str(tmp_path / "tmp"), classes=("x",), per_class=16)
     flat = tmp_path / "flat"
@@ -120,6 +121,7 @@ def test_unlabelled_flat_folder_works_for_simclr_only(tmp_path):
         tfxfer.pretrain(config("supervised"), **QUIET)
 
 
+@pytest.mark.slow
 def test_time_budget_picks_fewer_pretrain_epochs_on_a_slower_step(tmp_path, source, monkeypatch):
     picked = {}
     for seconds in (60.0, 240.0):

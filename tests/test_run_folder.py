@@ -93,6 +93,7 @@ def test_two_commands_with_one_run_name_at_once(tmp_path):
     assert saved["run"]["seed"] == 1 and saved["optim"]["lr"] == 0.01
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_a_tfxfer_run(tmp_path, folder):
     foreign = tmp_path / "runs" / "r"
     foreign.mkdir(parents=True)
@@ -161,6 +162,7 @@ def test_train_bn_auto_trains_from_random_weights_and_says_why(tmp_path, folder,
     assert spec["settings"]["train_bn"] == (saved != "off")
 
 
+@pytest.mark.slow
 def test_train_bn_auto_keeps_pretrained_statistics_frozen(tmp_path, folder):
     from tfxfer.freezing import resolve_train_bn
 

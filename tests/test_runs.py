@@ -64,6 +64,7 @@ def test_yaml_syntax_error_is_one_sentence_with_the_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_library_resume_reloads_the_saved_config(tmp_path, folder):
     tfxfer.finetune(_config(tmp_path, folder, epochs=1, freeze="stages:2", lr=0.05), verbose=0, log=lambda *_: None)
     keras.backend.clear_session(free_memory=False)
@@ -117,6 +118,7 @@ def test_time_budget_picks_fewer_epochs_for_a_slower_step(tmp_path, folder, monk
     assert measured == [30.0]  # the most a budget spends timing the step
 
 
+@pytest.mark.slow
 def test_a_short_budget_times_the_step_for_a_tenth_of_it(tmp_path, folder, monkeypatch):
     measured = []
     monkeypatch.setattr(budget, "measure_seconds_per_step", lambda model, dataset, seconds: measured.append(seconds) or 0.01)

@@ -51,6 +51,7 @@ def _python(code, **env):
 REPORT = "import os, tfxfer.runtime as r; print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), r.onednn_enabled())"
 
 
+@pytest.mark.slow
 def test_import_tfxfer_turns_onednn_on_unless_the_user_chose():
     assert _python("import tfxfer; " + REPORT).stdout.split() == ["1", "True"]
     assert _python("import tfxfer; " + REPORT, TF_ENABLE_ONEDNN_OPTS="0").stdout.split() == ["0", "False"]
@@ -66,6 +67,7 @@ def test_tensorflow_imported_first_gets_one_warning_where_onednn_is_off():
     assert result.stderr.count("import tfxfer first") <= 1
 
 
+@pytest.mark.slow
 def test_import_tfxfer_is_quiet_unless_the_user_set_the_log_level():
     assert "oneDNN custom operations" not in _python("import tfxfer").stderr
     assert "oneDNN custom operations" in _python("import tfxfer", TF_CPP_MIN_LOG_LEVEL="0").stderr

@@ -104,6 +104,7 @@ def test_a_training_step_runs_the_rerouted_convolutions(monkeypatch):
     assert all("call" not in layer.__dict__ for layer in convolution.walk_layers(model))
 
 
+@pytest.mark.slow
 def test_an_export_is_the_same_with_and_without_the_speed_ups(tmp_path):
     model = tfxfer.build_model("mobilenetv2", num_classes=3, weights=None, image_size=32, freeze="full")
     plain_dir = tfxfer.export_saved_model(model, str(tmp_path / "plain"))
