@@ -384,10 +384,10 @@ def pretrained_backbone(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def finished_study(tmp_path_factory, shared_data):
-    """`(study folder, its output)`: a finished `study` of simplecnn on `shared_data`, strategies scratch and
+    """`(study folder, its output)`: a finished `study` of the tiny backbone on `shared_data`, strategies scratch and
     full, seeds 0 and 1, one epoch each."""
     root = tmp_path_factory.mktemp("study")
-    result = run_cli("study", "--data-dir", shared_data, "--backbone", "simplecnn", "--weights", "none", "--image-size",
+    result = run_cli("study", "--data-dir", shared_data, "--backbone", "tiny", "--weights", "none", "--image-size",
                      "32", "--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--strategies", "scratch,full",
                      "--seeds", "0,1", "--output-dir", root, "--name", "s")
     assert result.exit_code == 0, result.output
