@@ -19,15 +19,14 @@ DPI = 100
 
 
 def _subplots(*grid, figsize, **kwargs):
-    """`(figure, axes)` of a figure outside pyplot: no global state to close, and the
-    constrained layout fits titles and labels in one render (a tight bounding box takes two)."""
-    figure = matplotlib.figure.Figure(figsize=figsize, layout="constrained")
+    """`(figure, axes)` of a figure outside pyplot: no global registry of figures to close."""
+    figure = matplotlib.figure.Figure(figsize=figsize)
     return figure, figure.subplots(*grid, **kwargs)
 
 
 def _save(figure, path):
     with atomic.replacing(path) as temporary:
-        figure.savefig(temporary, dpi=DPI, format="png")
+        figure.savefig(temporary, dpi=DPI, format="png", bbox_inches="tight")
     return path
 
 
