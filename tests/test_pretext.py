@@ -78,7 +78,7 @@ def test_simclr_trains_without_labels():
     assert {"loss", "contrastive_accuracy", "embedding_std"} <= set(logs)
 
 
-@pytest.mark.parametrize("backbone", ["simplecnn", "resnet9"])
+@pytest.mark.parametrize("backbone", ["simplecnn", pytest.param("resnet9", marks=pytest.mark.slow)])
 def test_autoencoder_loss_falls(backbone):
     keras.utils.set_random_seed(0)
     model = Autoencoder(backbone, 32)

@@ -99,7 +99,7 @@ def _record_items(tmp_path, pairs, string_labels, keys=("image", "label")):
     return [((tmp_path / p).read_bytes(), c if string_labels else names.index(c) * 10, keys) for p, c in pairs]
 
 
-@pytest.mark.parametrize("string_labels", [True, False])
+@pytest.mark.parametrize("string_labels", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_tfrecord_labels_skipping_and_class_selection(tmp_path, string_labels):
     pairs = _images(tmp_path, 5)
     items = _record_items(tmp_path, pairs, string_labels)
