@@ -135,6 +135,10 @@ def main(argv, prog="python -m benchmarks fixed-cost"):
     lines = stamp(f"{prog} --rounds {options.rounds}" + (f" --against {options.against}" if options.against else ""))
     lines += [f"`tfxfer {' '.join(COMMAND)}`, seconds per phase, the median of {options.rounds} runs in fresh "
               "processes" + (", the two checkouts alternating" if options.against else "") + ".", ""]
+    if options.against:
+        against = subprocess.run(["git", "-C", checkouts["against"], "rev-parse", "--short", "HEAD"],
+                                 capture_output=True, text=True).stdout.strip() or "unknown"
+        lines += [f"`against` is commit `{against}`.", ""]
     lines += ["| phase | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(f"{median(label, name):.2f}" for label in labels) + " |")

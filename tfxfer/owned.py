@@ -6,6 +6,7 @@ model's weights, an export made by hand) means the folder is not tfxfer's to
 delete, and the command stops with one sentence instead.
 """
 
+import json
 import os
 import shutil
 
@@ -29,14 +30,12 @@ def foreign_entries(folder, allowed):
 
 
 def _export_format(folder):
-    import json
-
     try:
         with open(os.path.join(folder, METADATA_FILE)) as f:
             metadata = json.load(f)
     except (OSError, ValueError):
         return None
-    # A SavedModel's own tfxfer.json predates the "format" field in some runs.
+    # The tfxfer.json that a SavedModel writes for itself names no format.
     return metadata.get("format") or ("saved_model" if os.path.exists(os.path.join(folder, "saved_model.pb")) else None)
 
 
