@@ -45,6 +45,18 @@ def test_paired_test_matches_scipy_and_reads_plainly():
         paired([1, 2], [1, 2, 3])
 
 
+def test_a_degenerate_paired_test_concludes_nothing_and_stays_quiet(recwarn):
+    # Two seeds that differ by the same 4 of 45 test images: no variance, no test.
+    same = paired([0.60, 0.70], [0.60 + 4 / 45, 0.70 + 4 / 45])
+    assert math.isnan(same.p_value) and not same.significant()
+    line = describe("full", "scratch", same, "2 seeds")
+    assert "-8.9 points" in line and "too few paired runs" in line and "nothing is concluded" in line
+    assert "worse" not in line and "p <" not in line
+    flat = paired([0.6, 0.7, 0.8], [0.6 + 4 / 45, 0.7 + 4 / 45, 0.8 + 4 / 45])
+    assert math.isnan(flat.p_value) and "never vary" in describe("full", "scratch", flat, "3 seeds")
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 @pytest.mark.parametrize(
     "name, expected",
     [

@@ -9,11 +9,15 @@ p-values optimistic (Nadeau & Bengio, 2003); the study report says so.
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 from scipy import stats as scipy_stats
 
-__all__ = ["Summary", "Comparison", "summarize", "paired", "describe"]
+__all__ = ["Summary", "Comparison", "summarize", "paired", "describe", "MIN_PAIRS"]
+
+# The fewest paired runs (seeds × folds) a paired t-test is run on.
+MIN_PAIRS = 3
 
 
 @dataclasses.dataclass
@@ -32,7 +36,7 @@ class Comparison:
     sd: float
     ci_low: float
     ci_high: float
-    p_value: float  # two-sided paired t-test; NaN with fewer than two pairs or no spread
+    p_value: float  # two-sided paired t-test; NaN with fewer than MIN_PAIRS pairs or no spread
     test: str = "paired t-test"
 
     def significant(self, level=0.05):
@@ -60,10 +64,12 @@ def paired(a, b, confidence=0.95):
         raise ValueError(f"paired() needs values for the same runs; got {len(a)} and {len(b)}.")
     summary = summarize(a - b, confidence)
     p_value = math.nan
-    if summary.n > 1 and summary.sd > 0:
-        p_value = float(scipy_stats.ttest_rel(a, b).pvalue)
-    elif summary.n > 1:
-        p_value = 1.0 if summary.mean == 0 else 0.0  # every pair differs by the same amount
+    # Two pairs, or differences that do not vary (two seeds off by the same images), leave a t-test
+    # nothing to stand on: no p-value rather than a made-up one.
+    if summary.n >= MIN_PAIRS and summary.sd > 1e-12 * max(1.0, abs(summary.mean)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # scipy's precision-loss notice
+            p_value = float(scipy_stats.ttest_rel(a, b).pvalue)
     return Comparison(summary.n, summary.mean, summary.sd, summary.ci_low, summary.ci_high, p_value)
 
 
@@ -71,8 +77,12 @@ def describe(name, other, comparison, runs, level=0.05, unit=100.0, what="points
     """One plain-language line for `comparison` (of `name` against `other`),
     differences in `what` (`unit` times the metric: accuracy points)."""
     d, sd = comparison.mean_difference * unit, comparison.sd * unit
-    if comparison.n < 2 or math.isnan(comparison.p_value):
-        return f"{name} vs {other}: {d:+.1f} {what} from {runs}; too few paired runs for a test."
+    if comparison.n < MIN_PAIRS:
+        return (f"{name} vs {other}: {d:+.1f} {what} from {runs}; too few paired runs for a test "
+                f"(it needs {MIN_PAIRS}), so nothing is concluded.")
+    if math.isnan(comparison.p_value):
+        return (f"{name} vs {other}: {d:+.1f} {what} in every pair of {runs}; differences that never vary "
+                "give a paired t-test nothing to stand on, so nothing is concluded.")
     p = f"p = {comparison.p_value:.2g}" if comparison.p_value >= 0.001 else "p < 0.001"
     spread = f"{abs(d):.1f} ± {sd:.1f} {what}"
     if comparison.significant(level):
