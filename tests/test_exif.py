@@ -69,3 +69,15 @@ def test_the_saved_model_turns_served_photos_upright(tmp_path):
     by_tag = serve(image_bytes=tf.constant([_jpeg(6)]))["probabilities"].numpy()
     by_pixels = serve(image_bytes=tf.constant([buffer.getvalue()]))["probabilities"].numpy()
     np.testing.assert_allclose(by_tag, by_pixels, atol=1e-6)
+
+
+def test_decoding_holds_no_transpose_that_onednn_would_refuse():
+    # A uint8 Transpose in a graph makes oneDNN log "supports DT_UINT8 only ..." at
+    # error level in every process that decodes images; a float32 one gets moved onto
+    # the uint8 tensor by Grappler. Orientations 5-8 transpose by a gather instead.
+    decode = tf.function(decode_image).get_concrete_function(tf.TensorSpec([], tf.string))
+    graphs = [decode.graph.as_graph_def()]
+    ops = [node.op for graph in graphs for node in graph.node]
+    ops += [node.op for function in graphs[0].library.function for node in function.node_def]
+    assert "SwitchCase" in ops or "StatelessCase" in ops or "Case" in ops  # the orientations are in the graph
+    assert "Transpose" not in ops

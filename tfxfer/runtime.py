@@ -12,6 +12,7 @@ is read once when TensorFlow loads:
   is emulated and slower than float32.
 """
 
+import contextlib
 import functools
 import os
 import sys
@@ -21,6 +22,7 @@ __all__ = [
     "PRECISIONS",
     "quiet_logging",
     "load_tensorflow_quietly",
+    "replayed_on_failure",
     "enable_onednn",
     "onednn_enabled",
     "cpu_flags",
@@ -43,43 +45,69 @@ _quiet_start = False
 def quiet_logging():
     """TensorFlow's C++ warnings and info lines off, unless the user chose a level;
     then `load_tensorflow_quietly` also hides the lines TensorFlow prints before
-    its logging starts. Call before TensorFlow loads."""
+    its logging starts, unless the user asked for everything with level 0.
+    Call before TensorFlow loads."""
     global _quiet_start
-    if LOG_LEVEL_VARIABLE not in os.environ:
+    level = os.environ.get(LOG_LEVEL_VARIABLE)
+    if level is None:
         os.environ[LOG_LEVEL_VARIABLE] = "2"
-        _quiet_start = True
+    _quiet_start = level is None or level.strip() not in ("", "0")
 
 
 def load_tensorflow_quietly():
-    """Import TensorFlow and look for its devices with file descriptor 2 sent
-    to a temporary file, and replay it only if that fails.
+    """Import TensorFlow and look for its devices with their output held back
+    (`replayed_on_failure`), and shown only if that fails.
 
     TensorFlow prints several lines at import and at its first device query
     (the oneDNN notice, "Could not find cuda drivers", "failed call to cuInit"
     on a machine without a GPU) through absl before absl's logging starts, so
     `TF_CPP_MIN_LOG_LEVEL` does not reach them. A user who set that variable
-    gets TensorFlow's own output.
+    to 0 gets TensorFlow's own output.
     """
     if not _quiet_start or "tensorflow" in sys.modules:
         return
+    with replayed_on_failure():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+
+
+@contextlib.contextmanager
+def replayed_on_failure():
+    """Hold back what the block prints, and print it on standard error only if
+    the block raises: file descriptors 1 and 2 (C++ logging, absl, Python's
+    own streams and the logging handlers that write to them) go to a temporary
+    file, and `sys.stdout`/`sys.stderr` to a buffer, for the streams a host
+    (a notebook, click's test runner) put in their place."""
+    import io
     import tempfile
 
-    sys.stderr.flush()
-    saved = os.dup(2)
+    buffer = io.StringIO()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
     with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
+        failed = False
         try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()
+            for fd in saved:
+                os.dup2(sink.fileno(), fd)
+            with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+                yield
         except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace"))
+            failed = True
             raise
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            for stream in (sys.__stdout__, sys.__stderr__):
+                with contextlib.suppress(AttributeError, ValueError, OSError):
+                    stream.flush()
+            for fd, original in saved.items():
+                os.dup2(original, fd)
+                os.close(original)
+            if failed:
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode(errors="replace") + buffer.getvalue())
+                sys.stderr.flush()
 
 
 def enable_onednn():

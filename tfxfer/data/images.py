@@ -83,14 +83,28 @@ def orient(image, orientation):
     branches = [
         lambda: image,                                             # 1: upright
         lambda: tf.reverse(image, [1]),                            # 2: mirrored
-        lambda: tf.image.rot90(image, 2),                          # 3: upside down
+        lambda: tf.reverse(image, [0, 1]),                         # 3: upside down
         lambda: tf.reverse(image, [0]),                            # 4: mirrored vertically
-        lambda: tf.image.transpose(image),                         # 5: transposed
-        lambda: tf.image.rot90(image, 3),                          # 6: needs 90 degrees clockwise
-        lambda: tf.image.rot90(tf.image.transpose(image), 2),      # 7: transversed
-        lambda: tf.image.rot90(image, 1),                          # 8: needs 90 degrees counter-clockwise
+        lambda: _transpose(image),                                 # 5: transposed
+        lambda: tf.reverse(_transpose(image), [1]),                # 6: needs 90 degrees clockwise
+        lambda: tf.reverse(_transpose(image), [0, 1]),             # 7: transversed
+        lambda: _transpose(tf.reverse(image, [1])),                # 8: needs 90 degrees counter-clockwise
     ]
     return tf.switch_case(tf.clip_by_value(orientation - 1, 0, 7), branches)
+
+
+def _transpose(image):
+    """[H, W, C] to [W, H, C] by a gather of the pixels, not a Transpose op.
+
+    oneDNN has no uint8 Transpose: a graph holding one makes TensorFlow log an
+    error-level line ("oneDNN supports DT_UINT8 only ...") in every process that
+    decodes images, and Grappler moves a Transpose of a float32 copy back onto
+    the uint8 tensor."""
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    order = tf.reshape(tf.range(height)[None, :] * width + tf.range(width)[:, None], [-1])
+    pixels = tf.gather(tf.reshape(image, [height * width, -1]), order)
+    return tf.reshape(pixels, [width, height, shape[2]])
 
 
 def to_rgb(image):
