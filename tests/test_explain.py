@@ -91,17 +91,6 @@ def test_explain_command_and_evaluate_explain(quadrant_run, tmp_path):
     assert refused.exit_code == 1 and "--explain needs the run folder of a finetune run" in refused.output
 
 
-def test_a_token_backbone_is_refused_in_one_sentence():
-    from types import SimpleNamespace
-
-    from tfxfer.errors import TfxferError
-    from tfxfer.explain import grad_cam
-
-    vit = SimpleNamespace(backbone=SimpleNamespace(output=SimpleNamespace(shape=(None, 197, 768))), backbone_name="vit")
-    with pytest.raises(TfxferError, match="vit's output is a sequence of tokens; use a CNN backbone"):
-        grad_cam(vit, np.zeros((1, 32, 32, 3), np.uint8))
-
-
 @pytest.mark.parametrize("backbone", ["resnet9", "simplecnn", *(pytest.param(name, marks=pytest.mark.slow) for name in
                                                                   ("resnet50", "mobilenetv2", "efficientnetv2b0", "convnext_tiny"))])
 def test_grad_cam_works_for_the_cnn_backbones_from_their_last_feature_map(backbone):

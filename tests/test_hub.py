@@ -213,3 +213,14 @@ def test_parameter_counts_match_an_independent_build_and_a_hand_count():
     width, mlp, blocks, tokens = 768, 3072, 12, 1 + (224 // 16) ** 2
     block = 2 * 2 * width + 4 * (width * width + width) + (width * mlp + mlp) + (mlp * width + width)
     assert get_backbone("vit_b16").params == (16 * 16 * 3 * width + width) + width + tokens * width + blocks * block + 2 * width
+
+
+@pytest.mark.parametrize("name", ["vit_b16", "deit_small"])
+def test_explain_refuses_a_token_backbone_in_one_sentence(presets, name):
+    # The pooled output is a vector: a search for the last 4-D tensor would find the input image.
+    from tfxfer.explain import grad_cam
+
+    size = TINY[name][0]
+    model = tfxfer.build_model(name, num_classes=3, weights=presets[name], image_size=size)
+    with pytest.raises(TfxferError, match=f"{name} is a token \\(transformer\\) backbone; explain a run of a CNN"):
+        grad_cam(model, np.zeros((1, size, size, 3), np.uint8))

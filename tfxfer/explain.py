@@ -63,10 +63,17 @@ def _split_at_last_feature_map(model):
     backbone = model.backbone
     if len(backbone.output.shape) == 4:
         return backbone, lambda x: x
-    maps = [] if len(backbone.output.shape) == 3 else [layer for layer in backbone.layers if len(layer.output.shape) == 4]
+    layers = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
+    # A transformer's tokens are pooled to a vector inside its backbone; the only 4-D
+    # tensors before them are the image and its patch embedding, and Grad-CAM over
+    # those is gradient times pixels, not where the model looked.
+    if len(backbone.output.shape) == 3 or any(len(layer.output.shape) == 3 for layer in layers):
+        raise TfxferError(f"Grad-CAM needs a convolutional feature map, and {model.backbone_name} is a token "
+                          "(transformer) backbone; explain a run of a CNN backbone such as resnet50, resnet9 or simplecnn.")
+    maps = [layer for layer in layers if len(layer.output.shape) == 4]
     if not maps:
-        kind = "a sequence of tokens" if len(backbone.output.shape) == 3 else "a vector"
-        raise TfxferError(f"Grad-CAM needs a feature map, and {model.backbone_name}'s output is {kind}; use a CNN backbone.")
+        raise TfxferError(f"Grad-CAM needs a feature map, and {model.backbone_name}'s output is a vector with no "
+                          "convolutional stage before it; use a CNN backbone.")
     last = maps[-1].output
     return keras.Model(backbone.inputs, last), keras.Model(last, backbone.output)
 
