@@ -185,3 +185,11 @@ def test_tiny_study_end_to_end_and_resume_after_a_killed_run(tmp_path, folder, m
 
     changed = _study(tmp_path, folder, *options, "--lr", "0.1")
     assert changed.exit_code == 1 and "was run with other options (lr 0.1 (saved: 0.01))" in changed.output
+
+
+def test_a_strategy_value_keeps_its_own_commas():
+    names = parse_strategies("scratch,full+augment=flip,crop,l2sp@0.01+augment=flip,stages:2")
+    assert names == ["scratch", "full+augment=flip,crop", "l2sp@0.01+augment=flip", "stages:2"]
+    assert expand(names[1])["augment"] == "flip,crop"
+    with pytest.raises(tfxfer.TfxferError, match="did you mean 'full'"):
+        parse_strategies("scratch,fulll")  # a typo after a plain strategy is still a strategy name

@@ -83,8 +83,19 @@ def _number_or_text(value):
 
 
 def parse_strategies(text):
-    """`"scratch,full,l2sp@0.01"` (or a list) -> the names, each checked, no repeats."""
-    names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if str(s).strip()]
+    """`"scratch,full,l2sp@0.01"` (or a list) -> the names, each checked, no repeats.
+
+    A value may hold commas of its own (`full+augment=flip,crop`): a piece that
+    does not begin with a strategy continues the `+OPTION=VALUE` before it."""
+    names = []
+    for piece in (text.split(",") if isinstance(text, str) else text):
+        piece = str(piece).strip()
+        if not piece:
+            continue
+        if names and "=" in names[-1].rpartition("+")[2] and not _starts_a_strategy(piece):
+            names[-1] += "," + piece
+        else:
+            names.append(piece)
     if not names:
         raise TfxferError("Give at least one strategy, e.g. --strategies scratch,full,l2sp@0.01.")
     for name in names:
@@ -92,6 +103,11 @@ def parse_strategies(text):
     if len(set(names)) != len(names):
         raise TfxferError(f"Strategy list {','.join(names)!r} names one strategy twice.")
     return names
+
+
+def _starts_a_strategy(piece):
+    base = piece.partition("+")[0]
+    return base in ("scratch", "head", "full", "lp-ft") or base.startswith(("stages:", "l2sp@"))
 
 
 def command_line(flat, defaults, command="finetune"):
