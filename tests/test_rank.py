@@ -1,6 +1,7 @@
 """LogME against its definition, on features whose ranking is known, and `tfxfer rank`."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -44,6 +45,19 @@ def test_candidates_name_a_backbone_its_weights_or_a_run():
     assert parse_candidate("resnet50").weights == "imagenet"
     with pytest.raises(TfxferError, match="resnet51"):
         parse_candidate("resnet51")
+    # rank has no --weights option: its advice is in candidate syntax.
+    with pytest.raises(TfxferError, match="rank simplecnn:none for random weights, simplecnn:FILE"):
+        parse_candidate("simplecnn")
+    with pytest.raises(TfxferError, match="No run folder 'saved_models/typo'; pass the folder of a pretrain"):
+        parse_candidate(os.path.join("saved_models", "typo"))
+
+
+def test_rank_offline_imagenet_weights_advise_candidate_syntax(tmp_path):
+    data = write_splits(tmp_path / "data", train=2, test=1, classes=("cat", "dog"))
+    result = run_cli("rank", "--data-dir", data, "resnet50")  # the suite is offline: the download fails
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "rank resnet50:FILE with a local weights file, resnet50:none for random weights" in result.output
+    assert "--weights" not in result.output
 
 
 def test_rank_scores_every_candidate(tmp_path, monkeypatch, finished_run):

@@ -106,8 +106,23 @@ def parse_candidate(text, image_size=None):
         spec = found[1]
         return Candidate(text, spec["backbone"], text, int(spec["image_size"]))
     name, _, weights = text.partition(":")
+    if os.sep in text or text.startswith(("~", ".")):
+        raise TfxferError(f"No run folder {text!r}; pass the folder of a pretrain or finetune run, a backbone name, "
+                          "or NAME:none.")
     spec = get_backbone(name)
+    if not weights and spec.source.startswith("none"):
+        raise TfxferError(f"{name} has no pretrained weights of its own to score; rank {name}:none for random weights, "
+                          f"{name}:FILE for a weights file, or the folder of a tfxfer pretrain run.")
     return Candidate(text, name, weights or "imagenet", int(image_size or spec.default_size))
+
+
+def _in_rank_terms(error, candidate):
+    """A weights error of `build_model` advises `--weights`, which rank does not have:
+    the same sentence, with the advice in candidate syntax."""
+    reason = str(error).split(";")[0].rstrip(".")
+    name = candidate.backbone
+    return TfxferError(f"{reason}; to score {name}, rank {name}:FILE with a local weights file, {name}:none for "
+                       "random weights, or the folder of a tfxfer pretrain run.")
 
 
 def rank(candidates, data_options, image_size=None, log=print):
@@ -131,8 +146,11 @@ def rank(candidates, data_options, image_size=None, log=print):
         train, val, info, config = data[candidate.image_size]
         keras.backend.clear_session()
         runs.seed_everything(config.run.seed)  # a random candidate scores the same every time
-        model = build_model(candidate.backbone, num_classes=info.num_classes, weights=candidate.weights,
-                            image_size=candidate.image_size, freeze="head")
+        try:
+            model = build_model(candidate.backbone, num_classes=info.num_classes, weights=candidate.weights,
+                                image_size=candidate.image_size, freeze="head")
+        except TfxferError as error:
+            raise _in_rank_terms(error, candidate) if "--weights" in str(error) else error from None
         started = time.perf_counter()
         features, labels = map(np.concatenate, zip(extract_features(model, train), extract_features(model, val)))
         seconds = time.perf_counter() - started
