@@ -20,6 +20,9 @@ def test_readme_python_example_runs(tmp_path):
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", result.stdout).group(1))
     assert accuracy >= 0.8, result.stdout[-2000:]  # ten digit classes: chance is 0.1; it reaches about 0.97
     assert (tmp_path / "saved_models" / "digits-api" / "export" / "1" / "saved_model.pb").exists()
+    # What a user sees beside the numbers: no Keras warning, no TensorFlow start-up lines.
+    for noise in ("UserWarning", "shuffle=True", "absl::InitializeLog", "cudart_stub", "oneDNN"):
+        assert noise not in result.stderr, result.stderr[-3000:]
 
 
 def _bash_lines(readme):
