@@ -117,12 +117,15 @@ def test_predict_and_evaluate_use_the_export(run_copy, shared_data):
     predicted = CliRunner().invoke(main, ["predict", "--model", run, image])
     assert predicted.exit_code == 0, predicted.output
     lines = predicted.output.strip().splitlines()
+    assert lines[0] == f"model: {os.path.join(run, 'export', '1')} (version 1, float32)"
+    lines = lines[1:]
     assert lines[0] == image and len(lines) == 4  # three classes
     assert abs(sum(float(line.split()[0]) for line in lines[1:]) - 1) < 1e-3
 
     evaluated = CliRunner().invoke(main, ["evaluate", "--model", run, "--data-dir", folder])
     assert evaluated.exit_code == 0, evaluated.output
     assert "precision" in evaluated.output and "confusion matrix" in evaluated.output and "macro avg" in evaluated.output
+    assert evaluated.output.splitlines()[0] == f"model: {os.path.join(run, 'export', '1')} (version 1, float32)"
     metrics = json.loads(open(os.path.join(run, "metrics.json")).read())
     evaluation = metrics["evaluations"]["data:test"]
     assert evaluation["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
@@ -155,7 +158,7 @@ def test_a_read_only_model_folder_still_predicts_and_evaluates(tmp_path, run_cop
         evaluated = CliRunner().invoke(main, ["evaluate", "--model", run, "--data-dir", folder])
         kept = CliRunner().invoke(main, ["evaluate", "--model", run, "--data-dir", folder,
                                          "--output", str(tmp_path / "report")])
-    assert predicted.exit_code == 0 and predicted.output.startswith(image), predicted.output
+    assert predicted.exit_code == 0 and predicted.output.splitlines()[1] == image, predicted.output
     assert evaluated.exit_code == 0 and "confusion matrix" in evaluated.output, evaluated.output
     assert evaluated.output.count("could not write") == 1 and "--output FOLDER" in evaluated.output
     assert "Traceback" not in evaluated.output and "--output-dir" not in evaluated.output
@@ -172,7 +175,7 @@ def test_predict_takes_folders_and_globs_and_prints_json(finished_run, shared_da
     result = CliRunner().invoke(main, ["predict", "--model", str(finished_run), "--top", "2", "--json",
                                        owl, os.path.join(folder, "test", "c*", "*.png")])
     assert result.exit_code == 0, result.output
-    answers = json.loads(result.output)
+    answers = json.loads(result.stdout)  # the JSON alone: the line naming the model goes to standard error
     expected = sorted(glob.glob(os.path.join(owl, "*"))) + sorted(glob.glob(os.path.join(folder, "test", "c*", "*.png")))
     assert [a["file"] for a in answers] == expected
     assert all(len(a["top"]) == 2 and a["top"][0]["probability"] >= a["top"][1]["probability"] for a in answers)

@@ -143,6 +143,8 @@ def test_a_bfloat16_run_exports_float32_in_every_format(tmp_path, shared_data):
                      "--epochs", "1", "--precision", "mixed_bfloat16", "--output-dir", tmp_path / "runs", "--run-name", "b")
     assert result.exit_code == 0, result.output
     assert "precision: mixed_bfloat16" in result.output
+    # simplecnn has no normalisation layer at all: the note must not invent LayerNorms.
+    assert "BatchNorm: none in simplecnn; it has no normalisation layer" in result.output and "LayerNorm" not in result.output
     run = tmp_path / "runs" / "b"
     graph = tf.saved_model.load(str(run / "export" / "1")).signatures["serving_default"].graph.as_graph_def()
     types = {node.attr["T"].type for f in graph.library.function for node in f.node_def if node.op in ("Conv2D", "MatMul")}
@@ -217,7 +219,7 @@ def test_calibrate_folds_the_temperature_into_every_export_and_evaluate_reports_
     assert npz["probabilities"].shape[1] == 3
 
 
-# Points of test accuracy an int8 export of the shared run may lose against its float SavedModel, scored
+# Points of test accuracy an int8 export of the shared run may lose against its float model, scored
 # here by the LiteRT interpreter itself (12 test images: one image is 8.3 points).
 INT8_TOLERANCE = 0.09
 
@@ -250,7 +252,7 @@ def test_litert_int8_is_full_integer_with_uint8_in_and_probabilities_out(run_dir
     metadata = json.loads((path.parent / "tfxfer.json").read_text())
     assert metadata["quantize"] == "int8" and metadata["images"] == len(labels)
     assert metadata["accuracy"] == pytest.approx(int8_accuracy) and metadata["float_accuracy"] == pytest.approx(float_accuracy)
-    assert "test accuracy" in result.output and "against" in result.output and "float SavedModel" in result.output
+    assert "test accuracy" in result.output and "against" in result.output and "for the float32 model" in result.output
     assert "int8-quantized" in (path.parent / "MODEL_CARD.md").read_text()
 
     # Any drop over the limit is a warning of the export itself.
@@ -259,3 +261,79 @@ def test_litert_int8_is_full_integer_with_uint8_in_and_probabilities_out(run_dir
     assert result.exit_code == 0 and "warning: dynamic quantization costs" in result.output
     bad = run_cli("export", run_dir, "--format", "onnx", "--quantize", "int8")
     assert bad.exit_code == 1 and "--quantize is for --format litert" in bad.output
+
+
+@bfloat16
+def test_serving_names_its_version_prefers_float32_and_exports_check_against_the_float32_model(run_copy, shared_data,
+                                                                                                tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    run = run_copy
+    assert run_cli("export", run, "--precision", "bfloat16").exit_code == 0
+    assert json.loads((run / "export" / "2" / "tfxfer.json").read_text())["precision"] == "bfloat16"
+    image = str(sorted((shared_data / "test" / "owl").iterdir())[0])
+    served = run_cli("predict", "--model", run, image)
+    assert served.exit_code == 0, served.output
+    assert served.output.splitlines()[:2] == [
+        f"model: {run / 'export' / '1'} (version 1, float32; other versions: 2 bfloat16; choose with --version)", image]
+    asked = run_cli("predict", "--model", run, "--version", "2", "--json", image)
+    assert asked.exit_code == 0, asked.output
+    assert asked.stderr.splitlines()[0] == (f"model: {run / 'export' / '2'} (version 2, bfloat16; other versions: "
+                                            "1 float32; choose with --version)")
+    assert [answer["file"] for answer in json.loads(asked.stdout)] == [image]
+    evaluated = run_cli("evaluate", "--model", run, "--version", "2", "--data-dir", shared_data, "--output",
+                        tmp_path / "eval")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert evaluated.output.splitlines()[0].startswith(f"model: {run / 'export' / '2'} (version 2, bfloat16;")
+
+    # The newest SavedModel computes in bfloat16; the ONNX export is still held to float32's 1e-4, against model.keras.
+    exported = run_cli("export", run, "--format", "onnx")
+    assert exported.exit_code == 0, exported.output
+    assert "from the run's float32 model (model.keras)" in exported.output
+    metadata = json.loads((run / "export" / "onnx" / "tfxfer.json").read_text())
+    assert metadata["checked_against"] == "the run's float32 model (model.keras)" and metadata["max_abs_difference"] <= 1e-4
+
+
+def test_int8_export_without_a_test_split_or_an_export_folder_names_its_split_and_keeps_quiet(tmp_path, capfd,
+                                                                                               monkeypatch):
+    import json
+    import shutil
+
+    from tests.conftest import run_cli, write_class_folder
+    from tfxfer.errors import TfxferError
+    from tfxfer.export import get_format
+
+    write_class_folder(str(tmp_path / "data"), classes=("cat", "dog"), per_class=8)  # no test split
+    trained = run_cli("finetune", "--data-dir", tmp_path / "data", "--backbone", "tiny", "--weights", "none",
+                      "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--output-dir", tmp_path / "runs",
+                      "--run-name", "v")
+    assert trained.exit_code == 0, trained.output
+    run = tmp_path / "runs" / "v"
+    shutil.rmtree(run / "export")  # the user deleted it
+    capfd.readouterr()
+    result = run_cli("export", run, "--format", "litert", "--quantize", "int8")
+    assert result.exit_code == 0, result.output
+    assert "validation accuracy" in result.output and "the run has no test split" in result.output, result.output
+    validation = json.loads((run / "metrics.json").read_text())["num_examples"]["val"]
+    metadata = json.loads((run / "export" / "litert-int8" / "tfxfer.json").read_text())
+    assert metadata["split"] == "val" and metadata["images"] == validation
+    card = (run / "export" / "litert-int8" / "MODEL_CARD.md").read_text()
+    assert f"on {validation} images of the validation split (the data has no test split)" in card
+    # The converter's settings ("fully_quantize: 0, ...") and the interpreter's notes stay unprinted ...
+    printed = capfd.readouterr()
+    assert "fully_quantize" not in printed.out + printed.err and "XNNPACK" not in printed.out + printed.err
+
+    # ... unless the conversion fails: then they come with the error.
+    def failing(model, folder, class_names, **options):
+        import os
+
+        os.write(2, b"converter settings: inference_type 6\n")
+        raise TfxferError("The converter failed.")
+
+    monkeypatch.setattr(get_format("litert"), "write", failing)
+    failed = run_cli("export", run, "--format", "litert", "--output", tmp_path / "failed")
+    assert failed.exit_code == 1 and "The converter failed." in failed.output
+    assert "converter settings: inference_type 6" in failed.output
+    assert not (tmp_path / "failed").exists()

@@ -75,3 +75,27 @@ def test_import_tfxfer_is_quiet_unless_the_user_asks_for_level_0():
         stderr = _python("import tfxfer", **({} if level is None else {"TF_CPP_MIN_LOG_LEVEL": level})).stderr
         assert "oneDNN custom operations" not in stderr and "absl::InitializeLog" not in stderr, level
     assert "oneDNN custom operations" in _python("import tfxfer", TF_CPP_MIN_LOG_LEVEL="0").stderr
+
+
+def test_replayed_on_failure_holds_output_back_and_shows_it_when_the_block_fails(capfd):
+    from tfxfer.runtime import replayed_on_failure
+
+    def chatter():
+        os.write(2, b"native line on fd 2\n")
+        os.write(1, b"native line on fd 1\n")
+        print("python print")
+        print("python to stderr", file=sys.stderr)
+
+    with replayed_on_failure():
+        chatter()
+    assert capfd.readouterr() == ("", "")
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        with replayed_on_failure():
+            chatter()
+            raise RuntimeError("conversion failed")
+    out, err = capfd.readouterr()
+    assert out == ""
+    for line in ("native line on fd 2", "native line on fd 1", "python print", "python to stderr"):
+        assert line in err, err
+    print("after")  # the streams are back
+    assert capfd.readouterr().out == "after\n"

@@ -116,3 +116,36 @@ def test_tracking_mlflow_in_a_config_file_logs_to_mlruns(tmp_path, monkeypatch):
     client = _client(tmp_path / "mlruns")
     (run,) = client.search_runs([client.get_experiment_by_name("tfxfer").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["tracking"] == "mlflow"
+
+
+def test_sigterm_ends_the_mlflow_run_killed_and_keeps_the_checkpoint_for_resume(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import tfxfer.training
+
+    data = write_splits(tmp_path / "data", train=6, test=2)
+    store = tmp_path / "store"
+    before = signal.getsignal(signal.SIGTERM)
+    train = tfxfer.training._train
+
+    def stop_after_the_first_epoch(epoch, logs):
+        # Only with the command's handler in place: Python's default would end this test process.
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None, before)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def terminated(*args, **kwargs):
+        args = list(args)
+        args[5] = [*args[5], keras.callbacks.LambdaCallback(on_epoch_end=stop_after_the_first_epoch)]
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(tfxfer.training, "_train", terminated)
+    result = run_cli("finetune", "--data-dir", data, *OPTIONS, "--epochs", "3", "--mlflow", store, "--run-name", "stopped",
+                     "--output-dir", tmp_path / "runs")
+    assert result.exit_code == 143, result.output
+    assert "Terminated; continue with: tfxfer finetune --resume --run-name stopped" in result.output
+    client = _client(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("tfxfer").experiment_id])
+    assert run.info.status == "KILLED"
+    assert json.loads((tmp_path / "runs" / "stopped" / "checkpoint" / "state.json").read_text())["epoch"] == 1
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -29,9 +29,15 @@ def did_you_mean(name, choices, what):
 _WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
 
 
-def write_failure(error):
+# What a failed write advises, by default: the commands that write a run folder.
+RUN_FOLDER_FIX = ("free space or choose a writable --output-dir, then run again (add --resume to continue a run from "
+                  "its last finished epoch).")
+
+
+def write_failure(error, fix=RUN_FOLDER_FIX):
     """A one-sentence `TfxferError` when `error` is a failed write (no permission,
-    read-only or full disk, a file where a folder should be), else `None`.
+    read-only or full disk, a file where a folder should be), else `None`;
+    `fix` ends it, naming the options of the command that failed.
     TensorFlow's own writers raise their errors with the OS's message in them."""
     if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
         where = f" {os.fsdecode(error.filename)!r}" if error.filename else ""
@@ -40,10 +46,7 @@ def write_failure(error):
         where, reason = "", "No space left on device"
     else:
         return None
-    return TfxferError(
-        f"Cannot write{where}: {reason}; free space or choose a writable --output-dir, "
-        "then run again (add --resume to continue a run from its last finished epoch)."
-    )
+    return TfxferError(f"Cannot write{where}: {reason}; {fix}")
 
 
 def is_network_failure(error):

@@ -38,11 +38,12 @@ def expand_inputs(inputs):
 PREDICT_BATCH = 32
 
 
-def predict_files(model_path, inputs, top=5):
+def predict_files(model_path, inputs, top=5, version=None):
     """One dict per file of `inputs` (see `expand_inputs`): `{"file", "top":
     [(class name, probability), ...]}`, or `{"file", "error"}` for a file
-    that cannot be read or is not an image. The other files are predicted."""
-    loaded, metadata = load_export(model_path, need_tfxfer=True)
+    that cannot be read or is not an image. The other files are predicted.
+    `version` picks a run's SavedModel version (`find_export`)."""
+    loaded, metadata = load_export(model_path, need_tfxfer=True, version=version)
     serve = loaded.signatures["serve_bytes"]
     names = metadata["class_names"]
 
@@ -116,19 +117,21 @@ def tta_views(images, mode):
 
 
 def evaluate_export(model_path, dataset=None, data_dir=None, split="test", batch_size=64, top_k=5, tta="none",
-                    **data_args):
+                    version=None, **data_args):
     """Evaluate an exported model on a split; returns `(report, export_dir,
     rows)`, where `rows` are `tfxfer.evaluation.prediction_rows`: one per
     image, with its file (or `<data>:<split>:<index>` for arrays and tfds).
 
     With `tta` (`flip` or `flip_crop`), `report["tta"]` holds the accuracy,
     loss and calibration of the probabilities averaged over `tta_views`, and
-    the gain over the plain accuracy; the rest of the report is plain."""
+    the gain over the plain accuracy; the rest of the report is plain.
+    `version` picks a run's SavedModel version (`find_export`)."""
     from tfxfer.evaluation import TTA_MODES, classification_report, prediction_rows
 
-    loaded, metadata = load_export(model_path, need_tfxfer=True)
+    loaded, metadata = load_export(model_path, need_tfxfer=True, version=version)
     size = metadata["image_size"]
-    chosen, items, info = evaluation_split(size, split, batch_size, dataset=dataset, data_dir=data_dir, **data_args)
+    chosen, items, info = evaluation_split(size, split, batch_size, dataset=dataset, data_dir=data_dir,
+                                           model_classes=metadata["class_names"], **data_args)
     if list(info.class_names) != list(metadata["class_names"]):
         raise TfxferError(
             f"The data's classes ({', '.join(info.class_names)}) differ from the model's "
@@ -146,7 +149,7 @@ def evaluate_export(model_path, dataset=None, data_dir=None, split="test", batch
         labels.append(y)
     labels, probabilities = np.concatenate(labels), np.concatenate(probabilities)
     report = classification_report(labels, probabilities, info.class_names, top_k)
-    report["split"], report["data"] = split, info.name
+    report["split"], report["data"], report["preflight"] = split, info.name, info.preflight
     if tta != "none":
         with_tta = classification_report(labels, np.concatenate(averaged), info.class_names, top_k)
         report["tta"] = {
@@ -160,14 +163,20 @@ def evaluate_export(model_path, dataset=None, data_dir=None, split="test", batch
 
 def evaluation_split(size, split, batch_size=64, dataset=None, data_dir=None, **data_args):
     """`(batched pipeline, image files or None, DatasetInfo)` of one split of
-    the data that `evaluate`'s data options describe, in a fixed order."""
+    the data that `evaluate`'s data options describe, in a fixed order; the
+    data's pre-flight report is `info.preflight` (a leak fails unless `allow_leaks`)."""
+    from tfxfer import preflight
     from tfxfer.data import load_splits
     from tfxfer.data.pipeline import build_pipeline
+    from tfxfer.data.splits import SPLIT_NAMES
 
     data_args = dict(data_args)
     keys = (data_args.pop("tfrecord_image_key", "image"), data_args.pop("tfrecord_label_key", "label"))
+    data_args["csv_columns"] = (data_args.pop("csv_path_column", "path"), data_args.pop("csv_label_column", "label"))
+    allow_leaks = data_args.pop("allow_leaks", False)
     splits, info = load_splits(dataset, data_dir, image_size=size, tfrecord_keys=keys, **data_args)
-    key = {"train": "train", "val": "val", "validation": "val", "test": "test"}.get(split)
+    info.preflight = preflight.check(splits, info, allow_leaks)
+    key = SPLIT_NAMES.get(split.lower())
     if key not in splits:
         raise TfxferError(f"{info.name} has no {split!r} split here; choose --split test, val or train.")
     pipeline = build_pipeline(splits[key], size, batch_size, training=False, seed=data_args.get("seed", 0))

@@ -54,4 +54,4 @@ def predict_litert(path, images):
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
-register_format(ExportFormat("litert", write_litert, predict_litert, folder="litert", inputs=INPUTS))
+register_format(ExportFormat("litert", write_litert, predict_litert, folder="litert", inputs=INPUTS, file="model.tflite"))

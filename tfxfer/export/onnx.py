@@ -67,4 +67,4 @@ def predict_onnx(path, images):
     return session.run(None, {session.get_inputs()[0].name: images})[0]
 
 
-register_format(ExportFormat("onnx", write_onnx, predict_onnx, folder="onnx", inputs=INPUTS))
+register_format(ExportFormat("onnx", write_onnx, predict_onnx, folder="onnx", inputs=INPUTS, file="model.onnx"))

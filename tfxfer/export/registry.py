@@ -1,5 +1,5 @@
 """The export formats by name, and `export_run`: a run's model in a format,
-checked against its SavedModel on the same images."""
+checked against the run's float32 model on the same images."""
 
 import dataclasses
 import os
@@ -26,6 +26,7 @@ class ExportFormat:
         folder: the default folder under the run's `export/`; `None` for the
             numbered versions of TF Serving.
         inputs: what the artifact takes, for `tfxfer.json`.
+        file: the file the format writes into its folder (`model.tflite`).
     """
 
     name: str
@@ -33,6 +34,7 @@ class ExportFormat:
     predict: Callable
     folder: str = None
     inputs: str = ""
+    file: str = ""
 
 
 FORMATS = {}
@@ -54,14 +56,15 @@ def export_run(run_dir, format="saved_model", output=None, log=print, precision=
     `output`, default `run_dir/export/<format>/`, or the next numbered version
     for `saved_model`), computing in `precision` whatever precision trained
     it. Returns `(artifact path, max |probability difference| from the run's
-    SavedModel on 16 seeded images)`; over the precision's tolerance
-    (`tfxfer.export.precision`: 1e-4 for float32) fails.
+    float32 model on 16 seeded images)`; over the precision's tolerance
+    (`tfxfer.export.precision`: 1e-4 for float32) fails. The float32 model
+    is `model.keras` built at float32, whatever versions `export/` holds.
 
     `quantize` (`int8` or `dynamic`, LiteRT only) writes
     `export/litert-<quantize>/`; int8 is calibrated on 300 of the run's
     training images. A quantized model is held to accuracy, not to the
     probability tolerance: its test accuracy (validation when the run has no
-    test split) is measured against the float SavedModel's, and a drop of
+    test split) is measured against the float32 model's, and a drop of
     more than 2 points is printed as a warning.
 
     A run folder that another command holds (training, resuming) is refused."""
@@ -82,9 +85,10 @@ def export_run(run_dir, format="saved_model", output=None, log=print, precision=
 
 def _export_run(run_dir, format="saved_model", output=None, log=print, precision="float32", quantize=None):
     """`export_run` once the run folder is held."""
-    from tfxfer.export.layout import METADATA_FILE, load_export, next_version_dir
+    from tfxfer.export.layout import METADATA_FILE, next_version_dir
     from tfxfer.export.precision import at_precision, tolerance
     from tfxfer.owned import check_export_target
+    from tfxfer.runtime import replayed_on_failure
 
     spec = get_format(format)
     if quantize is not None and (format != "litert" or precision != "float32"):
@@ -92,6 +96,8 @@ def _export_run(run_dir, format="saved_model", output=None, log=print, precision
     model_path = os.path.join(run_dir, "model.keras")
     if not os.path.exists(model_path):
         raise TfxferError(f"{run_dir!r} has no model.keras; pass the folder of a finished tfxfer finetune run.")
+    if output:
+        _refuse_a_file_name(output, spec)
     export_root = os.path.join(run_dir, "export")
     default = spec.folder + (f"-{quantize}" if quantize else "") if spec.folder else None
     folder = os.path.abspath(output or (os.path.join(export_root, default) if default else next_version_dir(export_root)))
@@ -101,16 +107,14 @@ def _export_run(run_dir, format="saved_model", output=None, log=print, precision
     import tfxfer.model  # noqa: F401  (registers TransferModel for load_model)
 
     allowed = tolerance(precision)
-    model = at_precision(keras.models.load_model(model_path, compile=False), precision)
+    trained = keras.models.load_model(model_path, compile=False)
+    # The reference is never an earlier export, which may itself be at a reduced precision.
+    reference = at_precision(trained, "float32")
+    model = reference if precision == "float32" else at_precision(trained, precision)
     class_names = list(model.class_names or [str(i) for i in range(model.num_classes)])
     size = int(model.image_size)
     images = np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8)
-    try:
-        reference, _ = load_export(run_dir, need_tfxfer=True)
-        expected = reference.signatures["serving_default"](images=images)["probabilities"].numpy()
-        against = "its SavedModel"
-    except TfxferError:
-        expected, against = model.predict(images, verbose=0), "the Keras model (the run has no SavedModel)"
+    expected, against = _probabilities(reference, images), "the run's float32 model (model.keras)"
 
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     options, held = {}, {}
@@ -119,12 +123,14 @@ def _export_run(run_dir, format="saved_model", output=None, log=print, precision
         options = {"quantize": quantize, "calibration": _run_images(data, "train", CALIBRATION_IMAGES)[0]}
     with atomic.replacing(folder) as temporary:
         os.makedirs(temporary)
-        artifact = spec.write(model, temporary, class_names, **options)
-        got = spec.predict(artifact, images)
+        # Converters and runtimes print their settings and progress: shown only if they fail.
+        with replayed_on_failure():
+            artifact = spec.write(model, temporary, class_names, **options)
+            got = spec.predict(artifact, images)
+            if quantize:
+                held = _accuracy_against_float(data, artifact, spec, reference)
         difference = float(np.abs(got - expected).max())
-        if quantize:
-            held = _accuracy_against_float(data, artifact, spec, reference)
-        elif not difference <= allowed:
+        if not quantize and not difference <= allowed:
             raise TfxferError(
                 f"The {format} export in {precision} differs from {against} by {difference:.2e} in probability "
                 f"(over the {allowed:g} allowed); it was not kept. Please report this with the run's config.yaml."
@@ -137,16 +143,18 @@ def _export_run(run_dir, format="saved_model", output=None, log=print, precision
         }
         if format != "saved_model":  # the SavedModel writes its own tfxfer.json
             atomic.write_json(os.path.join(temporary, METADATA_FILE), metadata)
-        write_model_card(run_dir, temporary, format, f"{precision}, {quantize}-quantized" if quantize else precision)
+        write_model_card(run_dir, temporary, format, f"{precision}, {quantize}-quantized" if quantize else precision,
+                         quantized={"quantize": quantize, **held} if quantize else None)
         name = os.path.relpath(artifact, temporary)
     artifact = os.path.join(folder, name) if name != "." else folder
     if quantize:
-        log(f"{format} {quantize}: {artifact} ({disk_size(artifact) / 2**20:.2f} MiB); {held['split']} accuracy "
-            f"{held['accuracy']:.4f} against {held['float_accuracy']:.4f} for the float SavedModel on "
-            f"{held['images']} images ({100 * (held['accuracy'] - held['float_accuracy']):+.1f} points)")
+        scored, note = ("test", "") if held["split"] == "test" else ("validation", "; the run has no test split")
+        log(f"{format} {quantize}: {artifact} ({disk_size(artifact) / 2**20:.2f} MiB); {scored} accuracy "
+            f"{held['accuracy']:.4f} against {held['float_accuracy']:.4f} for the float32 model on "
+            f"{held['images']} images ({100 * (held['accuracy'] - held['float_accuracy']):+.1f} points{note})")
         if held["float_accuracy"] - held["accuracy"] > MAX_QUANTIZED_DROP:
             log(f"warning: {quantize} quantization costs {100 * (held['float_accuracy'] - held['accuracy']):.1f} points "
-                f"of {held['split']} accuracy (over {100 * MAX_QUANTIZED_DROP:.0f}); try --quantize dynamic, or serve "
+                f"of {scored} accuracy (over {100 * MAX_QUANTIZED_DROP:.0f}); try --quantize dynamic, or serve "
                 "the float model.")
         return artifact, difference
     log(f"{format}: {artifact} ({disk_size(artifact) / 2**20:.1f} MiB, {precision}); max |probability difference| "
@@ -195,17 +203,33 @@ def _run_images(data, split, count):
 
 
 def _accuracy_against_float(data, artifact, spec, reference):
-    """Accuracy of the artifact and of the float SavedModel on the run's test images (at most CHECK_IMAGES)."""
-    images, labels = _run_images(data, "test", CHECK_IMAGES)
-    serve = reference.signatures["serving_default"]
+    """Accuracy of the artifact and of the float32 model `reference` on the run's test images (validation
+    images when it has no test split; at most CHECK_IMAGES), and the split they came from."""
+    split = "test" if data[2] is not None else "val"
+    images, labels = _run_images(data, split, CHECK_IMAGES)
     ours, theirs = [], []
     for start in range(0, len(images), 64):
         batch = images[start:start + 64]
         ours.append(spec.predict(artifact, batch).argmax(axis=1))
-        theirs.append(serve(images=batch)["probabilities"].numpy().argmax(axis=1))
+        theirs.append(_probabilities(reference, batch).argmax(axis=1))
     ours, theirs = np.concatenate(ours), np.concatenate(theirs)
     return {"accuracy": float((ours == labels).mean()), "float_accuracy": float((theirs == labels).mean()),
-            "images": int(len(labels)), "split": "test"}
+            "images": int(len(labels)), "split": split}
+
+
+def _probabilities(model, images):
+    """The Keras `model`'s probabilities of uint8 `images`, as the exports take them: pixels cast to float32."""
+    return np.asarray(model(images.astype("float32"), training=False), dtype=np.float32)
+
+
+def _refuse_a_file_name(output, spec):
+    """`--output` names a folder: a name that ends as an export's file does (`model.tflite`) is refused."""
+    name = os.path.basename(os.path.normpath(str(output)))
+    stem, extension = os.path.splitext(name)
+    if stem and extension.lower() in {os.path.splitext(f.file)[1] for f in FORMATS.values() if f.file}:
+        folder = os.path.join(os.path.dirname(os.path.normpath(str(output))), stem)
+        raise TfxferError(f"--output {output} names a file, but --output takes a folder: pass --output {folder}, "
+                          f"and the {spec.name} export writes {spec.file} inside it.")
 
 
 def disk_size(path):

@@ -111,4 +111,5 @@ def _predict(path, images):
     return tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
 
 
-register_format(ExportFormat("saved_model", _write, _predict, inputs="serving_default: uint8 images [N, H, W, 3] (resized inside); serve_bytes: encoded images [N]"))
+register_format(ExportFormat("saved_model", _write, _predict, inputs="serving_default: uint8 images [N, H, W, 3] (resized inside); serve_bytes: encoded images [N]",
+                             file="saved_model.pb"))
