@@ -212,3 +212,101 @@ def test_each_epoch_has_its_own_order_and_set_epoch_replays_it(image_folder, cac
     assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2])
     resumed = passes(1, start=2)  # a new pipeline, as after a restart
     np.testing.assert_array_equal(resumed[0], first[2])
+
+
+@pytest.mark.parametrize("layout", [("Train", "Test"), ("training", "testing"), ("train", "valid", "test"),
+                                    ("TRAIN", "Dev"), ("train", "Validation")])
+def test_split_folders_go_by_their_common_names_in_any_case(tmp_path, layout):
+    for name, seed in zip(layout, range(3)):
+        write_class_folder(str(tmp_path / name), classes=("cat", "dog"), per_class=3 if seed else 6, size=8, seed=seed)
+    _, info = load_splits(data_dir=str(tmp_path), val_fraction=0.34)
+    assert info.class_names == ["cat", "dog"]  # never "Test" and "Train"
+    assert info.sources["train"] == layout[0] + "/"
+    own_val = next((name for name in layout[1:] if name.lower() in ("valid", "dev", "validation")), None)
+    if own_val:  # the folder is the validation split, whole; train is not carved
+        assert info.num_examples["train"] == 12 and info.num_examples["val"] == 6
+        assert info.sources["val"] == own_val + "/"
+    else:
+        assert info.num_examples["train"] == 8 and info.num_examples["val"] == 4
+        assert info.sources["val"] == "carved from train (34% per class)"
+    test = next((name for name in layout[1:] if name.lower().startswith("test")), None)
+    assert info.num_examples.get("test") == (6 if test else None) and info.sources.get("test") == (test and test + "/")
+
+
+@pytest.mark.parametrize("folders, message", [
+    (("train", "val", "valid"), "has two validation folders, val/ and valid/; merge them into one or rename the other."),
+    (("Training", "train"), "has two training folders, Training/ and train/"),
+    (("Test", "Val"), "holds the split folder(s) Test/, Val/ and no training folder; add train/ (or training/)"),
+])
+def test_split_folders_that_cannot_be_read_as_splits_are_one_sentence(tmp_path, folders, message):
+    for name in folders:
+        write_class_folder(str(tmp_path / name), classes=("cat", "dog"), per_class=2, size=8)
+    with pytest.raises(tfxfer.TfxferError) as error:
+        load_splits(data_dir=str(tmp_path))
+    assert message in str(error.value)
+
+
+def test_class_folders_named_by_numbers_sort_as_numbers(tmp_path):
+    write_class_folder(str(tmp_path), classes=("10", "2", "1"), per_class=2, size=8)
+    splits, info = load_splits(data_dir=str(tmp_path), val_fraction=0.5)
+    assert info.class_names == ["1", "2", "10"]
+    folder_of = {os.fsdecode(p).split(os.sep)[-2]: label for p, label in zip(splits["train"].items, splits["train"].labels)}
+    assert folder_of == {"1": 0, "2": 1, "10": 2}
+    # Mixed names stay text: "10" before "2" before "cat".
+    write_class_folder(str(tmp_path), classes=("cat",), per_class=2, size=8)
+    assert load_splits(data_dir=str(tmp_path), val_fraction=0.5)[1].class_names == ["1", "10", "2", "cat"]
+
+
+def test_a_models_class_order_is_kept_when_the_data_has_the_same_classes(tmp_path):
+    """What evaluate and --resume pass: a run from before numbers sorted as numbers keeps its class ids."""
+    write_class_folder(str(tmp_path), classes=("1", "2", "10"), per_class=4, size=8)
+    splits, info = load_splits(data_dir=str(tmp_path), model_classes=["1", "10", "2"], labels_per_class=2, seed=3)
+    assert info.class_names == ["1", "10", "2"]
+    for split in splits.values():
+        names = [os.fsdecode(p).split(os.sep)[-2] for p in split.items]
+        assert [info.class_names[label] for label in split.labels] == names
+    # The same per-class sample as a run that listed the classes in that order itself.
+    same, _ = load_splits(data_dir=str(tmp_path), classes="1,10,2", labels_per_class=2, seed=3)
+    assert sorted(splits["train"].items.tolist()) == sorted(same["train"].items.tolist())
+    # Other classes than the model's: left as they are, for the caller to refuse.
+    assert load_splits(data_dir=str(tmp_path), model_classes=["1", "2", "3"])[1].class_names == ["1", "2", "10"]
+
+
+def test_selection_comes_before_the_decode_check_which_replaces_a_bad_pick(tmp_path, monkeypatch):
+    from tfxfer.data import folders
+
+    write_class_folder(str(tmp_path / "train"), classes=("cat", "dog"), per_class=30, size=8)
+    write_class_folder(str(tmp_path / "test"), classes=("cat", "dog"), per_class=2, size=8, seed=1)
+    checked = []
+
+    def counting(paths):
+        checked.extend(paths)
+        return decodable(paths)
+
+    decodable = folders.decodable
+    monkeypatch.setattr(folders, "decodable", counting)
+    splits, info = load_splits(data_dir=str(tmp_path), max_train_examples=5, val_fraction=0.1, seed=4)
+    # Only the files used are decoded: the 5 picked, the 6 carved for validation and the 4 test images, not all 64.
+    assert len(checked) == 5 + 6 + 4 and info.num_examples == {"train": 5, "test": 4, "val": 6}
+    picked = splits["train"].items.tolist()
+    assert load_splits(data_dir=str(tmp_path), max_train_examples=5, val_fraction=0.1, seed=4)[0]["train"].items.tolist() == picked
+
+    # A picked file that does not decode is skipped, reported, and replaced by the next of the same seeded order.
+    with open(picked[2], "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not really a jpeg")
+    splits, info = load_splits(data_dir=str(tmp_path), max_train_examples=5, val_fraction=0.1, seed=4)
+    assert info.skipped_files == [os.fsdecode(picked[2])] and splits["train"].count == 5
+    assert set(picked) - set(splits["train"].items.tolist()) == {picked[2]}
+
+    # --labels-per-class: N readable images per class, and only those (and validation carved from them) decoded.
+    checked.clear()
+    splits, info = load_splits(data_dir=str(tmp_path / "train"), labels_per_class=3, val_fraction=0.34, seed=1)
+    assert info.class_counts == [2, 2] and info.num_examples["val"] == 2 and len(checked) <= 6 + 1
+
+
+def test_data_paths_given_to_the_library_expand_home_and_variables(tmp_path, monkeypatch):
+    write_class_folder(str(tmp_path / "images"), per_class=2, size=8)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("IMAGES", "images")
+    _, info = load_splits(data_dir="~/$IMAGES", val_fraction=0.5)
+    assert info.class_names == ["cat", "dog"] and info.files["train"][0].startswith(str(tmp_path / "images"))

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -64,12 +65,18 @@ def test_training_on_the_cache_matches_training_through_the_backbone(tmp_path, f
 @pytest.mark.slow
 def test_a_cache_folder_is_reused_and_lp_ft_uses_the_cache_in_its_probe(tmp_path, folder):
     cache = str(tmp_path / "features")
-    first, _ = _finetune(tmp_path, folder, "a", "--feature-cache", cache)
-    assert first.count("written to") == 2 and len(os.listdir(cache)) == 2
-    second, _ = _finetune(tmp_path, folder, "b", "--feature-cache", cache)
-    assert second.count("read from") == 2
+    # A test image copied into train: the pre-flight finds it by its bytes, and near itself in the cached features.
+    shutil.copy(os.path.join(folder, "test", "cat", "001.png"), os.path.join(folder, "train", "cat", "copy.png"))
+    first, run = _finetune(tmp_path, folder, "a", "--feature-cache", cache, "--allow-leaks")
+    assert first.count("written to") == 3 and len(os.listdir(cache)) == 3  # train, validation and test features
+    preflight = json.loads((run / "metrics.json").read_text())["preflight"]
+    assert preflight["leaks"]["count"] == 1 and preflight["near_duplicates"]["count"] >= 1
+    assert "test/cat/001.png (cosine 1.000)" in preflight["near_duplicates"]["examples"], preflight
+    second, _ = _finetune(tmp_path, folder, "b", "--feature-cache", cache, "--allow-leaks")
+    assert second.count("read from") == 3
 
-    output, run = _finetune(tmp_path, folder, "lpft", "--unfreeze", "head@0,full@2", "--freeze", "head")
+    output, run = _finetune(tmp_path, folder, "lpft", "--unfreeze", "head@0,full@2", "--freeze", "head",
+                            "--allow-leaks")
     assert "the head trains on them for epochs 1-2" in output and "epoch 3: freeze full" in output
     assert [row["phase"] for row in _history(run)] == ["head", "head", "full"]
 

@@ -129,3 +129,27 @@ def test_recipe_classic_fills_only_what_was_not_given():
     assert (mixed.optim.lr, mixed.optim.schedule, mixed.data.augment) == (0.05, "cosine", "none")
     with pytest.raises(tfxfer.TfxferError, match="recipe"):
         load_config(dataset="digits", recipe="fancy")
+
+
+def test_home_and_environment_variables_expand_in_every_path_option(tmp_path, monkeypatch):
+    from tfxfer.config import FinetuneConfig, PretrainConfig
+
+    home, data = tmp_path / "home", tmp_path / "data"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("DATA", str(data))
+    (home / "run.yaml").write_text("data:\n  data_dir: $DATA/images\nrun:\n  output_dir: ~/runs\n")
+    config = load_config("~/run.yaml", weights="${DATA}/w.weights.h5", feature_cache="~/cache",
+                         tfds_data_dir="~/tfds", tfds_manual_dir="$DATA/manual", mlflow="~/mlruns")
+    assert config.data.data_dir == str(data / "images") and config.run.output_dir == str(home / "runs")
+    assert config.model.weights == str(data / "w.weights.h5") and config.transfer.feature_cache == str(home / "cache")
+    assert (config.data.tfds_data_dir, config.data.tfds_manual_dir) == (str(home / "tfds"), str(data / "manual"))
+    assert config.run.mlflow == str(home / "mlruns")
+    other = load_config(csv="~/labels.csv", weights="imagenet", feature_cache="auto", kind=FinetuneConfig)
+    assert other.data.csv == str(home / "labels.csv") and (other.model.weights, other.transfer.feature_cache) == ("imagenet", "auto")
+    assert load_config(tfrecord="$DATA/*.tfrecord").data.tfrecord == str(data / "*.tfrecord")
+    # Every option that names a file or folder is marked so, in every command.
+    for kind in (FinetuneConfig, PretrainConfig):
+        paths = {name for name, (_, field, _) in kind.fields().items() if field.metadata.get("path")}
+        assert paths == {"data_dir", "csv", "tfrecord", "tfds_data_dir", "tfds_manual_dir", "weights", "mlflow",
+                         "output_dir"} | ({"feature_cache"} if kind is FinetuneConfig else set())

@@ -237,3 +237,61 @@ def test_op_determinism_turns_on_and_off():
     finally:
         set_op_determinism(False)
     assert not tf_config.is_op_determinism_enabled()
+
+
+def test_a_resumed_run_reads_the_class_order_it_recorded_and_refuses_other_classes(tmp_path):
+    from tfxfer.runs import load_data, trained_classes
+
+    data = tmp_path / "data"
+    write_class_folder(str(data), classes=("1", "2", "10"), per_class=2, size=8)
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoint").mkdir(parents=True)
+    assert trained_classes(run) is None  # killed before its first checkpoint: nothing trained yet
+    atomic.write_json(run / "metrics.json", {"val": {"class_names": ["1", "10", "2"]}})  # a finished run of before
+    assert trained_classes(run) == ["1", "10", "2"]
+    atomic.write_json(run / "checkpoint" / "state.json", {"epoch": 1, "class_names": ["2", "1", "10"]})
+    assert trained_classes(run) == ["2", "1", "10"]
+    config = _config(tmp_path, str(data), val_fraction=0.5)
+    info = load_data(config, log=lambda line: None, model_classes=["2", "1", "10"])[3]
+    assert info.class_names == ["2", "1", "10"]
+    with pytest.raises(tfxfer.TfxferError) as error:
+        load_data(config, log=lambda line: None, model_classes=["1", "2", "3"])
+    assert str(error.value) == ("The classes of data differ from the ones the run trained on (new: 10; missing: 3); "
+                                "resume it on the data it started with.")
+
+
+@pytest.mark.slow
+def test_a_run_keeps_the_class_ids_it_trained_with_when_resumed_and_evaluated(tmp_path, monkeypatch):
+    """Class folders 1, 2 and 10 sort as numbers now; a run made when they sorted as text (1, 10, 2), which
+    recorded no class order in its checkpoint, must go on with its own ids."""
+    from tests.conftest import run_cli
+    from tfxfer.data import folders
+
+    data = tmp_path / "data"
+    for split, n, seed in (("train", 4, 0), ("Valid", 2, 1), ("test", 2, 2)):
+        write_class_folder(str(data / split), classes=("1", "2", "10"), per_class=n, size=8, seed=seed)
+    run = tmp_path / "runs" / "r"
+    args = ("finetune", "--data-dir", data, "--backbone", "tiny", "--weights", "none", "--image-size", "32",
+            "--batch-size", "8", "--output-dir", tmp_path / "runs", "--run-name", "r")
+    with monkeypatch.context() as earlier:
+        earlier.setattr(folders, "class_order", sorted)
+        first = run_cli(*args, "--epochs", "1")
+    assert first.exit_code == 0, first.output
+    assert "splits: train train/, val Valid/, test test/" in first.output
+    state = atomic.read_json(run / "checkpoint" / "state.json")
+    assert state.pop("class_names") == ["1", "10", "2"]
+    atomic.write_json(run / "checkpoint" / "state.json", state)
+
+    def true_classes_are_the_folders(predictions):
+        with open(predictions, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 6 and all(row["true"] == row["file"].split(os.sep)[-2] for row in rows)
+
+    evaluated = run_cli("evaluate", "--model", run, "--data-dir", data, "--output", tmp_path / "eval")
+    assert evaluated.exit_code == 0, evaluated.output
+    true_classes_are_the_folders(tmp_path / "eval" / "predictions.csv")
+    resumed = run_cli(*args, "--epochs", "2", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert atomic.read_json(run / "metrics.json")["test"]["class_names"] == ["1", "10", "2"]
+    assert atomic.read_json(run / "checkpoint" / "state.json")["class_names"] == ["1", "10", "2"]
+    true_classes_are_the_folders(run / "predictions.csv")

@@ -78,7 +78,8 @@ def test_a_damaged_tfrecord_file_is_one_sentence(tmp_path):
     data = (tmp_path / "a.tfrecord").read_bytes()
     (tmp_path / "cut.tfrecord").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.tfrecord").write_bytes(b"not a record file at all")
-    for name, message in (("cut", "damaged or not a TFRecord file"), ("junk", "damaged or not a TFRecord file|no readable record")):
+    for name, message in (("cut", "cut.tfrecord' is damaged: a record in it is cut short"),
+                          ("junk", "junk.tfrecord' is not a TFRecord file; --tfrecord takes TFRecord files")):
         with pytest.raises(TfxferError, match=message):
             load_splits(tfrecord=str(tmp_path / f"{name}.tfrecord"))
 
@@ -147,3 +148,78 @@ def test_finetune_from_csv_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "data: labels, 3 classes, train 12, test 3, val 3" in result.output
     assert os.path.exists(tmp_path / "runs" / "csv" / "metrics.json")
+
+
+@pytest.mark.parametrize("header, separator", [("path, label", ", "), ("path;label", ";"), ("Path\tLabel", "\t"),
+                                               (" path | label ", " | ")])
+def test_csv_headers_as_spreadsheets_write_them(tmp_path, header, separator):
+    pairs = _images(tmp_path, 2, classes=("cat", "dog"))
+    (tmp_path / "labels.csv").write_text(header + "\n" + "".join(f"{p}{separator}{c}\n" for p, c in pairs))
+    _, info = load_splits(csv=str(tmp_path / "labels.csv"), val_fraction=0.5)
+    assert info.class_names == ["cat", "dog"] and info.num_examples == {"train": 2, "val": 2}
+
+
+def test_csv_columns_are_named_by_options_and_a_header_it_cannot_use_is_quoted(tmp_path):
+    from tfxfer.config import load_config
+
+    pairs = _images(tmp_path, 2, classes=("cat", "dog"))
+    _write_csv(tmp_path / "labels.csv", pairs, header="file,class")
+    with pytest.raises(TfxferError) as error:
+        load_splits(csv=str(tmp_path / "labels.csv"))
+    assert str(error.value).endswith(
+        "labels.csv' lacks the column(s) label, path: its header, read as separated by commas, names 'file', 'class'; "
+        "rename the columns, or name yours with --csv-path-column and --csv-label-column."
+    )
+    # From a config file's data section, as from the flags.
+    (tmp_path / "run.yaml").write_text("data:\n  csv_path_column: file\n  csv_label_column: class\n")
+    config = load_config(str(tmp_path / "run.yaml"), csv=str(tmp_path / "labels.csv"))
+    _, info = load_splits(**config.data.source(), val_fraction=0.5)
+    assert info.class_names == ["cat", "dog"] and info.num_examples == {"train": 2, "val": 2}
+    with pytest.raises(TfxferError, match="lacks the column\\(s\\) kind: .* name yours with --csv-label-column\\.$"):
+        load_splits(csv=str(tmp_path / "labels.csv"), csv_columns=("file", "kind"))
+
+
+def test_integer_labels_are_classes_in_number_order(tmp_path):
+    pairs = _images(tmp_path, 2, classes=("10", "2", "1"))
+    _write_csv(tmp_path / "labels.csv", pairs, header="path,label")
+    splits, info = load_splits(csv=str(tmp_path / "labels.csv"), val_fraction=0.5)
+    assert info.class_names == ["1", "2", "10"]
+    rows = {os.path.basename(os.fsdecode(p)): label for p, label in zip(splits["train"].items, splits["train"].labels)}
+    assert {name.split("-")[0]: label for name, label in rows.items()} == {"1": 0, "2": 1, "10": 2}
+
+    # TFRecord string labels too; integer labels were numbers already.
+    _write_records(tmp_path / "a.tfrecord", _record_items(tmp_path, pairs, True))
+    splits, info = load_splits(tfrecord=str(tmp_path / "a.tfrecord"), val_fraction=0.5)
+    assert info.class_names == ["1", "2", "10"]
+    labels = [int(label) for _, label in splits["train"].examples().concatenate(splits["val"].examples())]
+    assert sorted(labels) == [0, 0, 1, 1, 2, 2]
+
+
+def test_gzip_tfrecords_are_read_and_other_files_named(tmp_path):
+    pairs = _images(tmp_path, 2)
+    items = _record_items(tmp_path, pairs, True)
+    # What TFX and Beam write: GZIP, in a folder named split=train; and one shard without the .gz in its name.
+    (tmp_path / "split=train").mkdir()
+    with tf.io.TFRecordWriter(str(tmp_path / "split=train" / "a.tfrecord.gz"), options="GZIP") as writer:
+        for data, label, keys in items[:4]:
+            writer.write(_example(data, label, keys))
+    with tf.io.TFRecordWriter(str(tmp_path / "split=train" / "b.tfrecord"), options="GZIP") as writer:
+        for data, label, keys in items[4:]:
+            writer.write(_example(data, label, keys))
+    _, info = load_splits(tfrecord=str(tmp_path / "split=train" / "*"), val_fraction=0.5)
+    assert info.class_names == ["cat", "dog", "owl"] and info.num_examples == {"train": 3, "val": 3}
+    assert not info.skipped_files
+
+    _write_csv(tmp_path / "labels.csv", pairs, header="path,label")
+    with pytest.raises(TfxferError) as error:
+        load_splits(tfrecord=str(tmp_path / "labels.csv"))
+    assert str(error.value) == (f"{str(tmp_path / 'labels.csv')!r} is not a TFRecord file but a CSV file (pass it with "
+                                "--csv); --tfrecord takes TFRecord files (plain or GZIP) of tf.train.Example records.")
+    with pytest.raises(TfxferError, match="'vali=x/\\*' matches no file; a SPLIT=GLOB pair names train, val or test"):
+        load_splits(tfrecord="vali=x/*")
+
+
+def _example(data, label, keys):
+    features = {keys[0]: tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
+                keys[1]: tf.train.Feature(bytes_list=tf.train.BytesList(value=[label.encode()]))}
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()

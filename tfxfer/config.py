@@ -37,6 +37,7 @@ __all__ = [
     "StudyConfig",
     "load_config",
     "option",
+    "expand_path",
 ]
 
 # The names a user can type, declared here so that `tfxfer --help` and the
@@ -57,30 +58,43 @@ RECIPES = {
 }
 
 
-def option(default, help, choices=None, auto=False):
+def option(default, help, choices=None, auto=False, path=False):
     """A config field: its default, its help text and, for a name, the allowed
-    names; with `auto`, a number field that also takes the word `auto`."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "auto": auto})
+    names; with `auto`, a number field that also takes the word `auto`; with
+    `path`, a file or folder, where `~` and `$VARIABLES` expand."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "auto": auto, "path": path})
+
+
+def expand_path(path):
+    """`~` and `$VARIABLES` (`${VARIABLES}`) of a path expanded, as a shell would."""
+    return os.path.expandvars(os.path.expanduser(path))
 
 
 @dataclasses.dataclass
 class DataConfig:
     dataset: Optional[str] = option(None, "Built-in dataset (digits) or a tensorflow-datasets name, e.g. cifar10.")
-    data_dir: Optional[str] = option(None, "Image folder: one sub-folder per class, or train/ plus val/ and/or test/.")
+    data_dir: Optional[str] = option(
+        None, "Image folder: one sub-folder per class, or train/ (training/) plus val/ (valid/, validation/, dev/) "
+        "and/or test/ (testing/), in any case.", path=True
+    )
     csv: Optional[str] = option(
         None, "CSV of labelled images: columns path and label, optionally split (train, val, test); paths relative "
-        "to the CSV's folder."
+        "to the CSV's folder; separated by commas, semicolons, tabs or |.", path=True
     )
+    csv_path_column: str = option("path", "Column of the --csv that holds each image's path.")
+    csv_label_column: str = option("label", "Column of the --csv that holds each image's label.")
     tfrecord: Optional[str] = option(
-        None, "TFRecord files of tf.train.Example records: a GLOB of training files, or SPLIT=GLOB pairs separated "
-        "by commas (train, val, test)."
+        None, "TFRecord files of tf.train.Example records, plain or GZIP: a GLOB of training files, or SPLIT=GLOB "
+        "pairs separated by commas (train, val, test).", path=True
     )
     tfrecord_image_key: str = option("image", "Feature of a --tfrecord record that holds the encoded image.")
     tfrecord_label_key: str = option("label", "Feature of a --tfrecord record that holds the label (integer or string).")
-    tfds_data_dir: Optional[str] = option(None, "Folder with prepared tensorflow-datasets data (the offline route).")
+    tfds_data_dir: Optional[str] = option(
+        None, "Folder with prepared tensorflow-datasets data (the offline route).", path=True
+    )
     tfds_manual_dir: Optional[str] = option(
         None, "Folder with the archives tensorflow-datasets would download for --dataset (for cifar10: "
-        "cifar-10-binary.tar.gz), put there by hand; tfds prepares the dataset from them, checksums checked."
+        "cifar-10-binary.tar.gz), put there by hand; tfds prepares the dataset from them, checksums checked.", path=True
     )
     train_split: str = option("train", "tfds split to train on (slicing allowed, e.g. 'train[:50%]').")
     val_split: Optional[str] = option(None, "tfds validation split; default 'validation', else carved from train.")
@@ -95,6 +109,10 @@ class DataConfig:
         "none", "Training augmentation: none, or NAME[:VALUE] items separated by commas from flip, crop[:pad share], "
         "rotate[:degrees], zoom[:share], color[:strength], randaugment[:strength], mixup[:alpha], cutmix[:alpha]; "
         "flip_crop = flip,crop. Keras layers in the tf.data pipeline, seeded."
+    )
+    allow_leaks: bool = option(
+        False, "Go on when test images are also training images (the pre-flight's leak check stops the run "
+        "otherwise); the leak is still reported and kept in metrics.json."
     )
 
     def validate(self):
@@ -122,13 +140,13 @@ class DataConfig:
         """The keyword arguments of `tfxfer.data.load_splits` that name the data."""
         return {"name": self.dataset, "data_dir": self.data_dir, "csv": self.csv, "tfrecord": self.tfrecord,
                 "tfrecord_keys": (self.tfrecord_image_key, self.tfrecord_label_key),
-                "tfds_manual_dir": self.tfds_manual_dir}
+                "tfds_manual_dir": self.tfds_manual_dir, "csv_columns": (self.csv_path_column, self.csv_label_column)}
 
 
 @dataclasses.dataclass
 class ModelConfig:
     backbone: str = option("resnet50", "Backbone name; see `tfxfer backbones`.")
-    weights: str = option("imagenet", "imagenet, none, a weights file, or a pretrain/finetune run folder.")
+    weights: str = option("imagenet", "imagenet, none, a weights file, or a pretrain/finetune run folder.", path=True)
     image_size: Optional[int] = option(None, "Square input size in pixels (default: the backbone's; 32 works).")
     bn_momentum: Optional[float] = option(None, "Momentum of BatchNorm moving averages (default: the backbone's).")
 
@@ -177,7 +195,7 @@ class TransferConfig:
     )
     feature_cache: str = option(
         "auto", "While the backbone is frozen, train the head on features computed once: auto (when not augmenting), "
-        "memory, a folder (kept across runs), or off."
+        "memory, a folder (kept across runs), or off.", path=True
     )
     label_smoothing: float = option(0.0, "Label smoothing epsilon of the cross-entropy (Szegedy et al. 2016).")
     class_weight: Optional[str] = option(
@@ -245,10 +263,10 @@ class RunConfig:
     tracking: Optional[str] = option(None, "Experiment tracker to log the run to: mlflow (or give --mlflow).", ("mlflow",))
     mlflow: Optional[str] = option(
         None, "Track the run in MLflow: a bare --mlflow logs to ./mlruns (open it with `mlflow ui`), --mlflow URI to "
-        "that tracking server or store."
+        "that tracking server or store.", path=True
     )
     run_name: Optional[str] = option(None, "Run folder name under --output-dir (default: from data, backbone and method).")
-    output_dir: str = option("saved_models", "Where run folders go.")
+    output_dir: str = option("saved_models", "Where run folders go.", path=True)
 
     def validate(self):
         if self.mlflow and self.tracking is None:
@@ -269,9 +287,9 @@ def _at_least(group, keys, low):
 class CommandConfig:
     """A command's config: one attribute per group. Subclasses are dataclasses."""
 
-    # Keys a resumed run may change: where it is, and how many epochs it runs.
+    # Keys a resumed run may change: where it is, how many epochs it runs, and whether a leak stops it.
     # Not the time budget: a resumed run keeps the epochs its budget picked.
-    RESUMABLE = ("epochs", "run_name", "output_dir")
+    RESUMABLE = ("epochs", "run_name", "output_dir", "allow_leaks")
 
     def groups(self):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -495,7 +513,7 @@ def load_config(path=None, kind=FinetuneConfig, validate=True, **overrides):
     """
     values = {}
     if path:
-        values = _read_yaml(path)
+        values = _read_yaml(expand_path(path))
     values = _flatten(values, kind)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_flat(values, kind, validate)
@@ -520,7 +538,8 @@ def config_from_flat(values, kind=FinetuneConfig, validate=True):
             grouped.setdefault(group, {})[key] = "auto"
             continue
         try:
-            grouped.setdefault(group, {})[key] = _coerce(key, value, type_)
+            value = _coerce(key, value, type_)
+            grouped.setdefault(group, {})[key] = expand_path(value) if field.metadata.get("path") and value else value
         except TfxferError as e:
             if not field.metadata.get("auto"):
                 raise

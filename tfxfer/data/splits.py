@@ -10,10 +10,13 @@ is decoded, in the order `load_dataset` applies it:
 4. `sample`: a seeded sample of train (`--max-train-examples`).
 
 Nothing is copied: folder splits keep file paths, tfds splits keep the positions
-of the records they use.
+of the records they use. File splits are decoded for the first time once the
+selection is made (`unchecked`), so a sample of a large folder checks only the
+files it uses.
 """
 
 import dataclasses
+import re
 from typing import Optional
 
 import numpy as np
@@ -21,7 +24,23 @@ import tensorflow as tf
 
 from tfxfer.errors import TfxferError, did_you_mean
 
-__all__ = ["Split", "select_classes", "sample_per_class", "carve", "kfold", "sample"]
+__all__ = ["Split", "SPLIT_NAMES", "class_order", "select_classes", "align_classes", "sample_per_class", "carve",
+           "kfold", "sample"]
+
+# The names a split goes by, in folders, a CSV's split column and --tfrecord SPLIT=GLOB, and the split each means.
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
+               "test": "test", "testing": "test"}
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def class_order(names):
+    """Class names in label order: as numbers when every name is an integer
+    (`1, 2, 10`), else as text. A label's class id is its place here."""
+    names = list(names)
+    if names and all(_INTEGER.fullmatch(name) for name in names):
+        return sorted(names, key=lambda name: (int(name), name))
+    return sorted(names)
 
 
 @dataclasses.dataclass
@@ -33,6 +52,9 @@ class Split:
     their labels, both known only once the labels were read (`read_labels`);
     `label_map` maps a record's label to the label used (-1: not used), and
     `limit` keeps only the first records when nothing was read.
+
+    `unchecked` file paths have not been decoded yet (`tfxfer.data.load_splits`
+    checks the ones it uses).
     """
 
     count: int
@@ -43,6 +65,7 @@ class Split:
     positions: Optional[np.ndarray] = None
     label_map: Optional[np.ndarray] = None
     limit: Optional[int] = None
+    unchecked: bool = False
 
     @property
     def from_paths(self):
@@ -122,15 +145,26 @@ def select_classes(splits, class_names, wanted):
     return selected, wanted
 
 
-def sample_per_class(split, per_class, seed):
+def align_classes(splits, class_names, stored):
+    """`(splits, stored)` with labels that follow `stored`, the class order of an
+    existing model, when the data has the same classes in another order; else
+    `(splits, class_names)` as they are, for the caller to compare."""
+    if list(class_names) == list(stored) or sorted(class_names) != sorted(stored):
+        return splits, class_names
+    return select_classes(splits, class_names, list(stored))
+
+
+def sample_per_class(split, per_class, seed, keep=None):
     """A seeded, stratified sample of `per_class` examples of each class (all
-    of a class that has fewer)."""
+    of a class that has fewer). With `keep` (see `sample`), the examples it
+    refuses are passed over for the next ones of their class."""
     if per_class < 1:
         raise TfxferError(f"--labels-per-class must be at least 1, got {per_class}.")
     split = split.with_labels()
     rng = np.random.default_rng(seed)
-    chosen = [rng.permutation(np.flatnonzero(split.labels == c))[:per_class] for c in np.unique(split.labels)]
-    return split.subset(np.concatenate(chosen))
+    orders = [rng.permutation(np.flatnonzero(split.labels == c)) for c in np.unique(split.labels)]
+    chosen = split.subset(np.concatenate(_first_kept(orders, per_class, keep)))
+    return dataclasses.replace(chosen, unchecked=False) if keep else chosen
 
 
 def carve(split, fraction, seed):
@@ -165,11 +199,34 @@ def kfold(split, folds, fold, seed):
     return split.subset(np.setdiff1d(np.arange(split.count), val)), split.subset(val)
 
 
-def sample(split, count, seed):
+def sample(split, count, seed, keep=None):
     """A seeded sample of `count` examples; for unread records, the first `count`
-    (tfds shuffles records when it prepares a dataset)."""
+    (tfds shuffles records when it prepares a dataset).
+
+    `keep(indices)` gives a bool per index: whether that example is usable (its
+    file decodes). The ones it refuses are replaced by the next ones of the
+    same seeded order, so the sample does not depend on which other files are bad."""
     if count >= split.count:
         return split
     if split.labels is None:
         return dataclasses.replace(split, limit=count, count=count)
-    return split.subset(np.random.default_rng(seed).permutation(split.count)[:count])
+    order = np.random.default_rng(seed).permutation(split.count)
+    chosen = split.subset(_first_kept([order], count, keep)[0])
+    return dataclasses.replace(chosen, unchecked=False) if keep else chosen
+
+
+def _first_kept(orders, count, keep):
+    """The first `count` indices of each of `orders` that `keep` accepts, asking
+    `keep` about as few indices as it can, for all orders at once."""
+    if keep is None:
+        return [order[:count] for order in orders]
+    chosen, start = [[] for _ in orders], [0] * len(orders)
+    while True:
+        chunks = [order[s:s + count - len(c)] for order, s, c in zip(orders, start, chosen)]
+        sizes = [len(chunk) for chunk in chunks]
+        if not sum(sizes):
+            return [np.asarray(c, np.int64) for c in chosen]
+        accepted = np.split(np.asarray(keep(np.concatenate(chunks)), bool), np.cumsum(sizes)[:-1])
+        for k, (chunk, ok) in enumerate(zip(chunks, accepted)):
+            chosen[k].extend(chunk[ok])
+            start[k] += len(chunk)

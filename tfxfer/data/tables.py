@@ -1,8 +1,8 @@
 """Labelled images listed in a CSV file or stored in TFRecord files.
 
 Both give the same `Split`s as an image folder, so selection, the pipeline and
-the skipping of undecodable images work alike. Class names are the sorted
-distinct labels, as folder names are.
+the skipping of undecodable images work alike. Class names are the distinct
+labels in `class_order`, as folder names are: as numbers when all are integers.
 """
 
 import csv
@@ -11,43 +11,55 @@ import os
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 
-from tfxfer.data.folders import decodable
 from tfxfer.data.images import decode_image
-from tfxfer.data.splits import Split
+from tfxfer.data.splits import SPLIT_NAMES, Split, class_order
 from tfxfer.errors import TfxferError
 
 __all__ = ["csv_table", "tfrecord_files", "SPLIT_NAMES"]
 
-# The values a CSV's split column (or a --tfrecord SPLIT=GLOB) may take, and the split each means.
-SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+# The separators a CSV may use: commas, semicolons (Excel where the decimal mark is a comma), tabs, bars.
+SEPARATORS = ",;\t|"
+_SEPARATOR_NAMES = {",": "commas", ";": "semicolons", "\t": "tabs", "|": "bars"}
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
-def csv_table(path):
-    """`(splits, class names, skipped files)` of a CSV with columns `path` and
-    `label`, and optionally `split` (train, val or validation, test; empty is
-    train). Relative paths are from the CSV's folder."""
+def csv_table(path, path_column="path", label_column="label"):
+    """`(splits, class names)` of a CSV with a path and a label column, and
+    optionally `split` (train, val, test or their other names; empty is
+    train). Relative paths are from the CSV's folder. Column names match
+    without surrounding spaces or case; the separator is the one of
+    `SEPARATORS` the header uses most. The files are not decoded yet."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = set(reader.fieldnames or ())
+            header = f.readline()
+            separator = max(SEPARATORS, key=header.count) if any(c in header for c in SEPARATORS) else ","
+            f.seek(0)
+            reader = csv.reader(f, delimiter=separator, skipinitialspace=True)
+            fields = [name.strip() for name in next(reader, [])]
+            rows = [dict(zip([name.lower() for name in fields], values)) for values in reader if any(v.strip() for v in values)]
     except FileNotFoundError:
         raise TfxferError(f"CSV file {path!r} does not exist; pass --csv with a file of path,label rows.") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise TfxferError(f"Cannot read {path!r} as CSV ({e}); it needs a header row with the columns path and label.") from None
-    missing = {"path", "label"} - columns
+    path_key, label_key = path_column.strip().lower(), label_column.strip().lower()
+    columns = {name.lower() for name in fields}
+    missing = [name for name, key in ((path_column, path_key), (label_column, label_key)) if key not in columns]
     if missing:
+        options = " and ".join(option for option, key in (("--csv-path-column", path_key), ("--csv-label-column", label_key))
+                               if key not in columns)
+        read = ", ".join(repr(name) for name in fields) or "nothing"
         raise TfxferError(
-            f"{path!r} lacks the column(s) {', '.join(sorted(missing))}; its header must name path and label "
-            "(and optionally split)."
+            f"{path!r} lacks the column(s) {', '.join(sorted(missing))}: its header, read as separated by "
+            f"{_SEPARATOR_NAMES[separator]}, names {read}; rename the columns, or name yours with {options}."
         )
     root = os.path.dirname(os.path.abspath(path))
     by_split = {}
     # Row numbers as a spreadsheet shows them: the header is row 1.
     for number, row in enumerate(rows, start=2):
-        label = (row.get("label") or "").strip()
-        file = (row.get("path") or "").strip()
+        label = (row.get(label_key) or "").strip()
+        file = (row.get(path_key) or "").strip()
         split = (row.get("split") or "").strip().lower() or "train"
         if not label:
             raise TfxferError(f"Row {number} of {path!r} has an empty label; give every row a class name.")
@@ -63,42 +75,40 @@ def csv_table(path):
         raise TfxferError(f"{path!r} has a header and no rows; add one path,label row per image.")
     if not by_split.get("train"):
         raise TfxferError(f"{path!r} has no training rows; rows without a split value are training rows.")
-    class_names = sorted({label for label in (lab for pairs in by_split.values() for _, lab in pairs)})
+    class_names = class_order({label for pairs in by_split.values() for _, label in pairs})
     index = {name: i for i, name in enumerate(class_names)}
-    skipped, splits = [], {}
-    good = decodable([p for pairs in by_split.values() for p, _ in pairs])
-    for key, pairs in by_split.items():
-        skipped.extend(os.fsdecode(p) for p, _ in pairs if p not in good)
-        kept = [(p, index[lab]) for p, lab in pairs if p in good]
-        splits[key] = Split(
-            len(kept), np.asarray([lab for _, lab in kept], np.int32), np.asarray([p for p, _ in kept], dtype=object)
-        )
-    if not splits["train"].count:
-        raise TfxferError(f"None of the training images listed in {path!r} could be decoded ({len(skipped)} skipped).")
-    return splits, class_names, skipped
+    splits = {
+        key: Split(len(pairs), np.asarray([index[label] for _, label in pairs], np.int32),
+                   np.asarray([p for p, _ in pairs], dtype=object), unchecked=True)
+        for key, pairs in by_split.items()
+    }
+    return splits, class_names
 
 
 def tfrecord_files(pattern, image_key="image", label_key="label"):
     """`(splits, class names, skipped records)` of `tf.train.Example` records.
 
     `pattern` is a glob of training files, or `SPLIT=GLOB` pairs separated by
-    commas (`train=a/*.tfrecord,test=b/*.tfrecord`). Each record holds the
-    encoded image bytes under `image_key` and an integer or string label under
-    `label_key`. The records are read once here, to learn the labels and to
-    drop those whose image does not decode; a skipped record is named
-    `FILE#INDEX`.
+    commas (`train=a/*.tfrecord,test=b/*.tfrecord`); a part is a pair only when
+    what comes before its first `=` is a split name, so `split=train/*.tfrecord`
+    is a path. Files are plain or GZIP TFRecord files, told apart by their
+    first bytes. Each record holds the encoded image bytes under `image_key`
+    and an integer or string label under `label_key`. The records are read
+    once here, to learn the labels and to drop those whose image does not
+    decode; a skipped record is named `FILE#INDEX`.
     """
     globs = {}
     for part in pattern.split(","):
-        key, sep, value = part.rpartition("=")
-        if not sep:
-            key, value = "train", part
-        if key.strip().lower() not in SPLIT_NAMES:
-            raise TfxferError(f"--tfrecord split {key!r} is not one of train, val, validation, test.")
+        key, sep, value = part.partition("=")
+        split = SPLIT_NAMES.get(key.strip().lower()) if sep else None
+        if split is None:
+            split, value = "train", part
         files = sorted(glob.glob(os.path.expanduser(value.strip())))
         if not files:
-            raise TfxferError(f"--tfrecord {value.strip()!r} matches no file.")
-        globs[SPLIT_NAMES[key.strip().lower()]] = files
+            hint = "; a SPLIT=GLOB pair names train, val or test before the =" if "=" in value else ""
+            raise TfxferError(f"--tfrecord {value.strip()!r} matches no file{hint}.")
+        known = globs.setdefault(split, [])
+        known.extend(f for f in files if f not in known)
     if "train" not in globs:
         raise TfxferError("--tfrecord needs training records: a plain GLOB, or train=GLOB among the pairs.")
 
@@ -110,6 +120,8 @@ def tfrecord_files(pattern, image_key="image", label_key="label"):
     if len(kinds) > 1:
         raise TfxferError(f"{label_key!r} is an integer in some --tfrecord files and a string in others; use one kind.")
     raw = sorted({v for values, ok, _, _ in scanned.values() for v, good in zip(values, ok) if good})
+    if kinds == {tf.string}:
+        raw = [name.encode() for name in class_order(v.decode() for v in raw)]
     class_names = [v.decode() if isinstance(v, bytes) else str(v) for v in raw]
     index = {v: i for i, v in enumerate(raw)}
     splits, skipped = {}, []
@@ -136,7 +148,32 @@ def _parsed(files, image_key, label_key, kind):
         example = tf.io.parse_single_example(serialized, features)
         return example[image_key], example[label_key]
 
-    return tf.data.TFRecordDataset(files).map(parse)
+    return _records(files).map(parse)
+
+
+def _records(files):
+    """The serialized records of `files`, each file read plain or as GZIP, as its first bytes say."""
+    kinds = [_compression(path) for path in files]
+    if len(set(kinds)) == 1:
+        return tf.data.TFRecordDataset(files, compression_type=kinds[0])
+    pairs = tf.data.Dataset.from_tensor_slices((files, kinds))
+    return pairs.flat_map(lambda path, kind: tf.data.TFRecordDataset(path, compression_type=kind))
+
+
+def _compression(path):
+    with open(path, "rb") as f:
+        return "GZIP" if f.read(2) == _GZIP_MAGIC else ""
+
+
+def _unreadable(path):
+    """The sentence for a file whose records cannot be read: not a TFRecord file at all, or a damaged one."""
+    try:
+        _records([path]).take(1).reduce(np.int64(0), lambda n, _: n + 1)
+    except tf.errors.OpError:
+        hint = " but a CSV file (pass it with --csv)" if path.lower().endswith(".csv") else ""
+        return TfxferError(f"{path!r} is not a TFRecord file{hint}; --tfrecord takes TFRecord files (plain or GZIP) of "
+                           "tf.train.Example records.")
+    return TfxferError(f"--tfrecord file {path!r} is damaged: a record in it is cut short or corrupted; write it again.")
 
 
 def _label_table(raw, kind):
@@ -149,9 +186,17 @@ def _scan_records(files, image_key, label_key):
     """`(label values, decodable flags, label dtype, record names)` of every record in `files`."""
     kind = None
     for path in files:
-        for serialized in tf.data.TFRecordDataset(path).take(1).as_numpy_iterator():
-            kind = _label_kind(tf.train.Example.FromString(serialized), path, image_key, label_key)
-            break
+        try:
+            first = list(_records([path]).take(1).as_numpy_iterator())
+        except tf.errors.OpError:
+            raise _unreadable(path) from None
+        for serialized in first:
+            try:
+                example = tf.train.Example.FromString(serialized)
+            except DecodeError:
+                raise TfxferError(f"The records of {path!r} are not tf.train.Example records; --tfrecord takes "
+                                  "TFRecord files of tf.train.Example records.") from None
+            kind = _label_kind(example, path, image_key, label_key)
         if kind is not None:
             break
     if kind is None:
@@ -198,4 +243,7 @@ def _label_kind(example, path, image_key, label_key):
 
 
 def _count(path):
-    return int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1))
+    try:
+        return int(_records([path]).reduce(np.int64(0), lambda n, _: n + 1))
+    except tf.errors.OpError:
+        raise _unreadable(path) from None
