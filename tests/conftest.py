@@ -304,11 +304,28 @@ def _unchanged(folder):
     assert _snapshot(folder) == before, f"a test wrote into the shared {folder}; copy it first (run_copy)"
 
 
+def _once(tmp_path_factory, name, build):
+    """The folder `name`, made by `build(folder)` once per test run, however many xdist
+    workers ask for it: the first builds it under a file lock and the others wait for it
+    and reuse it (pytest-xdist's recipe for session fixtures). Returns the folder."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # shared by one run's workers
+    folder, done = root / f"once-{name}", root / f"once-{name}.done"
+    with FileLock(str(root / f"once-{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.write_text("built")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shared_data(tmp_path_factory):
     """A write_splits folder: cat, dog and owl, 12 train and 4 test images each, one colour per class."""
-    folder = tmp_path_factory.mktemp("shared") / "data"
-    write_splits(folder, train=12, test=4)
+    folder = _once(tmp_path_factory, "shared", lambda root: write_splits(root / "data", train=12, test=4)) / "data"
     with _unchanged(folder):
         yield folder
 
@@ -321,9 +338,11 @@ SHARED_RUN = ["--backbone", "resnet9", "--weights", "none", "--image-size", "32"
 def finished_run(tmp_path_factory, shared_data):
     """A finished `finetune` of resnet9 on `shared_data` (options SHARED_RUN) that learned its classes:
     its run folder, with model.keras, metrics.json, the plots and the SavedModel export/1."""
-    root = tmp_path_factory.mktemp("finished")
-    result = run_cli("finetune", "--data-dir", shared_data, *SHARED_RUN, "--output-dir", root, "--run-name", "r")
-    assert result.exit_code == 0, result.output
+    def build(root):
+        result = run_cli("finetune", "--data-dir", shared_data, *SHARED_RUN, "--output-dir", root, "--run-name", "r")
+        assert result.exit_code == 0, result.output
+
+    root = _once(tmp_path_factory, "finished", build)
     with _unchanged(root / "r"):
         yield root / "r"
 
@@ -371,13 +390,15 @@ def pretrained_backbone(tmp_path_factory):
     import tfxfer
     from tfxfer.config import PretrainConfig, load_config
 
-    root = tmp_path_factory.mktemp("pretrained")
-    source = str(root / "source")
-    write_class_folder(source, classes=("ant", "bee", "cat", "dog"), per_class=12)
-    config = load_config(kind=PretrainConfig, data_dir=source, backbone="simplecnn", epochs=1, batch_size=8,
-                         output_dir=str(root / "runs"))
-    run_dir = tfxfer.pretrain(config, verbose=0, log=lambda *_: None).run_dir
-    keras.backend.clear_session(free_memory=False)
+    def build(root):
+        write_class_folder(str(root / "source"), classes=("ant", "bee", "cat", "dog"), per_class=12)
+        config = load_config(kind=PretrainConfig, data_dir=str(root / "source"), backbone="simplecnn", epochs=1,
+                             batch_size=8, output_dir=str(root / "runs"), run_name="p")
+        tfxfer.pretrain(config, verbose=0, log=lambda *_: None)
+        keras.backend.clear_session(free_memory=False)
+
+    root = _once(tmp_path_factory, "pretrained", build)
+    run_dir, source = str(root / "runs" / "p"), str(root / "source")
     with _unchanged(run_dir):
         yield run_dir, source
 
@@ -386,10 +407,13 @@ def pretrained_backbone(tmp_path_factory):
 def finished_study(tmp_path_factory, shared_data):
     """`(study folder, its output)`: a finished `study` of the tiny backbone on `shared_data`, strategies scratch and
     full, seeds 0 and 1, one epoch each."""
-    root = tmp_path_factory.mktemp("study")
-    result = run_cli("study", "--data-dir", shared_data, "--backbone", "tiny", "--weights", "none", "--image-size",
-                     "32", "--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--strategies", "scratch,full",
-                     "--seeds", "0,1", "--output-dir", root, "--name", "s")
-    assert result.exit_code == 0, result.output
-    with _unchanged(root / "s"):
-        yield root / "s", result.output
+    def build(root):
+        result = run_cli("study", "--data-dir", shared_data, "--backbone", "tiny", "--weights", "none", "--image-size",
+                         "32", "--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--strategies", "scratch,full",
+                         "--seeds", "0,1", "--output-dir", root / "out", "--name", "s")
+        assert result.exit_code == 0, result.output
+        (root / "output.txt").write_text(result.output)
+
+    root = _once(tmp_path_factory, "study", build)
+    with _unchanged(root / "out" / "s"):
+        yield root / "out" / "s", (root / "output.txt").read_text()

@@ -197,3 +197,141 @@ def test_export_refuses_a_run_that_another_command_holds(run_copy):
     assert result.exit_code == 1 and "is in use by PID" in result.output and "once that command has finished" in result.output
     assert sorted(p.name for p in (run_copy / "export").iterdir()) == ["1"]  # nothing exported from the old model
     assert run_cli("export", run_copy, "--format", "saved_model").exit_code == 0  # once it is free
+
+
+def test_the_file_check_progress_is_one_plain_line_in_a_log(tmp_path, monkeypatch, capsys):
+    from tfxfer.data import folders
+
+    write_class_folder(str(tmp_path), classes=("a", "b"), per_class=3)
+    paths = [str(p).encode() for p in sorted(tmp_path.rglob("*.*"))]
+    monkeypatch.setattr(folders, "PROGRESS_FILES", 1)  # the bar shows on larger scans only
+    assert folders.decodable(paths) == set(paths)
+    printed = capsys.readouterr().out  # captured: not a terminal, as a log file is not
+    assert "\x1b[" not in printed and "\r" not in printed and "\b" not in printed, repr(printed)
+    assert "checking 6 image files" in printed and "6/6" in printed, printed
+
+
+def test_finetune_refuses_a_csv_that_lists_a_test_image_as_a_training_row(tmp_path):
+    import json
+    import os
+
+    write_class_folder(str(tmp_path / "images"), classes=("cat", "dog"), per_class=6)
+    rows = ["path,label,split"]
+    for name in ("cat", "dog"):
+        files = sorted(os.listdir(tmp_path / "images" / name))
+        rows += [f"images/{name}/{f},{name},train" for f in files[:3]] + [f"images/{name}/{files[3]},{name},val"]
+        rows += [f"images/{name}/{f},{name},test" for f in files[4:]]
+    rows.append("images/cat/004.png,cat,train")  # a test image listed again for training
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    args = ("finetune", "--csv", tmp_path / "data.csv", "--backbone", "tiny", "--weights", "none", "--image-size", "32",
+            "--epochs", "1", "--batch-size", "8", "--output-dir", tmp_path / "runs", "--run-name", "r")
+
+    refused = run_cli(*args)
+    assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
+    assert ("1 test image is also in the training split (first: cat/004.png, listed in train and test), so the test "
+            "accuracy would count images the model trained on; remove it from one split, or pass --allow-leaks "
+            "(allow_leaks: true in the config's data section) to go on anyway.") in refused.output
+    assert not (tmp_path / "runs" / "r").exists()
+
+    allowed = run_cli(*args, "--allow-leaks")
+    assert allowed.exit_code == 0, allowed.output
+    assert ("  leak (allowed by --allow-leaks): 1 test image also in train (first: cat/004.png, listed in train and "
+            "test); the test accuracy counts them") in allowed.output
+    preflight = json.loads((tmp_path / "runs" / "r" / "metrics.json").read_text())["preflight"]
+    assert preflight["leaks"] == {"count": 1, "examples": ["cat/004.png, listed in train and test"]}
+    assert preflight["allow_leaks"] is True and preflight["images"] == {"train": 7, "val": 2, "test": 4}
+    card = (tmp_path / "runs" / "r" / "export" / "1" / "MODEL_CARD.md").read_text()
+    assert "leak (allowed by --allow-leaks): 1 test image also in train (first: cat/004.png" in card
+
+
+def test_an_unknown_export_version_lists_those_that_exist(finished_run, shared_data):
+    image = sorted((shared_data / "test" / "cat").iterdir())[0]
+    for argv in (("predict", "--model", finished_run, "--version", "7", image),
+                 ("evaluate", "--model", finished_run, "--version", "7", "--data-dir", shared_data)):
+        result = run_cli(*argv)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"{finished_run} has no export version 7; its only version is 1." in result.output
+    one = run_cli("predict", "--model", finished_run / "export" / "1", "--version", "1", image)
+    assert one.exit_code == 1 and "is a single SavedModel version; drop --version" in one.output, one.output
+
+
+def test_export_output_named_like_a_file_is_refused_and_the_file_kept(run_copy, tmp_path):
+    mine = tmp_path / "mymodel.tflite"
+    mine.write_bytes(b"the user's own model")
+    result = run_cli("export", run_copy, "--format", "litert", "--output", mine)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert (f"--output {mine} names a file, but --output takes a folder: pass --output {tmp_path / 'mymodel'}, and the "
+            "litert export writes model.tflite inside it.") in result.output
+    assert mine.read_bytes() == b"the user's own model"
+    onnx = run_cli("export", run_copy, "--format", "onnx", "--output", tmp_path / "new.onnx")
+    assert onnx.exit_code == 1 and "the onnx export writes model.onnx inside it." in onnx.output, onnx.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mymodel.tflite", "runs"]
+
+
+def test_a_failed_write_advises_only_options_the_command_has(run_copy, finished_run, shared_data, tmp_path, monkeypatch):
+    from tests.conftest import read_only
+
+    fix = "; free space or pass --output with a writable folder, then run again."
+    with read_only(str(run_copy), monkeypatch):
+        exported = run_cli("export", run_copy)
+    assert exported.exit_code == 1 and "Traceback" not in exported.output, exported.output
+    assert "Cannot write" in exported.output and fix in exported.output
+    assert "--output-dir" not in exported.output and "--resume" not in exported.output
+    in_the_way = tmp_path / "notes.txt"
+    in_the_way.write_text("mine")
+    image = sorted((shared_data / "test" / "cat").iterdir())[0]
+    explained = run_cli("explain", finished_run, image, "--output", in_the_way / "maps")
+    assert explained.exit_code == 1 and "Traceback" not in explained.output, explained.output
+    assert "Cannot write" in explained.output and fix in explained.output and "--resume" not in explained.output
+    assert in_the_way.read_text() == "mine"
+
+
+def test_a_run_folder_removed_while_training_is_one_sentence(data, tmp_path):
+    import shutil
+
+    import keras
+
+    import tfxfer
+    from tfxfer.config import load_config
+
+    class RemoveTheFolder(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            shutil.rmtree(tmp_path / "runs" / "gone")  # a user's `rm -rf` in another terminal
+
+    config = load_config(data_dir=str(data / "images"), backbone="tiny", weights="none", image_size=32, epochs=2,
+                         batch_size=8, output_dir=str(tmp_path / "runs"), run_name="gone")
+    with pytest.raises(tfxfer.TfxferError, match="Run folder .*gone was removed while the run was working, and its "
+                                                 "checkpoints with it; start the run again."):
+        tfxfer.finetune(config, callbacks=[RemoveTheFolder()], verbose=0, log=lambda message: None)
+    assert not (tmp_path / "runs" / "gone").exists()
+
+
+DATA_SOURCE_CASES = [
+    ("csv-semicolons", "lacks the column(s) label, path: its header, read as separated by semicolons, names 'file', "
+                       "'class'; rename the columns, or name yours with --csv-path-column and --csv-label-column."),
+    ("val-and-valid", "has two validation folders, val/ and valid/; merge them into one or rename the other."),
+    ("splits-without-train", "holds the split folder(s) Test/, Val/ and no training folder; add train/ (or training/) "
+                             "with one sub-folder per class beside them."),
+    ("csv-as-tfrecord", "is not a TFRecord file but a CSV file (pass it with --csv); --tfrecord takes TFRecord files "
+                        "(plain or GZIP) of tf.train.Example records."),
+]
+
+
+@pytest.mark.parametrize("case, message", DATA_SOURCE_CASES, ids=[c[0] for c in DATA_SOURCE_CASES])
+def test_data_sources_as_people_have_them_get_one_sentence(tmp_path, case, message):
+    import os
+
+    if case.startswith("csv"):
+        write_class_folder(str(tmp_path / "img"), per_class=2, size=8)
+        rows = [f"img/{c}/{f};{c}" for c in ("cat", "dog") for f in sorted(os.listdir(tmp_path / "img" / c))]
+        (tmp_path / "labels.csv").write_text("file;class\n" + "\n".join(rows) + "\n")
+        source = ("--tfrecord" if case == "csv-as-tfrecord" else "--csv", tmp_path / "labels.csv")
+    else:
+        for name in ("train", "val", "valid") if case == "val-and-valid" else ("Test", "Val"):
+            write_class_folder(str(tmp_path / "data" / name), per_class=2, size=8)
+        source = ("--data-dir", tmp_path / "data")
+    result = run_cli("finetune", *source, "--backbone", "tiny", "--weights", "none", "--epochs", "1",
+                     "--output-dir", tmp_path / "runs")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "runs").exists()

@@ -108,6 +108,9 @@ class _KillIn(keras.callbacks.Callback):
         raise KeyboardInterrupt
 
 
+# Four runs and the study's report: 50 s on 2 cores, a sixth of the inner loop. The study's parts
+# (strategies, pairing, statistics, leftovers) are tested on their own above and below.
+@pytest.mark.slow
 def test_a_finished_study_reports_pairs_and_keeps_one_export_per_strategy(finished_study):
     study_dir, output = finished_study
     with open(study_dir / "results.csv") as f:

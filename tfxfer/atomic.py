@@ -10,7 +10,8 @@ half of one that a later command would trust. Leftover temporaries are named
 import contextlib
 import json
 import os
-import shutil
+
+from tfxfer import owned
 
 __all__ = ["replacing", "write_text", "write_json", "write_npz", "read_json"]
 
@@ -34,10 +35,7 @@ def replacing(path):
             os.replace(temporary, path)
     finally:
         for leftover in (temporary, old):
-            if os.path.isdir(leftover):
-                shutil.rmtree(leftover, ignore_errors=True)
-            elif os.path.exists(leftover):
-                os.remove(leftover)
+            owned.remove(leftover, "temporary")
 
 
 def write_text(path, text):

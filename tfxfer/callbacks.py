@@ -9,13 +9,12 @@ import csv
 import io
 import math
 import os
-import shutil
 import time
 
 import keras
 import tensorflow as tf
 
-from tfxfer import atomic
+from tfxfer import atomic, owned
 from tfxfer.data.pipeline import set_epoch
 from tfxfer.errors import TfxferError
 
@@ -41,14 +40,18 @@ class RunCheckpoint(keras.callbacks.Callback):
             `monitor` is another key). Accuracy on a few validation images
             moves in coarse steps and ties from early epochs on; without it the
             first, least trained epoch of a tie would be kept.
+        class_names: the classes in the order of the model's outputs, kept in
+            state.json, so a resumed run gives each class the id it trained with.
     """
 
-    def __init__(self, run_dir, trackables, save_best, best_path, monitor="val_accuracy", mode="max", tie_break=None):
+    def __init__(self, run_dir, trackables, save_best, best_path, monitor="val_accuracy", mode="max", tie_break=None,
+                 class_names=None):
         super().__init__()
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
         self.run_dir, self.save_best, self.best_path = run_dir, save_best, best_path
         self.monitor, self.mode = monitor, mode
+        self.class_names = list(class_names) if class_names is not None else None
         self.tie_break = tie_break if tie_break is not None else ("val_loss" if monitor != "val_loss" else None)
         self.state_path = os.path.join(run_dir, CHECKPOINT_STATE)
         self.best_value, self.best_epoch, self.best_tie = None, None, None
@@ -99,13 +102,13 @@ class RunCheckpoint(keras.callbacks.Callback):
         atomic.write_json(self.state_path, {
             "epoch": epoch + 1, "checkpoint": os.path.relpath(path, self.run_dir), "monitor": self.monitor,
             "best_value": self.best_value, "best_epoch": self.best_epoch, "best_tie": self.best_tie,
+            **({"class_names": self.class_names} if self.class_names is not None else {}),
         })
         keep = os.path.basename(path)
         for name in os.listdir(folder):
             # Also a killed write's leftovers, e.g. TensorFlow's `epoch-N_temp/` folder.
             if name.startswith("epoch-") and name.split(".")[0] != keep:
-                path = os.path.join(folder, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                owned.remove(os.path.join(folder, name), "checkpoint")
 
 
 def random_state(model):

@@ -5,14 +5,16 @@ import functools
 import importlib
 import json
 import os
+import signal
 import sys
 
 import click
 
 from tfxfer import atomic, runtime
 from tfxfer.config import BN_MODES, FinetuneConfig, PretrainConfig, StudyConfig, load_config
-from tfxfer.errors import TfxferError, write_failure
+from tfxfer.errors import RUN_FOLDER_FIX, TfxferError, write_failure
 from tfxfer.evaluation import TTA_MODES
+from tfxfer.interrupts import Terminated, sigterm_interrupts
 
 def config_options(kind, names=None):
     """Click options for the fields of the command config `kind` (or only
@@ -62,14 +64,22 @@ def _option(name, field, type_, default):
 
 
 EVALUATE_OPTIONS = (
-    "dataset", "data_dir", "csv", "tfrecord", "tfrecord_image_key", "tfrecord_label_key", "tfds_data_dir", "tfds_manual_dir", "train_split", "val_split", "test_split", "val_fraction", "classes",
-    "labels_per_class", "batch_size", "seed",
+    "dataset", "data_dir", "csv", "csv_path_column", "csv_label_column", "tfrecord", "tfrecord_image_key", "tfrecord_label_key", "tfds_data_dir", "tfds_manual_dir", "train_split", "val_split", "test_split", "val_fraction", "classes",
+    "labels_per_class", "batch_size", "seed", "allow_leaks",
 )
 
 
 # Exit codes: 0 done, 1 a user's mistake (one sentence), 2 a usage error
-# (click's own), 130 interrupted with Ctrl-C (128 + SIGINT, as shells do).
+# (click's own), 130 interrupted with Ctrl-C (128 + SIGINT, as shells do),
+# 143 stopped by SIGTERM (128 + SIGTERM).
 INTERRUPTED = 130
+TERMINATED = 128 + signal.SIGTERM
+
+# How a failed write is fixed, by what each command can be told.
+OUTPUT_FIX = "free space or pass --output with a writable folder, then run again."
+STUDY_FIX = "free space or choose a writable --output-dir, then run the same command again (finished runs are kept)."
+PLOT_FIX = "free space or pass --plot with a writable path, then run again."
+OTHER_FIX = "free space or make that folder writable, then run again."
 
 
 def _progress():
@@ -77,11 +87,12 @@ def _progress():
     return 1 if sys.stdout.isatty() else 2
 
 
-def _friendly(command=None, *, tensorflow=True):
-    """Turn a user's mistake (`TfxferError`) into one line on stderr and exit 1.
+def _friendly(command=None, *, tensorflow=True, fix=OTHER_FIX):
+    """Turn a user's mistake (`TfxferError`) into one line on stderr and exit 1;
+    a failed write ends with `fix`, which names the command's own options.
     TensorFlow loads first, quietly, unless the command does without it."""
     if command is None:
-        return functools.partial(_friendly, tensorflow=tensorflow)
+        return functools.partial(_friendly, tensorflow=tensorflow, fix=fix)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -92,7 +103,7 @@ def _friendly(command=None, *, tensorflow=True):
         except TfxferError as e:
             raise click.ClickException(str(e)) from None
         except Exception as e:
-            failure = write_failure(e)
+            failure = write_failure(e, fix)
             if failure is None:
                 raise
             raise click.ClickException(str(failure)) from None
@@ -100,10 +111,11 @@ def _friendly(command=None, *, tensorflow=True):
     return wrapper
 
 
-def _interrupted(message):
-    """After Ctrl-C: say how to continue, on stderr, and exit 130."""
-    click.echo(f"Interrupted; {message}", err=True)
-    raise SystemExit(INTERRUPTED)
+def _interrupted(message, stop=None):
+    """After Ctrl-C (or SIGTERM: `stop` is a `Terminated`), say how to continue, on stderr, and exit 130 (143)."""
+    terminated = isinstance(stop, Terminated)
+    click.echo(f"{'Terminated' if terminated else 'Interrupted'}; {message}", err=True)
+    raise SystemExit(TERMINATED if terminated else INTERRUPTED)
 
 
 @click.group()
@@ -136,18 +148,20 @@ def _run_command(name, kind, engine, summary, cls=click.Command):
     @config_options(kind)
     @click.option("--resume", is_flag=True, help="Continue the interrupted run --run-name from its checkpoint, with its saved config.")
     @click.option("--overwrite", is_flag=True, help="Replace an existing run folder of the same name.")
-    @_friendly
+    @_friendly(fix=RUN_FOLDER_FIX)
     def command(config_path, resume, overwrite, **flags):
         module, function = engine.rsplit(".", 1)
         run = getattr(importlib.import_module(module), function)
         config = load_config(config_path, kind, validate=not resume, **flags)
         try:
-            run(config, resume=resume, overwrite=overwrite, verbose=_progress())
-        except KeyboardInterrupt:
+            with sigterm_interrupts():
+                run(config, resume=resume, overwrite=overwrite, verbose=_progress())
+        except KeyboardInterrupt as stop:
             from tfxfer.runs import default_run_name  # TensorFlow is loaded by now
 
             run_name = config.run.run_name or default_run_name(config)
-            _interrupted(f"continue with: tfxfer {name} --resume --run-name {run_name} --output-dir {config.run.output_dir}")
+            _interrupted(f"continue with: tfxfer {name} --resume --run-name {run_name} --output-dir {config.run.output_dir}",
+                         stop)
 
     command.__doc__ = summary
     return main.command(name, cls=cls)(command)
@@ -168,7 +182,7 @@ pretrain = _run_command("pretrain", PretrainConfig, "tfxfer.pretraining.pretrain
 @click.option("--end-lr", default=10.0, show_default=True, help="Learning rate of the last step.")
 @click.option("--plot", "plot_path", default="lr_find.png", show_default=True, type=click.Path(dir_okay=False),
               help="Where the loss-against-learning-rate plot goes.")
-@_friendly
+@_friendly(fix=PLOT_FIX)
 def lr_find(config_path, steps, start_lr, end_lr, plot_path, **flags):
     """Learning-rate range test on the finetune setup these options describe:
     the loss over ~100 steps of a growing learning rate, a plot, and a
@@ -223,7 +237,7 @@ STUDY_OPTIONS = [k for k in StudyConfig.fields() if k not in StudyConfig.OWNED]
 @main.command()
 @click.option("--config", "config_path", type=click.Path(), help="YAML config file; flags override it.")
 @config_options(StudyConfig, STUDY_OPTIONS)
-@_friendly
+@_friendly(fix=STUDY_FIX)
 def study(config_path, **flags):
     """Compare strategies over seeds (and folds): results.csv, report.md, plots.
 
@@ -234,13 +248,19 @@ def study(config_path, **flags):
 
     config = load_config(config_path, StudyConfig, **flags)
     try:
-        run_study(config, log=click.echo)
-    except KeyboardInterrupt:
-        _interrupted("run the same command again to continue the study (finished runs are kept).")
+        with sigterm_interrupts():
+            run_study(config, log=click.echo)
+    except KeyboardInterrupt as stop:
+        _interrupted("run the same command again to continue the study (finished runs are kept).", stop)
+
+
+VERSION_HELP = ("Which SavedModel version of the run to serve (RUN/export/N). [default: the newest in float32, "
+                "else the newest]")
 
 
 @main.command()
 @click.option("--model", "model_path", required=True, help="Run folder or SavedModel folder.")
+@click.option("--version", type=click.IntRange(min=1), help=VERSION_HELP)
 @config_options(FinetuneConfig, EVALUATE_OPTIONS)
 @click.option("--split", default="test", show_default=True, help="Which split to evaluate: test, val or train.")
 @click.option("--output", "output_dir", type=click.Path(file_okay=False),
@@ -255,20 +275,25 @@ def study(config_path, **flags):
 @click.option("--tta", default="none", show_default=True, type=click.Choice(TTA_MODES),
               help="Test-time augmentation: average the probabilities over the image and its mirror image (flip), "
                    "and four shifted crops of each (flip_crop); reported beside the plain accuracy.")
-@_friendly
-def evaluate(model_path, split, output_dir, predictions_path, top_wrong, top_k, tta, explain_count, **data):
+@_friendly(fix=OUTPUT_FIX)
+def evaluate(model_path, version, split, output_dir, predictions_path, top_wrong, top_k, tta, explain_count, **data):
     """Accuracy, top-k accuracy, loss, per-class precision/recall/F1, confusion
     matrix, calibration (ECE and reliability-SPLIT.png), every prediction
     (predictions.csv) and the most confidently wrong images."""
     from tfxfer.evaluation import confident_mistakes, format_report, write_predictions
+    from tfxfer.export.layout import describe_export, find_export
     from tfxfer.inference import evaluate_export
+    from tfxfer.preflight import describe
     from tfxfer.reporting import plots
 
     data = {k: v for k, v in data.items() if v is not None}
     if explain_count and not os.path.isfile(os.path.join(model_path, "model.keras")):
         raise TfxferError(f"--explain needs the run folder of a finetune run as --model (its model.keras); "
                           f"{model_path!r} has none.")
-    report, export_dir, rows = evaluate_export(model_path, split=split, top_k=top_k, tta=tta, **data)
+    export_dir = find_export(model_path, version)
+    click.echo(describe_export(export_dir))
+    report, export_dir, rows = evaluate_export(export_dir, split=split, top_k=top_k, tta=tta, **data)
+    click.echo("\n".join(describe(report["preflight"])))
     click.echo(format_report(report, f"{report['data']} {split}"))
     if "tta" in report:
         t = report["tta"]
@@ -323,26 +348,33 @@ def _metrics_path(export_dir):
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--model", "model_path", help="Run folder or SavedModel folder of a fine-tuned model.")
+@click.option("--version", type=click.IntRange(min=1), help=VERSION_HELP)
 @click.option("--backbone", help="Instead of --model: a backbone with its 1000-class ImageNet head.")
 @click.option("--weights", default="imagenet", show_default=True, help="With --backbone: imagenet or a weights file with the top.")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(min=1), help="How many classes to print.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list of {file, top: [{class, probability}]} or {file, error}.")
 @_friendly
-def predict(images, model_path, backbone, weights, top, as_json):
+def predict(images, model_path, version, backbone, weights, top, as_json):
     """Print the top classes of each IMAGE (files, folders or quoted globs).
 
     A file that is not an image is reported and the others are still
     predicted; the exit code is then 1.
     """
+    from tfxfer.export.layout import describe_export, find_export
     from tfxfer.inference import expand_inputs, predict_files, predict_imagenet
 
     if bool(model_path) == bool(backbone):
         raise TfxferError("Give exactly one of --model (a fine-tuned run) or --backbone (ImageNet head).")
+    if version is not None and not model_path:
+        raise TfxferError("--version picks a SavedModel version of --model; drop it with --backbone.")
     if not expand_inputs(images):
         raise TfxferError(f"No image to predict: {', '.join(images) or 'no IMAGE was given'} holds no file; give image "
                           "files, folders of them or quoted globs.")
     if model_path:
-        results = predict_files(model_path, images, top)
+        export_dir = find_export(model_path, version)
+        # With --json, standard output is the JSON alone.
+        click.echo(describe_export(export_dir), err=as_json)
+        results = predict_files(export_dir, images, top)
     else:
         files = expand_inputs(images)
         results = [{"file": f, "top": ranked} for f, ranked in zip(files, predict_imagenet(backbone, weights, files, top))]
@@ -369,7 +401,7 @@ def predict(images, model_path, backbone, weights, top, as_json):
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--class", "class_name", help="Explain this class instead of each image's predicted one.")
 @click.option("--output", "output_dir", type=click.Path(file_okay=False), help="Folder for the PNGs. [default: RUN/explain]")
-@_friendly
+@_friendly(fix=OUTPUT_FIX)
 def explain(run, images, class_name, output_dir):
     """Grad-CAM heat-maps of the finetune RUN over IMAGES (files, folders or
     quoted globs): where its backbone's last convolutional stage found the
@@ -392,17 +424,18 @@ def explain(run, images, class_name, output_dir):
 @click.option("--format", "formats", default="saved_model", show_default=True,
               help="saved_model, onnx or litert; several separated by commas. onnx and litert need "
                    "pip install 'tfxfer[onnx]' / 'tfxfer[litert]'.")
-@click.option("--output", type=click.Path(), help="Folder to write (one format). [default: RUN/export/<format>/, "
+@click.option("--output", type=click.Path(), help="Folder to write (one format), which gets model.onnx, model.tflite "
+                                                  "or saved_model.pb inside. [default: RUN/export/<format>/, "
                                                   "or the next numbered version for saved_model]")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="What the export computes in, whatever precision trained the model.")
 @click.option("--quantize", type=click.Choice(["int8", "dynamic"]),
               help="LiteRT only: int8 (full-integer, calibrated on 300 training images) or dynamic (int8 weights); "
-                   "written to RUN/export/litert-<quantize>/ with its test accuracy against the float SavedModel.")
-@_friendly
+                   "written to RUN/export/litert-<quantize>/ with its test accuracy against the float32 model.")
+@_friendly(fix=OUTPUT_FIX)
 def export_command(run, formats, output, precision, quantize):
     """Export the best model of a finetune RUN, preprocessing inside, and check
-    it against the run's SavedModel on the same images (within 1e-4 in
+    it against the run's float32 model on the same images (within 1e-4 in
     float32, 5e-3 in float16, 3e-2 in bfloat16)."""
     from tfxfer.export import export_run
 

@@ -1,9 +1,10 @@
 """Deleting only what tfxfer made.
 
-A folder that tfxfer is about to replace or remove is first checked against
-what tfxfer itself writes there. Anything else in it (a user's notes, another
-model's weights, an export made by hand) means the folder is not tfxfer's to
-delete, and the command stops with one sentence instead.
+Every deletion in tfxfer goes through `remove`, which first checks the path
+against what tfxfer itself writes there: a temporary of `tfxfer.atomic`, a
+checkpoint, an export, an entry of a run folder. Anything else (a user's notes,
+another model's weights, an export made by hand) is not tfxfer's to delete: it
+stays, and a command that was about to replace it stops with one sentence.
 """
 
 import json
@@ -11,9 +12,21 @@ import os
 import shutil
 
 from tfxfer.errors import TfxferError
-from tfxfer.export.layout import METADATA_FILE
 
-__all__ = ["EXPORT_ENTRIES", "foreign_entries", "check_export_target", "remove_export"]
+__all__ = ["EXPORT_ENTRIES", "OWNERS", "RUN_FILES", "LOCK_FILE", "foreign", "foreign_entries", "check_export_target",
+           "remove", "remove_export"]
+
+# Named here, not imported from tfxfer.export: `tfxfer.atomic` deletes through this module.
+METADATA_FILE = "tfxfer.json"
+LOCK_FILE = ".lock"
+# What a run folder may hold: what finetune, pretrain, lr-find and evaluate write there.
+RUN_FILES = frozenset({
+    "config.yaml", "history.csv", "checkpoint", "best.weights.h5", "model.keras", "metrics.json", "export",
+    "learning_curves.png", "confusion_matrix.png", "reliability.png", "reliability-test.png", "reliability-val.png",
+    "reliability-train.png", "test_predictions.npz", "predictions.csv", "tensorboard", "backbone.weights.h5",
+    "backbone.json", "reconstructions", "mlflow.json", "MODEL_CARD.md", "explain", "top_losses.png", "lr_find.png",
+})
+TEMPORARY_PREFIX = "tmp-"  # `tfxfer.atomic`'s names: tmp-<pid>-<name>
 
 # What an export folder of each kind holds: the artefact, its metadata and its model card.
 _COMMON = {METADATA_FILE, "MODEL_CARD.md"}
@@ -58,13 +71,80 @@ def check_export_target(folder, format):
                           "folder, or with that of an earlier export of the same format.")
 
 
+def _temporary(path):
+    return [] if os.path.basename(path).startswith(TEMPORARY_PREFIX) else [os.path.basename(path)]
+
+
+def _checkpoint(path):
+    # `epoch-N.index`, `epoch-N.data-*`, and TensorFlow's `epoch-N_temp/` of a killed write.
+    name, parent = os.path.basename(path), os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return [] if name.startswith("epoch-") and parent == "checkpoint" else [name]
+
+
+def _export(path):
+    if not os.path.isdir(path):
+        return [os.path.basename(path)]
+    format = _export_format(path)
+    if format is None:
+        return [f"{os.path.basename(path)} (not a tfxfer export)"]
+    return foreign_entries(path, EXPORT_ENTRIES[format])
+
+
+def _run_entry(path):
+    name = os.path.basename(path)
+    if name.startswith(TEMPORARY_PREFIX) or name == LOCK_FILE:
+        return []
+    if name not in RUN_FILES:
+        return [name]
+    if name == "export" and os.path.isdir(path):
+        # Versions and format folders that tfxfer wrote; an export made by hand in there is the user's.
+        return [f"export/{entry}" for entry in sorted(os.listdir(path))
+                if not entry.startswith(TEMPORARY_PREFIX) and _export(os.path.join(path, entry))]
+    return []
+
+
+def _run(path):
+    if not os.path.isdir(path):
+        return [os.path.basename(path)]
+    return [f for entry in sorted(os.listdir(path)) for f in _run_entry(os.path.join(path, entry))]
+
+
+# What each kind of deletion may remove: a check that returns what in `path` tfxfer did not write.
+OWNERS = {
+    "temporary": _temporary,  # a half-written file or folder of tfxfer.atomic, or one it replaced
+    "checkpoint": _checkpoint,  # an epoch's checkpoint files that a later one superseded
+    "export": _export,  # one export: a SavedModel version, export/onnx, export/litert
+    "run entry": _run_entry,  # one entry of a run folder, replaced by --overwrite
+    "run": _run,  # a whole run folder: a non-chief worker's copy
+}
+
+
+def foreign(path, owner):
+    """What in `path` tfxfer did not write, by the rules of `owner` (one of `OWNERS`); empty when it may go."""
+    return OWNERS[owner](path) if os.path.lexists(path) else []
+
+
+def remove(path, owner):
+    """Delete the file or folder `path` if it is tfxfer's by the rules of `owner`
+    (one of `OWNERS`): the one place tfxfer deletes. Returns the bytes freed;
+    `None`, with nothing deleted, when `path` holds anything tfxfer did not write
+    (see `foreign`). A path that is already gone frees 0."""
+    if not os.path.lexists(path):
+        return 0
+    if foreign(path, owner):
+        return None
+    if os.path.isdir(path) and not os.path.islink(path):
+        freed = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+        shutil.rmtree(path, ignore_errors=True)
+        return freed
+    freed = os.path.getsize(path) if os.path.isfile(path) else 0
+    os.remove(path)
+    return freed
+
+
 def remove_export(folder, format="saved_model"):
     """Delete the export folder `folder` if it holds a tfxfer export of `format` and
     nothing else; return the bytes freed (0, and nothing deleted, otherwise)."""
     if not os.path.isdir(folder) or _export_format(folder) != format:
         return 0
-    if foreign_entries(folder, EXPORT_ENTRIES[format]):
-        return 0
-    freed = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
-    shutil.rmtree(folder)
-    return freed
+    return remove(folder, "export") or 0

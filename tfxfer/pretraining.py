@@ -8,6 +8,7 @@ A pretrain run folder `saved_models/<run>/` holds:
                          settings, the source data, the pretext metrics
     config.yaml          the resolved config
     history.csv          per-epoch pretext metrics
+    metrics.json         the data's pre-flight report (`tfxfer.preflight`)
     checkpoint/          for --resume
     reconstructions/     (autoencoder) a PNG of inputs over reconstructions per epoch
 
@@ -19,7 +20,7 @@ import os
 
 import keras
 
-from tfxfer import budget, distributed, runs, speedups, tracking
+from tfxfer import atomic, budget, distributed, runs, speedups, tracking
 from tfxfer.callbacks import (
     DataEpoch, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
     tensorboard_callbacks,
@@ -70,7 +71,7 @@ def pretrain(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
         best_path = run.path("checkpoint", "best_backbone.weights.h5")
         os.makedirs(os.path.dirname(best_path), exist_ok=True)
         checkpoint = RunCheckpoint(run.dir, {"model": model, "optimizer": model.optimizer, "random": random_state(model)},
-                                   model.backbone.save_weights, best_path, monitor, mode)
+                                   model.backbone.save_weights, best_path, monitor, mode, class_names=info.class_names)
         initial_epoch = checkpoint.restore() if resume else 0
         if initial_epoch:
             log(f"resuming {config.run.run_name} after epoch {initial_epoch}")
@@ -91,6 +92,7 @@ def pretrain(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
             "train_images_per_second": timer.images_per_second, "wall_time_seconds": run.elapsed(),
         }, model.normalization)
         weights = save_backbone(run.dir, model.backbone, spec)
+        atomic.write_json(run.path("metrics.json"), {"preflight": info.preflight})
         if tracker:
             tracker.log_metrics({"best_epoch": best}, step=len(runs.read_history(run.dir).get("epoch", [])))
             tracker.log_artifacts(tracking.run_artifacts(run.dir) + [weights])

@@ -12,18 +12,18 @@ import csv
 import os
 import random
 import re
-import shutil
 import time
 
 import keras
 import numpy as np
 import yaml
 
-from tfxfer import atomic
-from tfxfer.backbones.pretrained import apply_pretrained_spec
+from tfxfer import atomic, owned
+from tfxfer.backbones.pretrained import SPEC_FILE, apply_pretrained_spec
 from tfxfer.config import config_from_flat
 from tfxfer.callbacks import CHECKPOINT_STATE
 from tfxfer.errors import TfxferError
+from tfxfer.owned import LOCK_FILE
 from tfxfer.runtime import onednn_enabled, set_precision
 
 __all__ = [
@@ -42,14 +42,7 @@ __all__ = [
 CONFIG_FILE = "config.yaml"
 
 
-# What a run folder may hold: what finetune, pretrain and evaluate write there.
-# `--overwrite` replaces a folder only if it holds nothing else.
-RUN_FILES = frozenset({
-    CONFIG_FILE, "history.csv", "checkpoint", "best.weights.h5", "model.keras", "metrics.json", "export",
-    "learning_curves.png", "confusion_matrix.png", "reliability.png", "reliability-test.png", "reliability-val.png", "reliability-train.png", "test_predictions.npz", "predictions.csv", "tensorboard",
-    "backbone.weights.h5", "backbone.json", "reconstructions", "mlflow.json", "MODEL_CARD.md", "explain", "top_losses.png",
-})
-LOCK_FILE = ".lock"
+# What a run folder may hold (`--overwrite` replaces a folder only if it holds nothing else) is `tfxfer.owned`'s.
 
 
 class RunFolderLock:
@@ -129,12 +122,12 @@ def remove_leftovers(run_dir):
     """Delete the `tmp-*` files and folders a killed process left (`tfxfer.atomic`):
     the caller holds the folder's lock, so no live process is writing them."""
     for folder, subfolders, files in os.walk(run_dir):
-        for name in [n for n in subfolders if n.startswith("tmp-")]:
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        for name in [n for n in subfolders if n.startswith(owned.TEMPORARY_PREFIX)]:
+            owned.remove(os.path.join(folder, name), "temporary")
             subfolders.remove(name)
         for name in files:
-            if name.startswith("tmp-"):
-                os.remove(os.path.join(folder, name))
+            if name.startswith(owned.TEMPORARY_PREFIX):
+                owned.remove(os.path.join(folder, name), "temporary")
 
 
 def _only_lock(run_dir):
@@ -145,7 +138,7 @@ def _only_lock(run_dir):
 def _foreign_entries(run_dir):
     """What in `run_dir` tfxfer did not write; a folder without tfxfer's `config.yaml` is foreign entirely."""
     entries = set(os.listdir(run_dir)) - {LOCK_FILE}
-    unknown = sorted(e for e in entries if e not in RUN_FILES and not e.startswith("tmp-"))
+    unknown = [found for entry in sorted(entries) for found in owned.foreign(os.path.join(run_dir, entry), "run entry")]
     if unknown:
         return unknown
     try:
@@ -236,13 +229,18 @@ class Run:
                  f"op determinism {'on' if self.config.run.deterministic else 'off'}")
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, traceback):
         keras.mixed_precision.set_global_policy("float32")  # one run must not leak into the next
+        if self.created and exc is not None and isinstance(exc, Exception) and not os.path.isdir(self.dir):
+            # Every later write fails (history.csv first): say what happened once, not how.
+            self._lock.release()
+            raise TfxferError(f"Run folder {self.dir} was removed while the run was working, and its checkpoints "
+                              "with it; start the run again.") from None
         if not self.created and os.path.isdir(self.dir) and _only_lock(self.dir):
             # Failed before it began: leave the output folder as it was.
             self._lock.release()
             with contextlib.suppress(OSError):
-                os.remove(os.path.join(self.dir, LOCK_FILE))
+                owned.remove(os.path.join(self.dir, LOCK_FILE), "run entry")
                 folder = os.path.abspath(self.dir)
                 while self._made_folder and os.path.commonpath([folder, self._made_folder]) == self._made_folder:
                     os.rmdir(folder)  # only the folders this run made, and only empty ones
@@ -251,8 +249,18 @@ class Run:
         return False
 
     def load_data(self, augment=None):
-        """`(train, val, test, info, image_size)` of the run's data."""
-        return load_data(self.config, self.log, augment)
+        """`(train, val, test, info, image_size)` of the run's data, checked by the
+        pre-flight (`tfxfer.preflight`): its block is logged, its report is `info.preflight`."""
+        from tfxfer import preflight
+
+        allow = self.config.data.allow_leaks
+        trained = trained_classes(self.dir) if self.resume else None
+        train, val, test, info, image_size = load_data(
+            self.config, self.log, augment, lambda splits, info: preflight.check(splits, info, allow),
+            model_classes=trained)
+        for line in preflight.describe(info.preflight):
+            self.log(line)
+        return train, val, test, info, image_size
 
     def create(self):
         """Make the folder the run's own: an overwritten run's files go, the
@@ -260,9 +268,11 @@ class Run:
         if self.resume:
             return
         for entry in os.listdir(self.dir):
-            if entry != LOCK_FILE:
-                path = os.path.join(self.dir, entry)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            if entry != LOCK_FILE and owned.remove(os.path.join(self.dir, entry), "run entry") is None:
+                # Checked when the run opened; something was added since.
+                raise TfxferError(f"--overwrite replaces only what tfxfer wrote, and {self.dir} now holds "
+                                  f"{', '.join(owned.foreign(os.path.join(self.dir, entry), 'run entry'))}; "
+                                  "move it away and run again.")
         save_config(self.dir, self.config)
         self.created = True
 
@@ -316,8 +326,27 @@ def _resumed_config(config, run_dir):
     return config_from_flat(merged, type(config))
 
 
-def load_data(config, log=print, augment=None):
-    """`(train, val, test, info, image_size)` for a command config's data group."""
+def trained_classes(run_dir):
+    """The class names a run trained with, in their order, as its checkpoint
+    (or, from a finished run of an earlier version, its metrics or backbone
+    spec) recorded them; `None` where nothing did."""
+    for name, keys in ((CHECKPOINT_STATE, ("class_names",)), ("metrics.json", ("val", "class_names")),
+                       (SPEC_FILE, ("source", "classes"))):
+        try:
+            value = atomic.read_json(os.path.join(run_dir, name))
+            for key in keys:
+                value = value[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if value:
+            return list(value)
+    return None
+
+
+def load_data(config, log=print, augment=None, check=None, model_classes=None):
+    """`(train, val, test, info, image_size)` for a command config's data group;
+    `check` and `model_classes` (a resumed run's classes, which the data must
+    have) as `tfxfer.data.load_dataset`'s."""
     from tfxfer.backbones import get_backbone
     from tfxfer.data import load_dataset
 
@@ -329,8 +358,15 @@ def load_data(config, log=print, augment=None):
         train_split=data.train_split, val_split=data.val_split, test_split=data.test_split,
         max_train_examples=data.max_train_examples, augment=data.augment if augment is None else augment,
         classes=data.classes, labels_per_class=data.labels_per_class, folds=data.folds, fold=data.fold,
-        count_classes=bool(getattr(getattr(config, "transfer", None), "class_weight", None)),
+        count_classes=bool(getattr(getattr(config, "transfer", None), "class_weight", None)), check=check,
+        model_classes=model_classes,
     )
+    if model_classes is not None and list(info.class_names) != list(model_classes):
+        new, gone = (sorted(set(a) - set(b)) for a, b in ((info.class_names, model_classes), (model_classes, info.class_names)))
+        raise TfxferError(
+            f"The classes of {info.name} differ from the ones the run trained on (new: {', '.join(new) or 'none'}; "
+            f"missing: {', '.join(gone) or 'none'}); resume it on the data it started with."
+        )
     if not info.num_examples.get("train"):
         raise TfxferError(f"{info.name} has no training image left after the selection; it needs at least one per class.")
     if not info.num_examples.get("val"):
@@ -341,6 +377,8 @@ def load_data(config, log=print, augment=None):
         )
     counts = ", ".join(f"{k} {v}" for k, v in info.num_examples.items())
     log(f"data: {info.name}, {info.num_classes} classes, {counts} images at {image_size}px")
+    if info.sources:
+        log("splits: " + ", ".join(f"{key} {where}" for key, where in info.sources.items()))
     if info.skipped_files:
         log(f"skipped {len(info.skipped_files)} unreadable files (listed in metrics.json)")
     if config.optim.batch_size > info.num_examples["train"]:

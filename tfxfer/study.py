@@ -134,7 +134,8 @@ def _check_saved(study_dir, shared):
     if os.path.exists(path):
         with open(path) as f:
             saved = yaml.safe_load(f) or {}
-        changed = [k for k in sorted(shared) if k in saved and saved[k] != shared[k]]
+        # Whether a leak stops a run changes no result: a study stopped by one goes on with --allow-leaks.
+        changed = [k for k in sorted(shared) if k in saved and saved[k] != shared[k] and k != "allow_leaks"]
         if changed:
             described = ", ".join(f"{k} {shared[k]} (saved: {saved[k]})" for k in changed)
             raise TfxferError(

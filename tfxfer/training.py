@@ -10,7 +10,7 @@ A run folder `saved_models/<run>/` holds:
     learning_curves.png, confusion_matrix.png
     test_predictions.npz  test labels and probabilities of the best model
     export/<version>/  the SavedModel to serve (needs only TensorFlow)
-    metrics.json       validation and test reports of the best model
+    metrics.json       validation and test reports of the best model, the data's pre-flight
 
 The test split is touched once, at the end, by the best-on-validation model.
 The run folder, seeding, checkpoints and the time budget are `tfxfer.runs`.
@@ -19,7 +19,6 @@ The run folder, seeding, checkpoints and the time budget are `tfxfer.runs`.
 import contextlib
 import dataclasses
 import os
-import shutil
 import time
 import warnings
 
@@ -27,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfxfer import atomic, budget, distributed, feature_cache, runs, speedups, tracking
+from tfxfer import atomic, budget, distributed, feature_cache, owned, preflight, runs, speedups, tracking
 from tfxfer.averaging import AveragedWeights, WeightAverage
 from tfxfer.callbacks import (
     DataEpoch, EarlyStop, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
@@ -98,7 +97,7 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
         checkpoint, timer, fit_callbacks, initial_epoch = _callbacks(run, model, schedule, train, info, callbacks)
         with tracking.ending(tracker):
             histories = _train(run, model, strategy, schedule, checkpoint, fit_callbacks, initial_epoch, train, val,
-                               info, verbose)
+                               info, verbose, test)
             plain()  # evaluation and export get the model as built
             if not distributed.is_chief(strategy):
                 result = RunResult(run.dir, None, _history_dict(histories), {}, model)
@@ -111,7 +110,7 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
                     tracking.log_finished_run(tracker, run.dir, result.metrics)
     if worker:
         # A non-chief worker's copy of the run only served the collectives.
-        shutil.rmtree(run.dir, ignore_errors=True)
+        owned.remove(run.dir, "run")
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(run.dir))
         log(f"{worker}: training done; the chief wrote the run folder")
@@ -167,8 +166,12 @@ def _build(run, info, image_size, train, strategy):
     if any(isinstance(layer, keras.layers.BatchNormalization) for layer in speedups.walk_layers(model.backbone)):
         log(f"BatchNorm: {'trains' if train_bn else 'frozen'} ({why})")
     else:
-        log(f"BatchNorm: none in {config.model.backbone}; its LayerNorms keep no running statistics and train "
-            "with their blocks, so --train-bn changes nothing")
+        # A scale named gamma is what Keras's and KerasHub's LayerNorm and GroupNorm hold (nested
+        # inside KerasHub's encoders, where no public walk of the layers reaches).
+        normalised = any(w.path.endswith("/gamma") for w in model.backbone.weights)
+        kept = ("its normalisation layers (LayerNorm) keep no running statistics and train with their blocks"
+                if normalised else "it has no normalisation layer")
+        log(f"BatchNorm: none in {config.model.backbone}; {kept}, so --train-bn changes nothing")
     if not run.resume:
         config.transfer.freeze = str(config.first_policy())  # the saved config says what the run starts with
     return model, schedule, plain, parameters
@@ -198,7 +201,8 @@ def _callbacks(run, model, schedule, train, info, extra):
     average = WeightAverage(model, config.transfer.ema) if config.transfer.ema is not None else None
     save_best = average.save_averaged(model.save_weights) if average else model.save_weights
     checkpoint = RunCheckpoint(run.dir, lambda: _trackables(model, average), save_best, run.path(BEST_WEIGHTS),
-                               monitor=monitor, mode="min" if monitor.endswith("loss") else "max")
+                               monitor=monitor, mode="min" if monitor.endswith("loss") else "max",
+                               class_names=info.class_names)
     initial_epoch = 0
     if run.resume:
         # The checkpoint holds the optimizers of the phase of its last epoch; the
@@ -223,9 +227,10 @@ def _callbacks(run, model, schedule, train, info, extra):
     return checkpoint, timer, callbacks, initial_epoch
 
 
-def _train(run, model, strategy, schedule, checkpoint, callbacks, initial_epoch, train, val, info, verbose):
+def _train(run, model, strategy, schedule, checkpoint, callbacks, initial_epoch, train, val, info, verbose, test=None):
     """Fit from `initial_epoch`: the cached-feature epochs of a frozen backbone
-    first, then the rest; returns the Keras histories."""
+    first, then the rest; returns the Keras histories. `test` is only for the
+    pre-flight's feature check."""
     config, log = run.config, run.log
     class_weight = _class_weight(config, info, log)
     is_distributed = config.run.distribute != "none"
@@ -235,7 +240,7 @@ def _train(run, model, strategy, schedule, checkpoint, callbacks, initial_epoch,
         cached_epochs = schedule[1][0] if len(schedule) > 1 else config.optim.epochs
     if initial_epoch < cached_epochs:
         histories.append(_fit_cached(model, config, train, val, initial_epoch, cached_epochs, callbacks, verbose, log,
-                                     class_weight, info.num_classes))
+                                     class_weight, info.num_classes, test, info))
         initial_epoch = cached_epochs
     if is_distributed:
         distributed.synchronize_batchnorm(model)
@@ -271,6 +276,7 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
         "num_examples": info.num_examples,
         "skipped_files": {"count": len(info.skipped_files), "files": info.skipped_files},
         "class_counts": info.class_counts,
+        "preflight": info.preflight,
         "precision": keras.mixed_precision.global_policy().name,
         "train_images_per_second": facts["train_images_per_second"],
     }
@@ -359,9 +365,11 @@ def _plot_run(run_dir, run_name, metrics, class_names):
     )
 
 
-def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, verbose, log, class_weight, num_classes):
+def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, verbose, log, class_weight, num_classes,
+                test=None, info=None):
     """Epochs `initial_epoch..epochs` of a frozen backbone: the head trains on
-    features computed once (`tfxfer.feature_cache`)."""
+    features computed once (`tfxfer.feature_cache`); with a cache folder, the
+    pre-flight's near-duplicate check compares them with the test split's."""
     started = time.time()
     setting = config.transfer.feature_cache
     if config.data.augment != "none":
@@ -371,6 +379,7 @@ def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, ver
     log(f"feature cache: {len(train_labels):,} train and {len(val_labels):,} validation features of size "
         f"{train_features.shape[1]} in {time.time() - started:.1f} s; the head trains on them for epochs "
         f"{initial_epoch + 1}-{epochs}")
+    preflight.check_cached_features(model, train_features, test, setting, info, log)
     head = feature_cache.HeadModel(model)
     loss, metrics = objective(config, num_classes)
     head.compile(optimizer=model.optimizer, loss=loss, metrics=metrics, jit_compile=config.run.jit_compile)

@@ -17,16 +17,17 @@ __all__ = ["CARD_FILE", "model_card", "write_model_card"]
 CARD_FILE = "MODEL_CARD.md"
 
 
-def write_model_card(run_dir, export_dir, format="saved_model", precision="float32", metrics=None):
+def write_model_card(run_dir, export_dir, format="saved_model", precision="float32", metrics=None, quantized=None):
     """Write `MODEL_CARD.md` into `export_dir` for the finetune run `run_dir`
     (with `metrics`, or its `metrics.json`)."""
     path = os.path.join(export_dir, CARD_FILE)
-    atomic.write_text(path, model_card(run_dir, format, precision, metrics))
+    atomic.write_text(path, model_card(run_dir, format, precision, metrics, quantized))
     return path
 
 
-def model_card(run_dir, format="saved_model", precision="float32", metrics=None):
-    """The Markdown text of the model card of the finetune run `run_dir`."""
+def model_card(run_dir, format="saved_model", precision="float32", metrics=None, quantized=None):
+    """The Markdown text of the model card of the finetune run `run_dir`; `quantized`, for a
+    quantized export, is how it scored: `{"quantize", "split", "images", "accuracy", "float_accuracy"}`."""
     with open(os.path.join(run_dir, "config.yaml")) as f:
         config = yaml.safe_load(f)
     if metrics is None:
@@ -80,6 +81,12 @@ def model_card(run_dir, format="saved_model", precision="float32", metrics=None)
         lines.append(f"- Selection (seed {run.get('seed', 0)}): " + "; ".join(selection) + ".")
     skipped = (metrics.get("skipped_files") or {}).get("count", 0)
     lines.append(f"- Unreadable files skipped: {skipped}" + (" (listed in the run's metrics.json)." if skipped else "."))
+    if metrics.get("preflight"):
+        from tfxfer.preflight import findings
+
+        found = findings(metrics["preflight"])
+        lines.append("- Data pre-flight (exact duplicates by content, leaks, labels, class sizes): "
+                     + ("; ".join(found) if found else "nothing found") + ".")
 
     lines += ["", "## Recipe", ""]
     policy = transfer.get("strategy") or transfer.get("unfreeze") or transfer.get("freeze")
@@ -123,6 +130,11 @@ def model_card(run_dir, format="saved_model", precision="float32", metrics=None)
             lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['support']} |")
     else:
         lines.append("No evaluation was recorded.")
+    if quantized:
+        scored = "test split" if quantized["split"] == "test" else "validation split (the data has no test split)"
+        lines += ["", f"This {quantized['quantize']}-quantized export itself, on {quantized['images']:,} images of the "
+                      f"{scored}: accuracy {quantized['accuracy']:.4f}, against {quantized['float_accuracy']:.4f} for "
+                      "the float32 model."]
 
     lines += [
         "", "## Known limits", "",
@@ -137,7 +149,10 @@ def model_card(run_dir, format="saved_model", precision="float32", metrics=None)
            "this format takes pixels, so callers must decode images and turn JPEGs upright by their EXIF tag "
            "themselves, as training did."),
     ]
-    if precision != "float32":
+    if quantized:
+        lines.append(f"- Quantized to {quantized['quantize']}, its probabilities are held to no tolerance; its accuracy "
+                     "against the float32 model's is measured instead (above).")
+    elif precision != "float32":
         lines.append(f"- Computing in {precision}, probabilities differ from the float32 model by up to "
                      "the tolerance in `tfxfer.json`.")
     return "\n".join(lines) + "\n"
