@@ -109,3 +109,15 @@ def test_overwrite_refuses_a_run_with_an_export_made_by_hand_and_accepts_lr_find
                      "--overwrite")
     assert result.exit_code == 1 and "--overwrite replaces only a tfxfer run folder" in result.output, result.output
     assert "export/onnx" in result.output and open(by_hand).read() == "made by hand"
+
+
+def test_a_run_finishing_again_replaces_the_export_its_killed_attempt_wrote(tmp_path, finished_run):
+    from tfxfer.training import _remove_unfinished_export
+
+    assert json.loads((finished_run / "export" / "1" / "tfxfer.json").read_text())["origin"] == "finetune"
+    export = tmp_path / "export"
+    own, by_command = _saved_model(str(export / "1")), _saved_model(str(export / "2"))
+    with open(os.path.join(own, "tfxfer.json"), "w") as f:
+        json.dump({"precision": "float32", "origin": "finetune"}, f)  # what a finishing run writes
+    _remove_unfinished_export(str(export))
+    assert sorted(os.listdir(export)) == ["2"] and os.path.exists(os.path.join(by_command, "saved_model.pb"))

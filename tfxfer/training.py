@@ -41,7 +41,7 @@ from tfxfer.evaluation import (
     write_predictions,
 )
 from tfxfer.freezing import UnfreezeSchedule, parse_unfreeze, phase_at, resolve_phases, resolve_train_bn
-from tfxfer.export import next_version_dir
+from tfxfer.export import METADATA_FILE, next_version_dir, versions
 from tfxfer.export.precision import at_precision
 from tfxfer.export.saved_model import write_saved_model
 from tfxfer.model import TransferModel
@@ -310,7 +310,8 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
     save_backbone(run.dir, model.backbone,
                   runs.backbone_spec(config, info, image_size, settings, spec_metrics, model.normalization))
     exported = at_precision(model, "float32")  # the export computes in float32 whatever precision trained it
-    export_dir = write_saved_model(exported, next_version_dir(run.path("export")), info.class_names)
+    _remove_unfinished_export(run.path("export"))
+    export_dir = write_saved_model(exported, next_version_dir(run.path("export")), info.class_names, origin="finetune")
     metrics["export_dir"] = export_dir
     metrics["export_max_abs_diff"] = _round_trip(exported, export_dir, test if test is not None else val)
     log(f"SavedModel round trip: max |probability difference| {metrics['export_max_abs_diff']:.2e} on one batch")
@@ -322,6 +323,20 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
         summary += f", test accuracy {metrics['test']['accuracy']:.4f}"
     log(f"{summary}; run folder {run.dir}, SavedModel {export_dir} ({metrics['wall_time_seconds']} s)")
     return RunResult(run.dir, export_dir, _history_dict(histories), metrics, model)
+
+
+def _remove_unfinished_export(export_root):
+    """The version an earlier attempt of this run wrote as it finished. Killed after its export
+    and before `metrics.json`, the run finishes again on resume: its export replaces that
+    version instead of joining it as a second one. Other versions (`tfxfer export`) stay."""
+    for version in versions(export_root):
+        folder = os.path.join(export_root, str(version))
+        try:
+            origin = atomic.read_json(os.path.join(folder, METADATA_FILE)).get("origin")
+        except (OSError, ValueError):
+            continue
+        if origin == "finetune":
+            owned.remove(folder, "export")
 
 
 def _calibrate(model, val_predictions, test_predictions, log):

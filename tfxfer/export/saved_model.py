@@ -35,9 +35,10 @@ def export_saved_model(model, path, class_names=None, precision="float32"):
     return write_saved_model(at_precision(model, precision), path, class_names, precision)
 
 
-def write_saved_model(model, path, class_names=None, precision="float32"):
+def write_saved_model(model, path, class_names=None, precision="float32", origin=None):
     """`export_saved_model` of a model already built at `precision` by `at_precision`
-    (a run that checks its export against that same copy builds it once)."""
+    (a run that checks its export against that same copy builds it once). `origin`
+    goes into `tfxfer.json`: `finetune` marks the version a run wrote as it finished."""
     size = int(model.image_size)
     names = list(class_names or getattr(model, "class_names", None) or [])
     names = names or [str(i) for i in range(model.num_classes)]
@@ -85,6 +86,8 @@ def write_saved_model(model, path, class_names=None, precision="float32"):
                                          "serve_bytes: encoded JPEG/PNG/BMP/GIF/WebP strings [N], JPEGs "
                                          "turned upright by their EXIF orientation")
     metadata["precision"] = precision
+    if origin:
+        metadata["origin"] = origin
     with atomic.replacing(path) as temporary:  # a killed export leaves no version folder
         tf.saved_model.save(module, temporary, signatures=signatures)
         atomic.write_json(os.path.join(temporary, METADATA_FILE), metadata)
