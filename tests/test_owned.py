@@ -91,7 +91,7 @@ def test_atomic_replacing_removes_its_own_temporaries_only(tmp_path):
 def test_leftovers_of_a_killed_process_go_and_a_users_files_stay(tmp_path):
     _user_file(str(tmp_path / "tmp-77-history.csv"))
     _user_file(str(tmp_path / "export" / "tmp-77-1" / "saved_model.pb"))
-    mine = _user_file(str(tmp_path / "export" / "onnx" / "my-tmp-notes.txt"))
+    mine = _user_file(str(tmp_path / "export" / "onnx" / "tmp-notes.txt"))  # tmp- but not tmp-<pid>-
     remove_leftovers(str(tmp_path))
     left = sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, files in os.walk(tmp_path) for f in files)
     assert left == [os.path.relpath(mine, tmp_path)]

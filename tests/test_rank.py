@@ -50,6 +50,8 @@ def test_candidates_name_a_backbone_its_weights_or_a_run():
         parse_candidate("simplecnn")
     with pytest.raises(TfxferError, match="No run folder 'saved_models/typo'; pass the folder of a pretrain"):
         parse_candidate(os.path.join("saved_models", "typo"))
+    weights = os.path.join("~", "weights", "w.weights.h5")  # NAME:FILE, the form the sentences advise
+    assert parse_candidate("resnet9:" + weights).weights == os.path.expanduser(weights)
 
 
 def test_rank_offline_imagenet_weights_advise_candidate_syntax(tmp_path):

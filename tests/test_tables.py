@@ -53,7 +53,9 @@ def test_csv_splits_resolve_relative_paths_and_skip_bad_images(tmp_path):
     [
         ([("img/cat-0.png", "", "")], "Row 2 of .* has an empty label"),
         ([("img/cat-0.png", "cat", ""), ("img/gone.png", "cat", "")], "Row 3 of .* names 'img/gone.png', which is not a file"),
-        ([("img/cat-0.png", "cat", "holdout")], "Row 2 of .* has the split 'holdout'; use train, val, validation or test"),
+        # A blank line still counts, as a spreadsheet shows it.
+        ([("img/cat-0.png", "cat", ""), ("", "", ""), ("img/gone.png", "cat", "")], "Row 4 of .* names 'img/gone.png'"),
+        ([("img/cat-0.png", "cat", "holdout")], "Row 2 of .* has the split 'holdout'; use one of train, training, val, valid, validation, dev, test, testing"),
     ],
 )
 def test_csv_row_mistakes_name_the_row(tmp_path, rows, message):

@@ -25,6 +25,9 @@ def sigterm_interrupts():
     def terminate(signum, frame):
         raise Terminated()
 
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # a parent chose to ignore it: so do we
+        yield
+        return
     try:
         previous = signal.signal(signal.SIGTERM, terminate)
     except ValueError:  # not the main thread

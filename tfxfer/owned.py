@@ -72,7 +72,10 @@ def check_export_target(folder, format):
 
 
 def _temporary(path):
-    return [] if os.path.basename(path).startswith(TEMPORARY_PREFIX) else [os.path.basename(path)]
+    # tmp-<pid>-<name>, as tfxfer.atomic names them: a user's tmp-notes.txt is not one.
+    name = os.path.basename(path)
+    pid = name[len(TEMPORARY_PREFIX):].partition("-")[0]
+    return [] if name.startswith(TEMPORARY_PREFIX) and pid.isdigit() else [name]
 
 
 def _checkpoint(path):
@@ -92,14 +95,14 @@ def _export(path):
 
 def _run_entry(path):
     name = os.path.basename(path)
-    if name.startswith(TEMPORARY_PREFIX) or name == LOCK_FILE:
+    if not _temporary(path) or name == LOCK_FILE:
         return []
     if name not in RUN_FILES:
         return [name]
     if name == "export" and os.path.isdir(path):
         # Versions and format folders that tfxfer wrote; an export made by hand in there is the user's.
         return [f"export/{entry}" for entry in sorted(os.listdir(path))
-                if not entry.startswith(TEMPORARY_PREFIX) and _export(os.path.join(path, entry))]
+                if _temporary(entry) and _export(os.path.join(path, entry))]
     return []
 
 

@@ -106,13 +106,14 @@ def parse_candidate(text, image_size=None):
         spec = found[1]
         return Candidate(text, spec["backbone"], text, int(spec["image_size"]))
     name, _, weights = text.partition(":")
-    if os.sep in text or text.startswith(("~", ".")):
+    if os.sep in name or name.startswith(("~", ".")):
         raise TfxferError(f"No run folder {text!r}; pass the folder of a pretrain or finetune run, a backbone name, "
                           "or NAME:none.")
     spec = get_backbone(name)
     if not weights and spec.source.startswith("none"):
         raise TfxferError(f"{name} has no pretrained weights of its own to score; rank {name}:none for random weights, "
                           f"{name}:FILE for a weights file, or the folder of a tfxfer pretrain run.")
+    weights = os.path.expandvars(os.path.expanduser(weights)) if weights not in ("", "none", "imagenet") else weights
     return Candidate(text, name, weights or "imagenet", int(image_size or spec.default_size))
 
 

@@ -42,9 +42,6 @@ __all__ = [
 CONFIG_FILE = "config.yaml"
 
 
-# What a run folder may hold (`--overwrite` replaces a folder only if it holds nothing else) is `tfxfer.owned`'s.
-
-
 class RunFolderLock:
     """An exclusive OS lock on a run folder's `.lock` file, held while a run works there.
 
@@ -122,11 +119,11 @@ def remove_leftovers(run_dir):
     """Delete the `tmp-*` files and folders a killed process left (`tfxfer.atomic`):
     the caller holds the folder's lock, so no live process is writing them."""
     for folder, subfolders, files in os.walk(run_dir):
-        for name in [n for n in subfolders if n.startswith(owned.TEMPORARY_PREFIX)]:
+        for name in [n for n in subfolders if not owned.foreign(os.path.join(folder, n), "temporary")]:
             owned.remove(os.path.join(folder, name), "temporary")
             subfolders.remove(name)
         for name in files:
-            if name.startswith(owned.TEMPORARY_PREFIX):
+            if not owned.foreign(os.path.join(folder, name), "temporary"):
                 owned.remove(os.path.join(folder, name), "temporary")
 
 

@@ -86,10 +86,12 @@ def replayed_on_failure():
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         with contextlib.suppress(AttributeError, ValueError, OSError):
             stream.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
     with tempfile.TemporaryFile() as sink:
-        failed = False
+        failed, saved = False, {}
         try:
+            for fd in (1, 2):
+                with contextlib.suppress(OSError):  # a descriptor the host closed stays as it is
+                    saved[fd] = os.dup(fd)
             for fd in saved:
                 os.dup2(sink.fileno(), fd)
             with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):

@@ -310,7 +310,8 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
     save_backbone(run.dir, model.backbone,
                   runs.backbone_spec(config, info, image_size, settings, spec_metrics, model.normalization))
     exported = at_precision(model, "float32")  # the export computes in float32 whatever precision trained it
-    _remove_unfinished_export(run.path("export"))
+    if not os.path.exists(run.path("metrics.json")):  # a finished run's export is served: never replaced
+        _remove_unfinished_export(run.path("export"))
     export_dir = write_saved_model(exported, next_version_dir(run.path("export")), info.class_names, origin="finetune")
     metrics["export_dir"] = export_dir
     metrics["export_max_abs_diff"] = _round_trip(exported, export_dir, test if test is not None else val)

@@ -38,7 +38,9 @@ def csv_table(path, path_column="path", label_column="label"):
             f.seek(0)
             reader = csv.reader(f, delimiter=separator, skipinitialspace=True)
             fields = [name.strip() for name in next(reader, [])]
-            rows = [dict(zip([name.lower() for name in fields], values)) for values in reader if any(v.strip() for v in values)]
+            # Each row with its line in the file, as a spreadsheet numbers it (the header is row 1).
+            rows = [(reader.line_num, dict(zip([name.lower() for name in fields], values)))
+                    for values in reader if any(v.strip() for v in values)]
     except FileNotFoundError:
         raise TfxferError(f"CSV file {path!r} does not exist; pass --csv with a file of path,label rows.") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -56,8 +58,7 @@ def csv_table(path, path_column="path", label_column="label"):
         )
     root = os.path.dirname(os.path.abspath(path))
     by_split = {}
-    # Row numbers as a spreadsheet shows them: the header is row 1.
-    for number, row in enumerate(rows, start=2):
+    for number, row in rows:
         label = (row.get(label_key) or "").strip()
         file = (row.get(path_key) or "").strip()
         split = (row.get("split") or "").strip().lower() or "train"
@@ -65,7 +66,7 @@ def csv_table(path, path_column="path", label_column="label"):
             raise TfxferError(f"Row {number} of {path!r} has an empty label; give every row a class name.")
         if split not in SPLIT_NAMES:
             raise TfxferError(
-                f"Row {number} of {path!r} has the split {row.get('split')!r}; use train, val, validation or test."
+                f"Row {number} of {path!r} has the split {row.get('split')!r}; use one of {', '.join(SPLIT_NAMES)}."
             )
         full = os.path.join(root, file)
         if not file or not os.path.isfile(full):
@@ -103,7 +104,7 @@ def tfrecord_files(pattern, image_key="image", label_key="label"):
         split = SPLIT_NAMES.get(key.strip().lower()) if sep else None
         if split is None:
             split, value = "train", part
-        files = sorted(glob.glob(os.path.expanduser(value.strip())))
+        files = sorted(f for f in glob.glob(os.path.expanduser(value.strip())) if os.path.isfile(f))
         if not files:
             hint = "; a SPLIT=GLOB pair names train, val or test before the =" if "=" in value else ""
             raise TfxferError(f"--tfrecord {value.strip()!r} matches no file{hint}.")
