@@ -310,3 +310,21 @@ def test_data_paths_given_to_the_library_expand_home_and_variables(tmp_path, mon
     monkeypatch.setenv("IMAGES", "images")
     _, info = load_splits(data_dir="~/$IMAGES", val_fraction=0.5)
     assert info.class_names == ["cat", "dog"] and info.files["train"][0].startswith(str(tmp_path / "images"))
+
+
+def test_two_class_selections_of_records_compose_their_label_maps():
+    # A resumed run's class order, then --classes: records keep their source labels, so the
+    # second map must apply on top of the first, or the images arrive with permuted labels.
+    import tensorflow as tf
+
+    from tfxfer.data.splits import Split, align_classes, select_classes
+
+    source = np.array([0, 1, 2, 0, 1, 2], np.int64)  # classes a, b, c in the source
+    images = tf.constant(np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1))  # image i carries its index
+    records = tf.data.Dataset.from_tensor_slices((images, source))
+    splits = {"train": Split(6, records=records, read_labels=lambda: source)}
+    splits, names = align_classes(splits, ["a", "b", "c"], ["c", "a", "b"])  # the model's order
+    splits, names = select_classes(splits, names, "b,c")
+    got = {int(image[0, 0, 0]): int(label) for image, label in splits["train"].examples()}
+    assert names == ["b", "c"] and got == {1: 0, 4: 0, 2: 1, 5: 1}
+    assert splits["train"].labels.tolist() == [got[i] for i in sorted(got)]

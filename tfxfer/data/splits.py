@@ -133,12 +133,16 @@ def select_classes(splits, class_names, wanted):
     for key, split in splits.items():
         if split is None:
             continue
+        # Records keep their source labels: a map from an earlier selection (a model's class
+        # order, then --classes) is composed with this one, not replaced by it.
+        source_map = label_map if split.label_map is None else np.where(
+            split.label_map >= 0, label_map[np.maximum(split.label_map, 0)], -1)
         if split.records is not None and split.labels is not None:
-            # Labels already read (TFRecord files): map them; records keep their source labels.
-            split = dataclasses.replace(split, label_map=label_map, labels=label_map[split.labels].astype(np.int32))
+            # Labels already read (TFRecord files): map them.
+            split = dataclasses.replace(split, label_map=source_map, labels=label_map[split.labels].astype(np.int32))
         elif split.records is not None:
-            # Read (again) with the map applied: records keep their source labels.
-            split = dataclasses.replace(split, label_map=label_map, labels=None, positions=None).with_labels()
+            # Read (again) with the map applied.
+            split = dataclasses.replace(split, label_map=source_map, labels=None, positions=None).with_labels()
         else:
             split = dataclasses.replace(split, labels=label_map[split.labels].astype(np.int32))
         selected[key] = split.subset(np.flatnonzero(split.labels >= 0))
