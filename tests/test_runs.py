@@ -295,3 +295,21 @@ def test_a_run_keeps_the_class_ids_it_trained_with_when_resumed_and_evaluated(tm
     assert atomic.read_json(run / "metrics.json")["test"]["class_names"] == ["1", "10", "2"]
     assert atomic.read_json(run / "checkpoint" / "state.json")["class_names"] == ["1", "10", "2"]
     true_classes_are_the_folders(run / "predictions.csv")
+
+
+def test_a_run_interrupted_before_it_recorded_its_class_order_resumes_in_text_order(tmp_path):
+    # Such a run trained with the classes sorted as text (1, 10, 2): integer names must not be renumbered.
+    from tests.conftest import write_class_folder
+    from tfxfer.config import load_config
+    from tfxfer.runs import Run, save_config
+
+    write_class_folder(str(tmp_path / "data"), classes=("1", "2", "10"), per_class=4)
+    config = load_config(data_dir=str(tmp_path / "data"), backbone="tiny", weights="none", image_size=32,
+                         output_dir=str(tmp_path / "runs"), run_name="old")
+    os.makedirs(tmp_path / "runs" / "old")
+    save_config(str(tmp_path / "runs" / "old"), config)  # what an interrupted run left: no checkpoint yet
+    with Run.open(config, resume=True, log=lambda message: None) as run:
+        assert run.load_data()[3].class_names == ["1", "10", "2"]
+    with Run.open(load_config(data_dir=str(tmp_path / "data"), backbone="tiny", weights="none", image_size=32,
+                              output_dir=str(tmp_path / "runs"), run_name="new"), log=lambda message: None) as run:
+        assert run.load_data()[3].class_names == ["1", "2", "10"]  # a new run sorts them as numbers

@@ -252,9 +252,16 @@ class Run:
 
         allow = self.config.data.allow_leaks
         trained = trained_classes(self.dir) if self.resume else None
-        train, val, test, info, image_size = load_data(
-            self.config, self.log, augment, lambda splits, info: preflight.check(splits, info, allow),
-            model_classes=trained)
+
+        def load(classes):
+            return load_data(self.config, self.log if classes is trained else (lambda message: None), augment,
+                             lambda splits, info: preflight.check(splits, info, allow), model_classes=classes)
+
+        train, val, test, info, image_size = load(trained)
+        if self.resume and trained is None and list(info.class_names) != sorted(info.class_names):
+            # A run interrupted before its checkpoint recorded the class order trained in text order,
+            # the only order there was then: integer class names keep it.
+            train, val, test, info, image_size = load(sorted(info.class_names))
         for line in preflight.describe(info.preflight):
             self.log(line)
         return train, val, test, info, image_size
