@@ -328,3 +328,15 @@ def test_two_class_selections_of_records_compose_their_label_maps():
     got = {int(image[0, 0, 0]): int(label) for image, label in splits["train"].examples()}
     assert names == ["b", "c"] and got == {1: 0, 4: 0, 2: 1, 5: 1}
     assert splits["train"].labels.tolist() == [got[i] for i in sorted(got)]
+
+
+def test_a_class_none_of_whose_files_decode_is_an_error_with_labels_per_class_too(tmp_path):
+    from tests.conftest import write_class_folder
+    from tfxfer.data import load_splits
+
+    write_class_folder(str(tmp_path), classes=("cat", "dog"), per_class=4)
+    os.makedirs(tmp_path / "owl")
+    for i in range(3):
+        (tmp_path / "owl" / f"{i}.jpg").write_bytes(b"not an image")
+    with pytest.raises(tfxfer.TfxferError, match="No training image of 'owl' .* could be decoded"):
+        load_splits(data_dir=str(tmp_path), labels_per_class=2, seed=0)
