@@ -97,6 +97,7 @@ def parse_candidate(text, image_size=None):
     or the folder of a `tfxfer pretrain`/`finetune` run."""
     from tfxfer.backbones import get_backbone
     from tfxfer.backbones.pretrained import find_pretrained
+    from tfxfer.config import expand_path
 
     if os.path.isdir(text):
         found = find_pretrained(text)
@@ -113,7 +114,7 @@ def parse_candidate(text, image_size=None):
     if not weights and spec.source.startswith("none"):
         raise TfxferError(f"{name} has no pretrained weights of its own to score; rank {name}:none for random weights, "
                           f"{name}:FILE for a weights file, or the folder of a tfxfer pretrain run.")
-    weights = os.path.expandvars(os.path.expanduser(weights)) if weights not in ("", "none", "imagenet") else weights
+    weights = expand_path(weights) if weights not in ("", "none", "imagenet") else weights
     return Candidate(text, name, weights or "imagenet", int(image_size or spec.default_size))
 
 

@@ -200,8 +200,8 @@ def load_splits(
         splits, class_names = select_classes(splits, class_names, classes)
     # The classes of the listed training files, for a class none of whose files decodes. A random
     # sample (--max-train-examples) may leave a class out by chance, so it is not held to them.
-    unchecked = splits["train"].unchecked
-    listed = set(splits["train"].with_labels().labels.tolist()) if unchecked and not max_train_examples else set()
+    listed = (set(splits["train"].labels.tolist()) if splits["train"].unchecked and not max_train_examples
+              else set())
     if labels_per_class is not None:
         splits["train"] = sample_per_class(splits["train"], labels_per_class, seed, readable(splits["train"]))
     if not max_train_examples:
