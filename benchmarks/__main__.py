@@ -17,6 +17,7 @@ BENCHMARKS = {
     "feature-cache": ("feature_cache", "a head-only epoch through the backbone against one on cached features"),
     "export-formats": ("export_formats", "size and batch-1 latency of SavedModel, ONNX and LiteRT"),
     "families": ("families", "ViT-B/16 and ConvNeXt-T full fine-tuning against timm's models in PyTorch eager"),
+    "script-fit": ("script_fit", "a script's build_model + fit against the step tfxfer finetune runs"),
     "fixed-cost": ("fixed_cost", "where a tiny finetune's time goes outside its epoch, phase by phase"),
     "int8": ("int8", "LiteRT float, dynamic and int8: size, batch-1 latency, test accuracy against the float SavedModel"),
 }

@@ -297,3 +297,25 @@ def test_exit_codes_usage_2_user_error_1(tmp_path):
 def test_python_dash_m_tfxfer_works():
     done = subprocess.run([sys.executable, "-m", "tfxfer", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "version" in done.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "somewhere", "--format", "onx"], "Unknown export format 'onx'; did you mean 'onnx'?"),
+    (["rank", "simplecnn"], "Give the target data"),
+])
+def test_mistakes_that_need_no_tensorflow_are_named_before_it_loads(argv, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "tfxfer", *argv], capture_output=True, text=True,
+                            timeout=120)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert result.returncode == 1 and "click" in imported and "tensorflow" not in imported, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_command_knows_every_export_format_the_registry_has():
+    from tfxfer.config import EXPORT_FORMATS
+    from tfxfer.export import FORMATS
+
+    assert set(FORMATS) == set(EXPORT_FORMATS)

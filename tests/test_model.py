@@ -10,8 +10,8 @@ X, Y = random_images(16), np.arange(16) % 3
 
 
 def test_loss_logged_with_a_backbone_optimizer_is_keras_loss(tiny_model_factory):
-    # `track_loss` feeds Keras's `loss` metric from a train_step override; with a
-    # learning rate of 0 nothing moves, so the logged loss is the data loss.
+    # With a backbone optimizer the step is Keras's own, through a MultiOptimizer;
+    # with a learning rate of 0 nothing moves, so the logged loss is the data loss.
     model = tiny_model_factory(freeze="full")
     model.compile(optimizer=keras.optimizers.SGD(0.0), backbone_optimizer=keras.optimizers.SGD(0.0),
                   loss="sparse_categorical_crossentropy")
@@ -38,3 +38,16 @@ def test_penalties_that_are_off_are_not_logged(tiny_model_factory):
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
     logs = model.fit(X, Y, batch_size=16, epochs=1, verbose=0).history
     assert "l2sp" not in logs and "head_l2" not in logs
+
+
+def test_keras_export_works_on_a_trained_transfer_model(tiny_model_factory, tmp_path):
+    import tensorflow as tf
+
+    model = tiny_model_factory(freeze="full")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), backbone_optimizer=keras.optimizers.SGD(0.001),
+                  loss="sparse_categorical_crossentropy")
+    model.fit(X, Y, batch_size=8, epochs=1, verbose=0)
+    model.export(str(tmp_path / "exported"), verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / "exported"))
+    served = loaded.serve(tf.constant(X, tf.float32)).numpy()
+    np.testing.assert_allclose(served, model.predict(X, verbose=0), atol=1e-5)

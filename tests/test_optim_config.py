@@ -58,12 +58,8 @@ def test_no_weight_decay_on_the_backbone_while_l2sp_is_on(tiny_model_factory, mu
     pairs = [(np.zeros(w.shape, "float32"), w) for w in model.trainable_weights]
     before = {w.path: w.numpy().copy() for w in model.trainable_weights}
     backbone_ids = {id(w) for w in model.backbone.trainable_weights}
-    if backbone is None:
-        head.apply_gradients(pairs)
-    else:
-        head_pairs, (backbone_pairs,) = model._by_group(pairs, weight_of=lambda pair: pair[1])
-        head.apply_gradients(head_pairs)
-        backbone.apply_gradients(backbone_pairs)
+    model.optimizer.apply_gradients(pairs)
+    assert (model.head_optimizer is head) and (model.backbone_optimizer is backbone)
     for w in model.trainable_weights:
         changed = not np.array_equal(before[w.path], w.numpy())
         assert changed == (id(w) not in backbone_ids and w.path == "head/kernel"), w.path

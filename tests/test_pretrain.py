@@ -1,3 +1,4 @@
+import copy
 import csv
 import dataclasses
 import glob
@@ -7,6 +8,7 @@ import os
 import keras
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 import tfxfer
@@ -119,6 +121,18 @@ def test_unlabelled_flat_folder_works_for_simclr_only(tmp_path):
     assert result.spec["source"]["classes"] == ["unlabelled"] and result.spec["metrics"]["monitor"] == "loss"
     with pytest.raises(tfxfer.TfxferError, match="trains on labels"):
         tfxfer.pretrain(config("supervised"), **QUIET)
+
+
+def test_pretrain_leaves_the_callers_config_as_it_was(tmp_path, source, monkeypatch):
+    monkeypatch.setattr(budget, "measure_seconds_per_step", lambda model, dataset, seconds: 760.0)
+    config = _pretrain_config(tmp_path, source, time_budget="2h")
+    before = copy.deepcopy(config)
+    result = tfxfer.pretrain(config, **QUIET)
+    assert config == before and (config.run.run_name, config.optim.epochs) == (None, 2)
+    # 6 train + 1 eval batches an epoch: 7200 / (760 * 6.33) = 1.5 epochs.
+    saved = yaml.safe_load(open(os.path.join(result.run_dir, "config.yaml")))
+    assert (saved["run"]["run_name"], saved["optim"]["epochs"]) == ("source-simplecnn-supervised", 1)
+    assert len(_rows(result.run_dir)) == 1
 
 
 @pytest.mark.slow

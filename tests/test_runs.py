@@ -1,4 +1,6 @@
+import copy
 import csv
+import dataclasses
 import os
 
 import keras
@@ -10,7 +12,7 @@ import tfxfer
 from tfxfer import atomic, budget
 from tfxfer.cli import main
 from tfxfer.budget import parse_duration
-from tfxfer.config import FinetuneConfig, load_config
+from tfxfer.config import FinetuneConfig, PretrainConfig, RunConfig, StudyConfig, load_config
 from tfxfer.data.augment import AUGMENTATIONS
 from tfxfer.optim import OPTIMIZERS
 from tests.conftest import write_class_folder
@@ -54,6 +56,45 @@ def test_grouped_and_flat_yaml_agree_and_the_saved_config_is_grouped(tmp_path, f
     saved = yaml.safe_load(open(os.path.join(result.run_dir, "config.yaml")))
     assert set(saved) == {"data", "model", "transfer", "optim", "run"}
     assert saved["optim"]["lr"] == 0.01 and saved["model"]["backbone"] == "tiny"
+
+
+def test_configs_are_frozen_and_a_changed_option_is_a_copy():
+    config = load_config(dataset="digits", lr=0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.optim.lr = 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.run = RunConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_config(kind=PretrainConfig, dataset="digits").pretext.temperature = 0.5  # the merged group too
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_config(kind=StudyConfig, dataset="digits").study.seeds = "1"
+    changed = config.with_options(lr=0.5, run_name="x")
+    assert (changed.optim.lr, changed.run.run_name) == (0.5, "x") and (config.optim.lr, config.run.run_name) == (0.1, None)
+    assert changed.explicit == config.explicit == {"dataset", "lr"}  # what the user set, not what a run decided
+    with pytest.raises(tfxfer.TfxferError, match="Unknown config key 'lrr'; did you mean 'lr'"):
+        config.with_options(lrr=0.5)
+    assert RunConfig(mlflow="uri").tracking == "mlflow"  # normalised as the group is built
+
+
+def test_finetune_never_changes_the_callers_config(tmp_path, pretrained_backbone, monkeypatch):
+    # A run decides its name, the pretrained source's backbone and size, --lr auto's rate, the epochs of
+    # its time budget and the policy its --unfreeze starts with: all in its config.yaml, none in `config`,
+    # so a second finetune(config) runs what the first ran.
+    pretrained, source = pretrained_backbone
+    monkeypatch.setattr(budget, "measure_seconds_per_step", lambda model, dataset, seconds: 240.0)
+    config = load_config(data_dir=source, weights=pretrained, lr="auto", time_budget="1h", unfreeze="head@0,full@1",
+                         batch_size=8, output_dir=str(tmp_path / "runs"))
+    before = copy.deepcopy(config)
+    result = tfxfer.finetune(config, verbose=0, log=lambda *_: None)
+    assert config == before and config.explicit == before.explicit
+    assert (config.run.run_name, config.model.backbone, config.model.image_size, config.optim.lr, config.optim.epochs,
+            config.transfer.freeze) == (None, "resnet50", None, "auto", 5, "full")
+    saved = yaml.safe_load(open(os.path.join(result.run_dir, "config.yaml")))
+    assert saved["run"]["run_name"] == "source-simplecnn-head-full" == os.path.basename(result.run_dir)
+    assert (saved["model"]["backbone"], saved["model"]["image_size"]) == ("simplecnn", 32)
+    assert isinstance(saved["optim"]["lr"], float) and saved["transfer"]["freeze"] == "head"
+    # 44 train images (6 batches of 8) + 1 eval batch an epoch: 3600 / (240 * 6.33) = 2.4 epochs.
+    assert saved["optim"]["epochs"] == len(_rows(result.run_dir)) == 2
 
 
 def test_yaml_syntax_error_is_one_sentence_with_the_line(tmp_path):

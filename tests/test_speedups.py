@@ -97,7 +97,7 @@ def test_a_training_step_runs_the_rerouted_convolutions(monkeypatch):
     model = tfxfer.build_model("mobilenetv2", num_classes=3, weights=None, image_size=32, freeze="full")
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
     lines = []
-    with convolution.applied(model, log=lines.append):
+    with convolution.applied(model, log=lines.append, mode="force"):
         model.fit(random_images(4), np.arange(4) % 3, epochs=1, verbose=0)
     assert calls.count("pointwise") >= 28, calls  # traced into the training step
     assert lines[0].startswith("speed-ups: oneDNN on; 28 1x1 convolutions as matrix products")
@@ -108,7 +108,7 @@ def test_a_training_step_runs_the_rerouted_convolutions(monkeypatch):
 def test_an_export_is_the_same_with_and_without_the_speed_ups(tmp_path):
     model = tfxfer.build_model("mobilenetv2", num_classes=3, weights=None, image_size=32, freeze="full")
     plain_dir = tfxfer.export_saved_model(model, str(tmp_path / "plain"))
-    with convolution.applied(model, log=lambda line: None):
+    with convolution.applied(model, log=lambda line: None, mode="force"):
         assert convolution.routes(model)["keras"] < sum(convolution.routes(model).values())
         fast_dir = tfxfer.export_saved_model(model, str(tmp_path / "during"))
     graphs = []
@@ -182,7 +182,7 @@ def test_a_bfloat16_training_step_runs_batchnorm_in_bfloat16(monkeypatch, train_
         keras.mixed_precision.set_global_policy("float32")
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
     lines = []
-    with convolution.applied(model, log=lines.append):
+    with convolution.applied(model, log=lines.append, mode="force"):
         model.fit(random_images(4), np.arange(4) % 3, epochs=1, verbose=0)
     assert lines[0].endswith(line)
     assert calls.count(tf.bfloat16) >= 3  # every layer, traced into the training step
@@ -273,7 +273,7 @@ def test_a_training_step_runs_the_folded_convolutions(monkeypatch):
     model = tfxfer.build_model("resnet9", num_classes=3, weights=None, image_size=32, freeze="full", train_bn=False)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
     lines = []
-    with convolution.applied(model, log=lines.append):
+    with convolution.applied(model, log=lines.append, mode="force"):
         model.fit(random_images(4), np.arange(4) % 3, epochs=1, verbose=0)
     count = sum(type(layer) is keras.layers.BatchNormalization for layer in convolution.walk_layers(model))
     assert f"{count} frozen BatchNorm layers folded into their convolutions" in lines[0]
@@ -294,3 +294,46 @@ def test_subsample_is_a_strided_slice_forward_and_backward(size, stride):
         results.append([y, tape.gradient(y, x, output_gradients=upstream)])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def _patched(model):
+    return [layer.name for layer in convolution.walk_layers(model) if "call" in layer.__dict__]
+
+
+@pytest.mark.parametrize("mode, on", [("force", True), ("off", False), (False, False)])
+def test_fit_applies_the_speed_ups_for_its_duration_only(mode, on):
+    model = tfxfer.build_model("tiny", num_classes=3, weights=None, image_size=32, freeze="full", speedups=mode)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
+    during = []
+
+    class Look(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            during.append(_patched(model))
+
+    model.fit(random_images(4), np.arange(4) % 3, epochs=1, verbose=0, callbacks=[Look()])
+    assert bool(during[0]) == on, during
+    assert not _patched(model)  # evaluate, predict, save and exports see the model as built
+    assert type(model).from_config(model.get_config()).speedups == ("force" if on else "off")
+
+
+def test_a_speed_up_never_measured_on_this_cpu_kind_stays_off_and_the_line_says_so(monkeypatch):
+    monkeypatch.setattr(convolution, "cpu_flags", lambda: {"avx2", "fma"})
+    assert convolution.cpu_kind() == "avx2"
+    model = tfxfer.build_model("tiny", num_classes=3, weights=None, image_size=32, freeze="full")
+    lines = []
+    undo = convolution.apply(model, lines.append)
+    assert not _patched(model)
+    assert "not measured on this CPU (avx2), so off: bfloat16 BatchNorm, convolutions, folded BatchNorm" in lines[0]
+    assert "--cpu-speedups force" in lines[0]
+    undo()
+    assert convolution.cpu_kind({"avx2", "avx512_bf16", "amx_bf16"}) == "amx" and convolution.cpu_kind(set()) == "other"
+
+
+def test_a_run_with_cpu_speedups_off_says_so(tmp_path):
+    from tests.conftest import run_cli, write_splits
+
+    data = write_splits(tmp_path / "data", train=4, test=2, classes=("cat", "dog"))
+    result = run_cli("finetune", "--data-dir", data, "--backbone", "tiny", "--weights", "none", "--image-size", "32",
+                     "--epochs", "1", "--batch-size", "4", "--cpu-speedups", "off", "--output-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    assert "training speed-ups off (--cpu-speedups off)" in result.output

@@ -1,6 +1,7 @@
 """`tfxfer study`: statistics against scipy, strategy expansion, a tiny end-to-end
 study on generated data, and a study resumed after a killed run."""
 
+import copy
 import csv
 import json
 import math
@@ -89,6 +90,16 @@ def test_bad_strategies_fail_in_one_sentence(text, message):
 def test_study_refuses_options_each_run_sets():
     with pytest.raises(tfxfer.TfxferError, match="--l2sp is set by each run of a study"):
         load_config(None, StudyConfig, dataset="digits", l2sp=0.1)
+
+
+def test_a_study_leaves_the_callers_config_as_it_was(tmp_path, pretrained_backbone):
+    pretrained, source = pretrained_backbone  # a class folder: no test split, so the study stops before any run
+    config = load_config(None, StudyConfig, data_dir=source, weights=pretrained, output_dir=str(tmp_path / "studies"))
+    before = copy.deepcopy(config)
+    with pytest.raises(tfxfer.TfxferError, match="has none"):
+        tfxfer.study(config, log=lambda *_: None)
+    # The study read the backbone and image size of --weights into its own copy.
+    assert config == before and (config.model.backbone, config.model.image_size) == ("resnet50", None)
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ _PUBLIC = {
     "pretrain": "tfxfer.pretraining",
     "study": "tfxfer.study",
     "finetune": "tfxfer.training",
+    "set_precision": "tfxfer.runtime",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -14,7 +14,7 @@ import keras
 from tfxfer.callbacks import BudgetGuard
 from tfxfer.errors import TfxferError
 
-__all__ = ["parse_duration", "plan_epochs", "measure_seconds_per_step", "apply_time_budget", "budget_callbacks"]
+__all__ = ["parse_duration", "plan_epochs", "measure_seconds_per_step", "time_budget_epochs", "budget_callbacks"]
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h|hr)?\s*$")
 
@@ -46,11 +46,10 @@ def measure_seconds_per_step(model, dataset, seconds=30.0, max_steps=500):
     """The mean time of a training step, over about `seconds` of real steps
     after one warm-up step. The model's and its optimizers' variables are put
     back afterwards, so the measurement trains nothing."""
-    optimizers = [model.optimizer, *getattr(model, "backbone_optimizers", ())]
-    for optimizer in optimizers:
-        if not optimizer.built:
-            optimizer.build(model.trainable_variables)
-    variables = list(model.variables) + [v for o in optimizers for v in o.variables]
+    # The model's optimizer holds the backbone's own too (a MultiOptimizer).
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    variables = list(model.variables) + list(model.optimizer.variables)
     saved = [v.numpy() for v in variables]
     ends = []
 
@@ -75,9 +74,10 @@ def budget_callbacks(config, started, resume, log=print):
     return [BudgetGuard(started + parse_duration(config.optim.time_budget), log)]
 
 
-def apply_time_budget(config, model, train, steps_per_epoch, eval_steps_per_epoch, started, log=print):
-    """With `--time-budget`: measure the step, fix the epochs that fit, save the
-    choice in `config` (whose schedule must then be built). Returns the epochs."""
+def time_budget_epochs(config, model, train, steps_per_epoch, eval_steps_per_epoch, started, log=print):
+    """With `--time-budget`: measure the step and return the epochs that fit.
+    `config` stays as it is: the caller puts the epochs in its run's copy
+    (which config.yaml saves) and builds the schedule for them."""
     budget = parse_duration(config.optim.time_budget)
     seconds_per_step = measure_seconds_per_step(model, train, seconds=min(MEASURE_SECONDS, MEASURE_SHARE * budget))
     spent = time.time() - started
@@ -86,5 +86,4 @@ def apply_time_budget(config, model, train, steps_per_epoch, eval_steps_per_epoc
         f"time budget {config.optim.time_budget}: {seconds_per_step:.3f} s a step, {steps_per_epoch} steps an epoch, "
         f"{spent:.0f} s spent on start-up and measuring -> {epochs} epochs"
     )
-    config.optim.epochs = epochs
     return epochs

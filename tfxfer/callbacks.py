@@ -261,7 +261,7 @@ class LearningRateLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        logs["lr"] = _learning_rate(self.model.optimizer)
+        logs["lr"] = _learning_rate(getattr(self.model, "head_optimizer", self.model.optimizer))
         backbone = getattr(self.model, "backbone_optimizer", None)
         if backbone is not None:
             logs["backbone_lr"] = _learning_rate(backbone)

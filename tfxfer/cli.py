@@ -11,8 +11,8 @@ import sys
 import click
 
 from tfxfer import atomic, runtime
-from tfxfer.config import BN_MODES, FinetuneConfig, PretrainConfig, StudyConfig, load_config
-from tfxfer.errors import RUN_FOLDER_FIX, TfxferError, write_failure
+from tfxfer.config import BN_MODES, EXPORT_FORMATS, FinetuneConfig, PretrainConfig, StudyConfig, load_config
+from tfxfer.errors import RUN_FOLDER_FIX, TfxferError, did_you_mean, write_failure
 from tfxfer.evaluation import TTA_MODES
 from tfxfer.interrupts import Terminated, sigterm_interrupts
 
@@ -53,7 +53,7 @@ def _option(name, field, type_, default):
                                 callback=no_flag)(command)
         return decorate
     if name == "mlflow":
-        # `--mlflow` alone is the local ./mlruns store; `--mlflow URI` another store or a server.
+        # `--mlflow` alone is the local ./mlflow.db store; `--mlflow URI` another store or a server.
         from tfxfer.tracking import DEFAULT_STORE
 
         return click.option("--mlflow", name, is_flag=False, flag_value=DEFAULT_STORE, default=None, metavar="[URI]",
@@ -87,16 +87,20 @@ def _progress():
     return 1 if sys.stdout.isatty() else 2
 
 
-def _friendly(command=None, *, tensorflow=True, fix=OTHER_FIX):
+def _friendly(command=None, *, tensorflow=True, fix=OTHER_FIX, check=None):
     """Turn a user's mistake (`TfxferError`) into one line on stderr and exit 1;
     a failed write ends with `fix`, which names the command's own options.
-    TensorFlow loads first, quietly, unless the command does without it."""
+    TensorFlow loads first, quietly, unless the command does without it;
+    `check(**options)` comes before it, so what needs no TensorFlow to find
+    wrong is named at once rather than seconds later."""
     if command is None:
-        return functools.partial(_friendly, tensorflow=tensorflow, fix=fix)
+        return functools.partial(_friendly, tensorflow=tensorflow, fix=fix, check=check)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            if check is not None:
+                check(**kwargs)
             if tensorflow:
                 runtime.load_tensorflow_quietly()
             return command(*args, **kwargs)
@@ -157,9 +161,10 @@ def _run_command(name, kind, engine, summary, cls=click.Command):
             with sigterm_interrupts():
                 run(config, resume=resume, overwrite=overwrite, verbose=_progress())
         except KeyboardInterrupt as stop:
-            from tfxfer.runs import default_run_name  # TensorFlow is loaded by now
+            from tfxfer.runs import resolved_config  # TensorFlow is loaded by now
 
-            run_name = config.run.run_name or default_run_name(config)
+            # The run resolved its name on its own copy of the config; resolve it again the same way.
+            run_name = resolved_config(config, resume).run.run_name
             _interrupted(f"continue with: tfxfer {name} --resume --run-name {run_name} --output-dir {config.run.output_dir}",
                          stop)
 
@@ -207,7 +212,7 @@ def lr_find(config_path, steps, start_lr, end_lr, plot_path, **flags):
 @click.option("--image-size", type=int, help="Input size of the backbone names (a run folder keeps its own). "
               "[default: each backbone's]")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects instead of a table.")
-@_friendly
+@_friendly(check=lambda **options: _needs_data(options))
 def rank(candidates, image_size, as_json, **data):
     """Score CANDIDATE backbones on the target's labelled training images with
     LogME, before any fine-tuning; higher is better. A candidate is a backbone
@@ -216,8 +221,6 @@ def rank(candidates, image_size, as_json, **data):
     from tfxfer.ranking import rank as rank_candidates
 
     data = {k: v for k, v in data.items() if v is not None}
-    if not any(data.get(k) for k in ("dataset", "data_dir", "csv", "tfrecord")):
-        raise TfxferError("Give the target data: --dataset NAME, --data-dir DIR, --csv FILE or --tfrecord GLOB.")
     # With --json, standard output is the JSON alone: progress and log lines go to standard error.
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         results = rank_candidates(candidates, data, image_size, log=lambda line: click.echo(line, err=as_json))
@@ -229,6 +232,11 @@ def rank(candidates, image_size, as_json, **data):
               f"{r['image_size']} px") for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     click.echo("\n" + "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows))
+
+
+def _needs_data(options):
+    if not any(options.get(k) for k in ("dataset", "data_dir", "csv", "tfrecord")):
+        raise TfxferError("Give the target data: --dataset NAME, --data-dir DIR, --csv FILE or --tfrecord GLOB.")
 
 
 STUDY_OPTIONS = [k for k in StudyConfig.fields() if k not in StudyConfig.OWNED]
@@ -432,18 +440,25 @@ def explain(run, images, class_name, output_dir):
 @click.option("--quantize", type=click.Choice(["int8", "dynamic"]),
               help="LiteRT only: int8 (full-integer, calibrated on 300 training images) or dynamic (int8 weights); "
                    "written to RUN/export/litert-<quantize>/ with its test accuracy against the float32 model.")
-@_friendly(fix=OUTPUT_FIX)
+@_friendly(fix=OUTPUT_FIX, check=lambda formats, output, **_: _export_names(formats, output))
 def export_command(run, formats, output, precision, quantize):
     """Export the best model of a finetune RUN, preprocessing inside, and check
     it against the run's float32 model on the same images (within 1e-4 in
     float32, 5e-3 in float16, 3e-2 in bfloat16)."""
     from tfxfer.export import export_run
 
+    for name in _export_names(formats, output):
+        export_run(run, name, output, log=click.echo, precision=precision, quantize=quantize)
+
+
+def _export_names(formats, output):
     names = [name.strip() for name in formats.split(",") if name.strip()]
+    for name in names:
+        if name not in EXPORT_FORMATS:
+            raise did_you_mean(name, EXPORT_FORMATS, "export format")
     if output and len(names) > 1:
         raise TfxferError("--output takes one --format at a time.")
-    for name in names:
-        export_run(run, name, output, log=click.echo, precision=precision, quantize=quantize)
+    return names
 
 
 @main.command()

@@ -18,6 +18,7 @@ def compiled_model(config, info, image_size, train_bn):
         image_size=image_size, freeze=config.first_policy(), train_bn=train_bn,
         bn_momentum=config.model.bn_momentum, dropout=config.transfer.dropout, l2sp=config.transfer.l2sp,
         l2sp_scope=config.transfer.l2sp_scope, head_l2=config.transfer.head_l2, class_names=info.class_names,
+        speedups=config.run.cpu_speedups,
     )
     compile_run(model, config, runs.steps_per_epoch(config, info))
     return model
@@ -43,5 +44,5 @@ def compile_run(model, config, steps_per_epoch):
         metrics=metrics,
         jit_compile=config.run.jit_compile,
     )
-    if not head_optimizer.built:
-        head_optimizer.build(model.trainable_weights)
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_weights)

@@ -8,6 +8,10 @@ CLI is generated from these fields (`tfxfer.cli.config_options`), YAML files in
 
 YAML may be flat (`lr: 0.01`) or grouped (`optim: {lr: 0.01}`): every option name
 is unique across the groups of a command.
+
+Configs are frozen once built, so one config can be run any number of times:
+a run works on its own resolved copy (`CommandConfig.with_options`), and that
+copy is the one its folder saves.
 """
 
 import dataclasses
@@ -48,6 +52,8 @@ SCHEDULES = ("constant", "cosine")
 SCOPES = ("kernels", "all")  # L2-SP: kernels (as the paper) or all weights
 DISTRIBUTE = ("none", "mirrored", "multiworker")
 BN_MODES = ("auto", "on", "off")  # --train-bn (tfxfer.freezing.resolve_train_bn)
+# The formats `tfxfer.export` registers; the command names a wrong one before TensorFlow loads.
+EXPORT_FORMATS = ("saved_model", "onnx", "litert")
 # `--recipe NAME` fills the options the user left unset. `tuned` is the defaults
 # below (SGD, lr 1e-2, cosine decay, no augmentation), which the recipe study of
 # STUDIES.md picked over `classic` (SGD, lr 1e-3, constant), the defaults they replaced.
@@ -70,7 +76,7 @@ def expand_path(path):
     return os.path.expandvars(os.path.expanduser(path))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     dataset: Optional[str] = option(None, "Built-in dataset (digits) or a tensorflow-datasets name, e.g. cifar10.")
     data_dir: Optional[str] = option(
@@ -143,7 +149,7 @@ class DataConfig:
                 "tfds_manual_dir": self.tfds_manual_dir, "csv_columns": (self.csv_path_column, self.csv_label_column)}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     backbone: str = option("resnet50", "Backbone name; see `tfxfer backbones`.")
     weights: str = option("imagenet", "imagenet, none, a weights file, or a pretrain/finetune run folder.", path=True)
@@ -157,7 +163,7 @@ class ModelConfig:
             raise TfxferError(f"bn_momentum must be in [0, 1), got {self.bn_momentum}.")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TransferConfig:
     recipe: str = option(
         "tuned", "How the training goes, for the options not given: tuned (the defaults, chosen by a study) or "
@@ -227,7 +233,7 @@ class TransferConfig:
             raise TfxferError(f"top_k must be at least 1, got {self.top_k}.")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = option("sgd", "sgd (momentum 0.9), adam or adamw.", OPTIMIZERS)
     lr: float = option(
@@ -252,25 +258,32 @@ class OptimConfig:
             parse_duration(self.time_budget)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     seed: int = option(0, "Seeds Python, NumPy, TensorFlow, the data selection, order and augmentation.")
     deterministic: bool = option(False, "TF op determinism: identical histories on any device, at a cost (README).")
     precision: str = option("auto", "auto: bfloat16 where the hardware has it, else float32.", PRECISIONS)
     jit_compile: bool = option(False, "Compile the training step with XLA (measure first on CPU).")
+    cpu_speedups: str = option("auto", "Training-time CPU speed-ups: auto (those measured to pay on this CPU kind), "
+                               "force (all), off.", ("auto", "off", "force"))
     distribute: str = option("none", "none; mirrored: the GPUs of this machine; multiworker: the workers of TF_CONFIG (README).", DISTRIBUTE)
     tensorboard: bool = option(False, "Write TensorBoard logs to the run's tensorboard/ folder (scalars, L2-SP, learning rate, a batch of images).")
     tracking: Optional[str] = option(None, "Experiment tracker to log the run to: mlflow (or give --mlflow).", ("mlflow",))
     mlflow: Optional[str] = option(
-        None, "Track the run in MLflow: a bare --mlflow logs to ./mlruns (open it with `mlflow ui`), --mlflow URI to "
-        "that tracking server or store.", path=True
+        None, "Track the run in MLflow: a bare --mlflow logs to ./mlflow.db with artifacts in ./mlruns (open them "
+        "with `mlflow ui` there), --mlflow URI to that tracking server or store, --mlflow FOLDER to a folder store.",
+        path=True
     )
     run_name: Optional[str] = option(None, "Run folder name under --output-dir (default: from data, backbone and method).")
     output_dir: str = option("saved_models", "Where run folders go.", path=True)
 
-    def validate(self):
+    def __post_init__(self):
         if self.mlflow and self.tracking is None:
-            self.tracking = "mlflow"  # --mlflow URI alone asks for MLflow
+            # --mlflow URI alone asks for MLflow. Set while the group is built (frozen afterwards), so every
+            # copy and every reader sees it, validated or not.
+            object.__setattr__(self, "tracking", "mlflow")
+
+    def validate(self):
         if self.jit_compile and self.deterministic:
             raise TfxferError(
                 "--jit-compile needs --no-deterministic: Keras silently turns XLA off while TF op determinism is on."
@@ -326,6 +339,27 @@ class CommandConfig:
                 out[f.name] = (group.name, f, _plain_type(hints[f.name]))
         return out
 
+    def with_options(self, **options):
+        """A copy with `options` (by option name, in any group) changed; the
+        options the user set (`explicit`) stay those of this config.
+
+        Configs are frozen: what a run decides (its name, a pretrained source's
+        backbone, `--lr auto`'s rate, the time budget's epochs) goes into a
+        copy, never into the config its caller holds."""
+        fields = self.fields()
+        grouped = {}
+        for key, value in options.items():
+            if key not in fields:
+                raise did_you_mean(key, fields, "config key")
+            grouped.setdefault(fields[key][0], {})[key] = value
+        copy = dataclasses.replace(
+            self, **{name: dataclasses.replace(getattr(self, name), **values) for name, values in grouped.items()}
+        )
+        explicit = getattr(self, "explicit", None)
+        if explicit is not None:
+            _set_explicit(copy, explicit)
+        return copy
+
     def explicit_options(self):
         """The options the user set: from `load_config`, else any non-default value."""
         explicit = getattr(self, "explicit", None)
@@ -346,7 +380,7 @@ def _plain_type(hint):
     return args[0] if args else hint
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FinetuneConfig(CommandConfig):
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -367,11 +401,6 @@ class FinetuneConfig(CommandConfig):
                 )
         if self.run.distribute != "none" and self.transfer.ema is not None:
             raise TfxferError("--ema is not available with --distribute yet; drop one of them.")
-        if self.run.precision == "mixed_float16" and (self.transfer.backbone_lr_mult != 1.0 or self.transfer.lr_decay != 1.0):
-            raise TfxferError(
-                "--precision mixed_float16 cannot be combined with --backbone-lr-mult or --lr-decay: its loss scaling "
-                "covers one optimizer; use mixed_bfloat16 or float32."
-            )
         return self
 
     def first_policy(self):
@@ -383,7 +412,7 @@ class FinetuneConfig(CommandConfig):
         return parse_freeze(self.transfer.freeze)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PretextConfig:
     """The `pretext` group of `PretrainConfig`: the method, then the options
     that each registered method declares (`pretext_group`)."""
@@ -426,11 +455,13 @@ def _merged_pretext(options):
         return PretextConfig
     # A dataclass's fields come base first: `method` ends up first.
     # `validate` is PretextConfig's, which calls every method's; the first base's would shadow it.
+    # Frozen like every group; a method's own options dataclass may be frozen or not (a frozen class may
+    # have plain dataclass bases as long as one base is frozen: PretextConfig).
     return dataclasses.make_dataclass("PretextConfig", [], bases=(*reversed(options), PretextConfig),
-                                      namespace={"validate": PretextConfig.validate})
+                                      namespace={"validate": PretextConfig.validate}, frozen=True)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PretrainConfig(CommandConfig):
     # From scratch, on small images: resnet9, weak augmentation, SGD with a cosine schedule.
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(augment="flip_crop"))
@@ -449,7 +480,7 @@ class PretrainConfig(CommandConfig):
         return super().validate()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class StudyOptions:
     strategies: str = option(
         "scratch,head,full,lp-ft,l2sp@0.01", "Comma-separated strategies (scratch, head, full, stages:N, lp-ft, l2sp@ALPHA, +bn)."
@@ -476,7 +507,7 @@ class StudyOptions:
         return seeds
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class StudyConfig(CommandConfig):
     """A study: every strategy x seed (x fold) as an ordinary finetune run, with
     the options of `FinetuneConfig` shared by all runs, except the ones each
@@ -545,8 +576,14 @@ def config_from_flat(values, kind=FinetuneConfig, validate=True):
                 raise
             raise TfxferError(str(e).replace(" must be a number,", " must be a number or auto,")) from None
     config = kind(**{g.name: dataclasses.replace(g.default_factory(), **grouped.get(g.name, {})) for g in dataclasses.fields(kind)})
-    config.explicit = explicit
+    _set_explicit(config, explicit)
     return config.validate() if validate else config
+
+
+def _set_explicit(config, explicit):
+    """Record on `config` the options the user set: not a field (it is neither
+    saved nor compared), and written once, while the config is being built."""
+    object.__setattr__(config, "explicit", explicit)
 
 
 def _with_strategy(values, fields):

@@ -20,9 +20,9 @@ import math
 import keras
 import numpy as np
 
-from tfxfer import runs, speedups
+from tfxfer import runs
 from tfxfer.compiling import compiled_model
-from tfxfer.backbones.pretrained import apply_pretrained_spec
+from tfxfer.backbones.pretrained import with_pretrained_spec
 from tfxfer.data.pipeline import set_epoch
 from tfxfer.errors import TfxferError
 from tfxfer.freezing import resolve_train_bn
@@ -95,10 +95,11 @@ def lr_find(config, steps=100, start_lr=1e-7, end_lr=10.0, data=None, log=print)
     if steps < 10:
         raise TfxferError(f"A range test needs at least 10 steps, got {steps}.")
     if config.optim.lr == "auto":
-        config.optim.lr = 1.0  # the optimizers' ratios to the head's rate are all the test needs
+        # The optimizers' ratios to the head's rate are all the test needs; a copy, so the caller's stays auto.
+        config = config.with_options(lr=1.0)
     own = data is None
     if own:
-        apply_pretrained_spec(config)
+        config = with_pretrained_spec(config)
         runs.seed_everything(config.run.seed, config.run.deterministic)
         policy, why = set_precision(config.run.precision)
         log(f"precision: {policy} ({why})")
@@ -116,11 +117,11 @@ def lr_find(config, steps=100, start_lr=1e-7, end_lr=10.0, data=None, log=print)
 def _sweep(config, train, info, image_size, steps, start_lr, end_lr, log):
     train_bn, _ = resolve_train_bn(config.transfer.train_bn, config.model.weights)
     model = compiled_model(config, info, image_size, train_bn)
-    head_lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-    for optimizer in [model.optimizer, *model.backbone_optimizers]:
+    head_lr = float(keras.ops.convert_to_numpy(model.head_optimizer.learning_rate))
+    for optimizer in [model.head_optimizer, *model.backbone_optimizers]:
         scale = float(keras.ops.convert_to_numpy(optimizer.learning_rate)) / head_lr
         optimizer.learning_rate = RangeTestRate(start_lr, end_lr, steps, scale)
-    undo = speedups.apply(model, log)
+    undo = model.training_speedups(log)
     lrs, losses, smoothed = [], [], []
     try:
         epoch = 0

@@ -9,8 +9,12 @@ It adds two things to Keras's training:
 * optional optimizers of the backbone's own (`compile(backbone_optimizer=)`):
   one for the whole backbone, or one per stage (layer-wise learning-rate
   decay), so each part has its own learning rate without scaling gradients,
-  which Adam would undo. Only then does it override `train_step`.
+  which Adam would undo. They become one `keras.optimizers.MultiOptimizer`,
+  which maps each backbone weight's path to its stage's optimizer, so Keras's
+  own step, loss scaling (mixed_float16) and callbacks work unchanged.
 """
+
+import re
 
 import keras
 import tensorflow as tf
@@ -19,8 +23,9 @@ from tfxfer.backbones import create_backbone, get_backbone
 from tfxfer.backbones.pretrained import input_normalization
 from tfxfer.backbones.registry import backbone_units, feature_pool, set_bn_momentum
 from tfxfer.freezing import apply_freeze, parse_freeze
-from tfxfer.optim import regrow
+from tfxfer.optim import inner, optimizer_map, regrow
 from tfxfer.penalties import L2SP
+from tfxfer import speedups as host_speedups
 
 __all__ = ["PenalizedLoss", "Preprocess", "TransferModel", "build_model", "track_loss"]
 
@@ -116,6 +121,10 @@ class TransferModel(PenalizedLoss, keras.Model):
         normalization: `{"scale", "offset"}` applied to the pixels instead of
             the backbone's registered preprocessing; default: what the weights
             bring (`tfxfer.backbones.pretrained.input_normalization`).
+        speedups: the host's training speed-ups (`tfxfer.speedups`) during
+            `fit`: `"auto"` (those measured to pay on this CPU kind), `"force"`,
+            or `"off"`/`False`. Evaluation, `predict`, saving and exports
+            always see the model as built.
     """
 
     def __init__(
@@ -134,9 +143,14 @@ class TransferModel(PenalizedLoss, keras.Model):
         class_names=None,
         calibration_temperature=None,
         normalization=None,
+        speedups="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.speedups = {False: "off", True: "auto", None: "auto"}.get(speedups, speedups)
+        if self.speedups not in host_speedups.MODES:
+            raise ValueError(f"speedups must be one of {', '.join(host_speedups.MODES)}, got {speedups!r}.")
+        self._speedups_on = False
         spec = get_backbone(backbone)
         self.backbone_name = backbone
         self.num_classes = int(num_classes)
@@ -165,7 +179,12 @@ class TransferModel(PenalizedLoss, keras.Model):
         self.penalty = L2SP(self.backbone, l2sp, l2sp_scope, self.head.weights, head_l2)
         self._track_penalties()
         self.stage_optimizers = {}
-        self.built = True
+        # Every part is built above; `build` records the input shape, which
+        # Keras's own `model.export()` reads from a subclassed model.
+        self.build((None, self.image_size, self.image_size, 3))
+
+    def build(self, input_shape):
+        del input_shape  # the parts were built in `__init__`
 
     @property
     def backbone_optimizers(self):
@@ -180,13 +199,21 @@ class TransferModel(PenalizedLoss, keras.Model):
         optimizers = self.backbone_optimizers
         return optimizers[0] if optimizers else None
 
+    @property
+    def head_optimizer(self):
+        """The optimizer of the head (and of every weight outside the backbone)."""
+        optimizer = inner(self.optimizer)
+        if isinstance(optimizer, keras.optimizers.MultiOptimizer):
+            return optimizer_map(optimizer).default_optimizer
+        return optimizer
+
     def set_freeze(self, freeze, train_bn=None):
         """Apply another freeze policy, mid-training if need be.
 
         Nothing about the trainable set is fixed at build time: the L2-SP
         pairs, the optimizer groups and the weight-decay exclusion follow
         `trainable` when the step is traced, so the step is traced again. A
-        compiled model's optimizers are regrown (`tfxfer.optim.regrow`):
+        compiled model's optimizer is regrown (`tfxfer.optim.regrow`):
         weights that were training keep their optimizer state and step count,
         weights that start training get fresh slots. BatchNorm stays as
         `train_bn` says, and the L2-SP anchors stay the starting weights.
@@ -196,12 +223,39 @@ class TransferModel(PenalizedLoss, keras.Model):
         self.freeze = str(parse_freeze(freeze))
         self.trained_layers = apply_freeze(self.backbone, get_backbone(self.backbone_name), self.freeze, self.train_bn)
         if getattr(self, "optimizer", None) is not None and self.optimizer.built:
-            head_weights, groups = self._by_group(self.trainable_weights)
-            self.optimizer = regrow(self.optimizer, head_weights)
-            regrown = {id(o): regrow(o, weights) for o, weights in zip(self.backbone_optimizers, groups)}
-            self.stage_optimizers = {stage: regrown[id(o)] for stage, o in self.stage_optimizers.items()}
+            before = list(inner(self.optimizer).optimizers) if self.stage_optimizers else []
+            self.optimizer = regrow(self.optimizer, self.trainable_weights)
+            if self.stage_optimizers:
+                # The copy keeps the order of the optimizers it copies.
+                regrown = {id(o): new for o, new in zip(before, inner(self.optimizer).optimizers)}
+                self.stage_optimizers = {stage: regrown[id(o)] for stage, o in self.stage_optimizers.items()}
         self.train_function = self.test_function = self.predict_function = None
         return self.trained_layers
+
+    def training_speedups(self, log=print):
+        """Apply the host's training speed-ups (per `speedups`) until the
+        returned function is called; a no-op while they are on already, so
+        `fit` inside a run that applied them keeps them."""
+        if self._speedups_on:
+            return lambda: None
+        undo = host_speedups.apply(self, log, self.speedups)
+        self._speedups_on = True
+
+        def plain():
+            undo()
+            self._speedups_on = False
+
+        return plain
+
+    def fit(self, *args, **kwargs):
+        """Keras's `fit`, with the host's training speed-ups on for its
+        duration (`speedups`); the line naming them is printed unless `verbose=0`."""
+        quiet = kwargs.get("verbose", "auto") == 0
+        plain = self.training_speedups(log=(lambda message: None) if quiet else print)
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            plain()
 
     def call(self, images, training=False):
         x = self.preprocess(images)
@@ -214,8 +268,8 @@ class TransferModel(PenalizedLoss, keras.Model):
         """Keras's `compile` (same positional arguments), plus an optional
         keyword-only optimizer for the backbone's weights: one optimizer, or a
         dict from stage name to optimizer (every stage named; stages may share
-        one)."""
-        super().compile(optimizer, *args, **kwargs)
+        one). With it, the model's optimizer is a `MultiOptimizer` whose
+        default, `head_optimizer`, is `optimizer`."""
         stages = get_backbone(self.backbone_name).stages
         if backbone_optimizer is None or isinstance(backbone_optimizer, dict):
             self.stage_optimizers = dict(backbone_optimizer or {})
@@ -224,45 +278,44 @@ class TransferModel(PenalizedLoss, keras.Model):
         else:
             self.stage_optimizers = {stage: backbone_optimizer for stage in stages}
         if self.stage_optimizers:
-            # Build each optimizer on its own group only: no slots for the others.
-            head_weights, groups = self._by_group(self.trainable_weights)
-            self.optimizer.build(head_weights)
-            for backbone_optimizer, weights in zip(self.backbone_optimizers, groups):
-                backbone_optimizer.build(weights)
+            optimizer = keras.optimizers.MultiOptimizer(
+                keras.optimizers.OptimizerMap(keras.optimizers.get(optimizer), self._stage_patterns()))
+        super().compile(optimizer, *args, **kwargs)
+        if self.stage_optimizers:
+            # Built now on the trainable weights only: no slots for frozen ones.
+            self.optimizer.build(self.trainable_weights)
 
     def compile_from_config(self, config):
-        # Used by keras.models.load_model. The backbone optimizer is not part of
-        # the saved compile config: a loaded model has one optimizer until
-        # compiled again with `backbone_optimizer=`.
+        # Used by keras.models.load_model: a saved MultiOptimizer comes back
+        # with its map, as one optimizer to Keras.
         self.compile(**keras.saving.deserialize_keras_object(config))
         self.optimizer.build(self.trainable_variables)
 
-    def _by_group(self, items, weight_of=lambda item: item):
-        """Split `items` into `(head, [group of each backbone optimizer])` by
-        the weight each one holds; without backbone optimizers, `(items, [])`."""
-        optimizers = self.backbone_optimizers
-        if not optimizers:
-            return list(items), []
+    def _stage_patterns(self):
+        """`{pattern: optimizer}` over the paths of every backbone weight,
+        trainable now or not, so a later freeze policy finds each weight's
+        stage. A weight outside the stage map's layers goes with the input
+        stage; every other weight of the model is the head's."""
         spec = get_backbone(self.backbone_name)
-        index = {id(o): i for i, o in enumerate(optimizers)}
-        # A weight outside the stage map's layers goes with the input stage.
-        first = index[id(self.stage_optimizers[spec.stages[0]])]
-        group_of = {id(w): first for w in self.backbone.weights}
+        stage_of = {w.path: spec.stages[0] for w in self.backbone.weights}
         for layer, stage in backbone_units(self.backbone, spec):
             for w in layer.weights:
-                group_of[id(w)] = index[id(self.stage_optimizers[stage])]
-        head, groups = [], [[] for _ in optimizers]
-        for item in items:
-            group = group_of.get(id(weight_of(item)))
-            (head if group is None else groups[group]).append(item)
-        return head, groups
+                stage_of[w.path] = stage
+        backbone_paths = {w.path for w in self.backbone.weights}
+        clash = sorted(w.path for w in self.weights if w.path in stage_of and w.path not in backbone_paths)
+        if clash:
+            raise ValueError(f"{self.backbone_name} has a weight path the head also has ({clash[0]}): "
+                             "a per-stage optimizer could not tell them apart.")
+        by_optimizer = {}
+        for path, stage in stage_of.items():
+            optimizer = self.stage_optimizers[stage]
+            by_optimizer.setdefault(id(optimizer), (optimizer, []))[1].append(re.escape(path))
+        return {"|".join(paths): optimizer for optimizer, paths in by_optimizer.values()}
 
     def train_step(self, data):
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if self.backbone_optimizer is None and replicas == 1:
+        if tf.distribute.get_strategy().num_replicas_in_sync == 1:
             return super().train_step(data)
-        # Keras's step, with the gradients split between the two optimizers,
-        # and (under several replicas) the loss logged as one process would.
+        # Keras's step, with the loss logged as one process would.
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
@@ -270,16 +323,7 @@ class TransferModel(PenalizedLoss, keras.Model):
             track_loss(self, logged, tf.shape(x)[0])
             scaled = self.optimizer.scale_loss(loss)
         weights = self.trainable_weights
-        pairs = list(zip(tape.gradient(scaled, weights), weights))
-        head, groups = self._by_group(pairs, weight_of=lambda pair: pair[1])
-        self.optimizer.apply_gradients(head)
-        for backbone_optimizer, group in zip(self.backbone_optimizers, groups):
-            if group:
-                backbone_optimizer.apply_gradients(group)
-            else:
-                # A frozen part (the probe of LP-FT) still counts the steps,
-                # so its schedule is where the head's is when it starts training.
-                backbone_optimizer.iterations.assign_add(1)
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, weights), weights))
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def get_config(self):
@@ -298,6 +342,7 @@ class TransferModel(PenalizedLoss, keras.Model):
             "class_names": self.class_names,
             "calibration_temperature": self.calibration_temperature,
             "normalization": self.normalization,
+            "speedups": self.speedups,
             "name": self.name,
         }
 

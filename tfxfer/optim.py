@@ -5,7 +5,7 @@ import keras
 from tfxfer.backbones import get_backbone
 from tfxfer.config import OPTIMIZERS, SCHEDULES
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "make_schedule", "make_optimizer", "make_optimizers", "stage_lr_multipliers", "regrow"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "make_schedule", "make_optimizer", "make_optimizers", "stage_lr_multipliers", "regrow", "optimizer_map", "inner"]
 
 
 def make_schedule(lr, schedule="constant", total_steps=None, warmup_steps=0):
@@ -86,33 +86,80 @@ def regrow(optimizer, variables):
     that were already training keep their slots (momentum, Adam's moments),
     weights that start training get fresh ones, and weights that stop
     training drop theirs. A Keras optimizer cannot take new variables once
-    built, hence the copy.
+    built, hence the copy. A `MultiOptimizer` is copied with the same map,
+    each of its optimizers regrown, and each set to the head's step count:
+    an optimizer whose weights were all frozen took no steps, and its schedule
+    starts where the head's is. A `LossScaleOptimizer` keeps its scale.
 
     Keras has no public way to read which slot belongs to which weight, so this
     function alone reads the optimizer's private `_trainable_variables` and its
     slot lists; `tests/test_unfreeze.py` fails if Keras changes them.
     """
+    fresh = _fresh_copy(optimizer)
+    fresh.build(list(variables))
+    _carry_state(optimizer, fresh, optimizer.iterations)
+    return fresh
+
+
+def _fresh_copy(optimizer):
+    """An unbuilt optimizer configured as `optimizer`, sub-optimizers included."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return keras.optimizers.LossScaleOptimizer(
+            _fresh_copy(optimizer.inner_optimizer), initial_scale=optimizer.initial_scale,
+            dynamic_growth_steps=optimizer.dynamic_growth_steps)
+    if isinstance(optimizer, keras.optimizers.MultiOptimizer):
+        old = optimizer_map(optimizer)
+        copies = {id(o): _fresh_copy(o) for o in optimizer.optimizers}
+        patterns = {pattern: copies[id(o)] for pattern, o in old.items()}
+        return keras.optimizers.MultiOptimizer(
+            keras.optimizers.OptimizerMap(copies[id(old.default_optimizer)], patterns),
+            loss_scale_factor=optimizer.loss_scale_factor, name=optimizer.name)
     fresh = optimizer.__class__.from_config(optimizer.get_config())
     for attribute in ("_exclude_from_weight_decay", "_exclude_from_weight_decay_pattern"):
         if hasattr(optimizer, attribute):
             setattr(fresh, attribute, getattr(optimizer, attribute))
-    fresh.build(list(variables))
-    fresh.iterations.assign(optimizer.iterations)
-    old_index = {id(v): i for i, v in enumerate(optimizer._trainable_variables)}
-    for name, old_slots in _slot_lists(optimizer):
-        new_slots = getattr(fresh, name)
-        for j, variable in enumerate(fresh._trainable_variables):
+    return fresh
+
+
+def _carry_state(old, new, steps):
+    """Copy step counts, loss scale and the slots of weights both were built on."""
+    if isinstance(old, keras.optimizers.LossScaleOptimizer):
+        new.iterations.assign(old.iterations)
+        for name in ("dynamic_scale", "step_counter"):
+            getattr(new, name).assign(getattr(old, name))
+        _carry_state(old.inner_optimizer, new.inner_optimizer, steps)
+        return
+    if isinstance(old, keras.optimizers.MultiOptimizer):
+        # The head's count, which steps alone while the head trains on cached features.
+        steps = optimizer_map(old).default_optimizer.iterations
+        new.iterations.assign(steps)
+        for old_sub, new_sub in zip(old.optimizers, new.optimizers):
+            _carry_state(old_sub, new_sub, steps)
+        return
+    if not new.built:  # a stage that trains nothing under the new policy
+        new.build([])
+    new.iterations.assign(steps)
+    old_index = {id(v): i for i, v in enumerate(getattr(old, "_trainable_variables", ()))}
+    for name, old_slots in _slot_lists(old):
+        new_slots = getattr(new, name)
+        for j, variable in enumerate(new._trainable_variables):
             i = old_index.get(id(variable))
             if i is not None and old_slots[i] is not None:
                 new_slots[j].assign(old_slots[i])
-    return fresh
+
+
+def optimizer_map(optimizer):
+    """The `OptimizerMap` of a `MultiOptimizer`, which Keras keeps privately;
+    a copy needs the same map with the same optimizers shared, which
+    `get_config` loses (`tests/test_unfreeze.py` fails if Keras moves it)."""
+    return optimizer._optimizer_map
 
 
 def _slot_lists(optimizer):
     """`(attribute, slots)` for each per-weight slot list of a built optimizer
     (`momentums` of SGD, `_momentums` and `_velocities` of Adam, ...): a list of
     optimizer variables, one per trained weight, in the order it was built on."""
-    count = len(optimizer._trainable_variables)
+    count = len(getattr(optimizer, "_trainable_variables", ()))
     if not count:
         return []
     own = {id(v) for v in optimizer.variables}
@@ -123,3 +170,10 @@ def _slot_lists(optimizer):
         if len(value) == count and all(v is None or id(v) in own for v in value):
             found.append((name, value))
     return found
+
+
+def inner(optimizer):
+    """`optimizer` without its `LossScaleOptimizer` wrapper (mixed_float16's)."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
+    return optimizer

@@ -66,6 +66,7 @@ def pretrain(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
             raise TfxferError(f"--method {method.name} trains on labels, and {info.name} has one class; use simclr or "
                               "autoencoder.")
         model, plain = _build(run, method, info, image_size, train)
+        config = run.config  # with the epochs a time budget picked
         run.create()
         monitor, mode = method.monitor(info)
         best_path = run.path("checkpoint", "best_backbone.weights.h5")
@@ -125,16 +126,18 @@ def _fit(model, method, train, val, info, run, checkpoint, timer, initial_epoch,
 
 def _build(run, method, info, image_size, train):
     """`(model, plain)`: the method's compiled model with the training-time
-    speed-ups on (`plain()` takes them off); with a time budget, the epochs it fits."""
+    speed-ups on (`plain()` takes them off); with a time budget, `run.config`
+    gets the epochs it fits."""
     config, log = run.config, run.log
     steps_per_epoch = runs.steps_per_epoch(config, info)
     with distributed.make_strategy(config.run.distribute).scope():
         model = method.build(config, info, image_size)
-        plain = speedups.apply(model, log)
+        plain = speedups.apply(model, log, config.run.cpu_speedups)
         method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
         if config.optim.time_budget and not run.resume:
-            budget.apply_time_budget(config, model, train, steps_per_epoch, runs.steps_per_epoch(config, info, "val"),
-                                     run.started, log)
+            epochs = budget.time_budget_epochs(config, model, train, steps_per_epoch,
+                                               runs.steps_per_epoch(config, info, "val"), run.started, log)
+            run.config = config = config.with_options(epochs=epochs)  # the run's copy, which config.yaml saves
             method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from tfxfer import atomic, owned
-from tfxfer.backbones.pretrained import SPEC_FILE, apply_pretrained_spec
+from tfxfer.backbones.pretrained import SPEC_FILE, with_pretrained_spec
 from tfxfer.config import config_from_flat
 from tfxfer.callbacks import CHECKPOINT_STATE
 from tfxfer.errors import TfxferError
@@ -36,6 +36,7 @@ __all__ = [
     "set_op_determinism",
     "read_history",
     "default_run_name",
+    "resolved_config",
     "backbone_spec",
 ]
 
@@ -158,7 +159,9 @@ class Run:
             ...                                                      # train, evaluate, export
 
     `open` resolves the run name, validates the config (or, on resume, reads
-    the saved one) and takes the folder's lock before anything is written. A
+    the saved one) and takes the folder's lock before anything is written.
+    `run.config` is the run's own copy: what the run decides later goes into
+    a new copy there (before `create` saves it), never into the caller's. A
     fresh run writes nothing in the folder until `create`; a run that fails
     before it leaves no folder behind. Seeds, op determinism and the dtype
     policy are set while the block runs and put back after it.
@@ -181,10 +184,7 @@ class Run:
         config's `explicit`, else any non-default value) that differs from the
         saved value is a conflict, except where and how long the run goes on.
         """
-        if not resume:
-            config.validate()
-            apply_pretrained_spec(config)
-        config.run.run_name = config.run.run_name or default_run_name(config)
+        config = resolved_config(config, resume)
         check_run_name(config.run.run_name)
         run_dir = os.path.join(config.run.output_dir, *([worker] if worker else []), config.run.run_name)
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
@@ -311,6 +311,18 @@ def default_run_name(config):
             policy = "-".join(str(p.policy) for p in parse_unfreeze(config.transfer.unfreeze))
         name = f"{stem}-{policy}" + ("-l2sp" if config.transfer.l2sp else "")
     return re.sub(r"[^A-Za-z0-9_.-]+", "", name.replace(":", ""))
+
+
+def resolved_config(config, resume=False):
+    """`config` as a run of it starts: validated, with the backbone and image
+    size of a pretrained `--weights` run folder (a resumed run reads both from
+    its saved config instead), and with its run name. A copy where any of
+    that changes it; the caller's config stays as it was."""
+    if not resume:
+        config = with_pretrained_spec(config.validate())
+    if not config.run.run_name:
+        config = config.with_options(run_name=default_run_name(config))
+    return config
 
 
 def _resumed_config(config, run_dir):

@@ -43,6 +43,12 @@ still pays; each has a test that proves it runs.
   fused batch norm (float32 statistics and parameters, bfloat16 activations),
   forward and backward, and updates its moving statistics as Keras does.
   Measured effect: `python -m benchmarks bfloat16` (BatchNorm frozen and training).
+
+Each speed-up applies only on the CPU kinds where it was measured to pay
+(`MEASURED_ON`); elsewhere it stays off unless forced (`mode="force"`,
+`--cpu-speedups force`), and the start line says which were left off and why.
+`TransferModel.fit` applies them for the duration of `fit`, so a script's
+`build_model` + `fit` trains as the command does.
 """
 
 import contextlib
@@ -51,33 +57,71 @@ import functools
 import keras
 import tensorflow as tf
 
-from tfxfer.runtime import onednn_enabled
+from tfxfer.runtime import cpu_flags, onednn_enabled
 
 __all__ = [
-    "PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "apply", "applied", "bfloat16_batchnorm", "convolution_call",
+    "MEASURED_ON", "MODES", "PATCH_GRADIENT_MAX_PIXELS", "POINTWISE_MAX_PIXELS", "apply", "cpu_kind", "applied", "bfloat16_batchnorm", "convolution_call",
     "fast_batchnorm", "fast_convolutions", "fold_batchnorm", "folded_convolution", "plain", "plain_convolutions",
     "routes", "subsample", "walk_layers",
 ]
 
 
-def apply(model, log=print):
+MODES = ("auto", "off", "force")
+
+# The CPU kinds on which each speed-up was measured to pay (`cpu_kind`), by
+# `python -m benchmarks paired` (convolutions and folding, float32 and
+# bfloat16) and `python -m benchmarks bfloat16` (BatchNorm): BENCHMARKS.md.
+MEASURED_ON = {
+    "convolutions": ("amx", "avx512_bf16"),
+    "folded BatchNorm": ("amx", "avx512_bf16"),
+    "bfloat16 BatchNorm": ("amx", "avx512_bf16"),
+}
+
+
+def cpu_kind(flags=None):
+    """`amx`, `avx512_bf16`, `avx2` or `other`: the kinds of x86 CPU whose
+    kernels differ enough that a speed-up measured on one says little about another."""
+    flags = cpu_flags() if flags is None else flags
+    for kind, flag in (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx2", "avx2")):
+        if flag in flags:
+            return kind
+    return "other"
+
+
+def apply(model, log=print, mode="auto"):
     """Give `model` the speed-ups this host takes, for training; logs one line
-    naming them. Returns the function that puts `model` back as built."""
+    naming them. Returns the function that puts `model` back as built.
+
+    `mode`: `auto` applies those measured to pay on this CPU kind
+    (`MEASURED_ON`), `force` all of them, `off` none.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown speed-up mode {mode!r}; one of {', '.join(MODES)}.")
     parts = [f"oneDNN {'on' if onednn_enabled() else 'off'}"]
-    counts = routes(model) if fast_convolutions(model) else {"pointwise": 0, "patch gradient": 0}
+    if mode == "off":
+        log("speed-ups: " + "; ".join(parts + ["training speed-ups off (--cpu-speedups off)"]))
+        return functools.partial(plain, model)
+    kind = cpu_kind()
+    wanted = {name for name, kinds in MEASURED_ON.items() if mode == "force" or kind in kinds}
+    counts = {"pointwise": 0, "patch gradient": 0}
+    if "convolutions" in wanted and fast_convolutions(model):
+        counts = routes(model)
     if counts["pointwise"] or counts["patch gradient"]:
         parts.append(f"{counts['pointwise']} 1x1 convolutions as matrix products, "
                      f"{counts['patch gradient']} kernel gradients as matrix products over patches")
     else:
         parts.append("Keras's own convolutions")
-    folded = fold_batchnorm(model)
-    frozen, training = fast_batchnorm(model)
+    folded = fold_batchnorm(model) if "folded BatchNorm" in wanted else 0
+    frozen, training = fast_batchnorm(model) if "bfloat16 BatchNorm" in wanted else (0, 0)
     if folded:
         parts.append(f"{folded} frozen BatchNorm layers folded into their convolutions")
     if frozen:
         parts.append(f"{frozen} frozen BatchNorm layers as bfloat16 multiply-adds")
     if training:
         parts.append(f"{training} training BatchNorm layers as bfloat16 fused batch norms")
+    left = sorted(set(MEASURED_ON) - wanted)
+    if left:
+        parts.append(f"not measured on this CPU ({kind}), so off: {', '.join(left)} (--cpu-speedups force applies them)")
     log("speed-ups: " + "; ".join(parts))
     return functools.partial(plain, model)
 
@@ -91,9 +135,9 @@ def plain(model):
 
 
 @contextlib.contextmanager
-def applied(model, log=print):
+def applied(model, log=print, mode="auto"):
     """`apply` for the duration of the block."""
-    undo = apply(model, log)
+    undo = apply(model, log, mode)
     try:
         yield model
     finally:

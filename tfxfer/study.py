@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from tfxfer import atomic, owned, runs, tracking
-from tfxfer.backbones.pretrained import apply_pretrained_spec
+from tfxfer.backbones.pretrained import with_pretrained_spec
 from tfxfer.config import FinetuneConfig, StudyConfig, config_from_flat
 from tfxfer.errors import TfxferError
 from tfxfer.reporting import plots
@@ -55,8 +55,8 @@ def study(config, log=print, verbose=2):
     """Run (or continue) the study `config` (a `StudyConfig`); returns a `StudyResult`."""
     if not isinstance(config, StudyConfig):
         raise TypeError("study() takes a StudyConfig; build one with tfxfer.load_config(path, kind=StudyConfig).")
-    config.validate()
-    apply_pretrained_spec(config)  # backbone and image size of a pretrained source, for scratch too
+    # Backbone and image size of a pretrained source, for scratch too: in the study's own copy.
+    config = with_pretrained_spec(config.validate())
     strategies = parse_strategies(config.study.strategies)
     seeds = config.study.seed_list()
     folds = list(range(config.data.folds)) if config.data.folds else [None]

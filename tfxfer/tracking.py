@@ -6,6 +6,10 @@ predictions and export as artifacts. A study is a parent run with one nested
 run per strategy, seed and fold. The MLflow run's id is kept in the run folder
 (`mlflow.json`), so `--resume` continues the same MLflow run.
 
+The default store is MLflow 3's own, ./mlflow.db with artifacts in ./mlruns:
+`mlflow ui` started in that folder opens both. A folder given as the store is
+a folder store, as before MLflow 3, which MLflow 3.13+ opens only when asked.
+
 Only `MlflowClient` is used, never MLflow's global active run: a study's runs
 and a user's own MLflow code do not step on each other.
 """
@@ -22,23 +26,28 @@ from tfxfer.errors import TfxferError
 __all__ = ["RECORD_FILE", "DEFAULT_STORE", "EXPERIMENT", "Tracker", "tracking_uri", "check_reachable", "open_tracker"]
 
 RECORD_FILE = "mlflow.json"
-# `mlflow ui`, started in the same folder, opens a ./mlruns store when there is one.
-DEFAULT_STORE = "mlruns"
+# MLflow 3's own default store and artifact root: `mlflow ui` started in the same folder opens them.
+DEFAULT_STORE = "sqlite:///mlflow.db"
+ARTIFACTS_FOLDER = "mlruns"
 EXPERIMENT = "tfxfer"
 # MLflow takes at most this many params, and this many metrics, per log_batch call.
 _PARAMS_PER_CALL, _METRICS_PER_CALL = 100, 1000
 
 
 def tracking_uri(uri=None):
-    """A URI with a scheme (http://, sqlite:///, file:) as it is; a folder
-    (default ./mlruns) as the file: URI of its absolute path, so a resumed run
-    finds the same store from any working directory."""
+    """The store to track into: by default ./mlflow.db (`DEFAULT_STORE`). A URI
+    with a scheme (http://, sqlite:///, file:) as it is, a relative SQLite
+    database made absolute; a folder as the file: URI of its absolute path, a
+    folder store, as before MLflow 3. Absolute, so that a resumed run finds the
+    same store from any working directory."""
     uri = uri or DEFAULT_STORE
     if "://" in uri:
         scheme = uri.split("://", 1)[0].lower()
         if scheme not in KNOWN_SCHEMES and "+" not in scheme:  # postgresql+psycopg2:// and the like pass
             raise TfxferError(f"--mlflow {uri}: unknown scheme {scheme!r}; MLflow takes "
                               f"{', '.join(s + '://' for s in KNOWN_SCHEMES)}, or a folder.")
+        if _is_sqlite(uri):
+            return _absolute_sqlite(uri)
         return uri
     if uri.startswith(("file:", "databricks")):
         return uri
@@ -49,15 +58,92 @@ def tracking_uri(uri=None):
 KNOWN_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
 
 
-def _client(uri):
+def _is_sqlite(uri):
+    return "://" in uri and uri.split("://", 1)[0].lower().split("+")[0] == "sqlite"
+
+
+def _sqlite_url(uri):
+    """SQLAlchemy's reading of a sqlite:// URI, or `None` without SQLAlchemy
+    (then there is no MLflow either, and `_client` says so)."""
     try:
-        from mlflow.tracking import MlflowClient
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+    except ImportError:
+        return None
+    try:
+        return make_url(uri)
+    except ArgumentError:
+        raise TfxferError(f"--mlflow {uri}: not a SQLite URI; write sqlite:///FILE (relative) or sqlite:////FILE.") from None
+
+
+def _sqlite_file(uri):
+    """The database file of a sqlite:// URI, `None` for an in-memory one."""
+    url = _sqlite_url(uri) if _is_sqlite(uri) else None
+    database = url.database if url is not None else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return database
+
+
+def _absolute_sqlite(uri):
+    database = _sqlite_file(uri)
+    if database is None or os.path.isabs(database):
+        return uri
+    # SQLAlchemy renders the path escaped as its own version reads it back (2.1 decodes %XX, 2.0 not).
+    absolute = pathlib.Path(os.path.abspath(database)).as_posix()
+    return _sqlite_url(uri).set(database=absolute).render_as_string(hide_password=False)
+
+
+def _artifact_root(uri):
+    """Where a SQLite store's tfxfer experiment keeps its artifacts: ./mlruns
+    beside the database, as `mlflow ui` started beside it would; other stores
+    keep MLflow's (or their server's) choice."""
+    database = _sqlite_file(uri)
+    if database is None:
+        return None
+    return pathlib.Path(os.path.dirname(os.path.abspath(database)), ARTIFACTS_FOLDER).as_uri()
+
+
+def _mlflow_installed():
+    try:
+        import mlflow.tracking  # noqa: F401
     except ImportError:
         raise TfxferError("--mlflow needs the mlflow package: pip install 'tfxfer[mlflow]'.") from None
+
+
+def _client(uri):
+    _mlflow_installed()
+    from mlflow.tracking import MlflowClient
+
     if uri.startswith("file:"):
-        # MLflow 3 keeps its folder store, the one `mlflow ui` opens from ./mlruns, behind this switch.
+        # A folder given on purpose is a folder store, which MLflow 3.13+ opens only behind this switch;
+        # without it, runs tracked into ./mlruns before tfxfer moved to SQLite could not be resumed.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return MlflowClient(tracking_uri=uri)
+    # A database store is opened, its tables made, as the client is made: a file that is no
+    # database fails here, not at the first call.
+    return _calling("open the store", uri, MlflowClient, tracking_uri=uri)
+
+
+def _calling(what, uri, function, *args, **kwargs):
+    """`function(*args, **kwargs)`, a store's or server's failure as one sentence."""
+    from mlflow.exceptions import MlflowException
+
+    failures = (MlflowException, OSError)
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        failures += (SQLAlchemyError,)  # a database store lets some of these through unwrapped
+    except ImportError:
+        pass
+    try:
+        return function(*args, **kwargs)
+    except failures as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if uri.startswith("file:") or _is_sqlite(uri):
+            advice = "check that it is an MLflow store this user can write, or give another with --mlflow URI"
+        else:
+            advice = "check the tracking URI and that its server is up, or drop the URI to track into ./mlflow.db"
+        raise TfxferError(f"MLflow could not {what} at {uri} ({first[:200]}); {advice}.") from None
 
 
 class Tracker:
@@ -82,7 +168,7 @@ class Tracker:
         with _fail_fast():
             experiment = tracker._call("read the experiment", tracker.client.get_experiment_by_name, EXPERIMENT)
         experiment_id = experiment.experiment_id if experiment else tracker._call(
-            "create the experiment", tracker.client.create_experiment, EXPERIMENT)
+            "create the experiment", tracker.client.create_experiment, EXPERIMENT, artifact_location=_artifact_root(uri))
         tags = {key: str(value) for key, value in tags.items() if value is not None}
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -94,16 +180,7 @@ class Tracker:
         return tracker
 
     def _call(self, what, function, *args, **kwargs):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return function(*args, **kwargs)
-        except (MlflowException, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TfxferError(
-                f"MLflow could not {what} at {self.uri} ({first[:200]}); check the tracking URI and that its server "
-                "is up, or drop the URI to track into ./mlruns."
-            ) from None
+        return _calling(what, self.uri, function, *args, **kwargs)
 
     def log_params(self, params):
         from mlflow.entities import Param
@@ -160,9 +237,29 @@ def check_reachable(config):
     if config.run.tracking != "mlflow":
         return
     uri = tracking_uri(config.run.mlflow)
+    local = _local_store(uri)
+    if local and not os.path.exists(local):
+        # The run makes a local store when it opens its tracker, not here: a run resumed from another
+        # folder tracks into the store its record names, and would leave an empty one behind here.
+        _mlflow_installed()
+        folder = os.path.dirname(local)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise TfxferError(f"MLflow cannot make its store {local}: {folder} is not a folder this user can write; "
+                              "give another store with --mlflow URI.")
+        return
     tracker = Tracker(_client(uri), None, uri)
     with _fail_fast():
         tracker._call("read the experiment", tracker.client.get_experiment_by_name, EXPERIMENT)
+
+
+def _local_store(uri):
+    """The database file or folder of a store on this machine, else `None`."""
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return os.path.abspath(unquote(urlparse(uri).path))
+    database = _sqlite_file(uri)
+    return os.path.abspath(database) if database else None
 
 
 def open_tracker(config, folder, resume, parent=None, tags=None, log=print):
@@ -175,9 +272,13 @@ def open_tracker(config, folder, resume, parent=None, tags=None, log=print):
     tracker = Tracker.open(folder, config.run.mlflow, name, tags, flat, parent, resume)
     where = tracker.uri
     if where.startswith("file:"):
-        from urllib.parse import unquote, urlparse
-
-        where = f"{unquote(urlparse(where).path)} (`mlflow ui` in the folder that holds it opens it)"
+        where = f"{_local_store(where)} (`MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {where}` opens it)"
+    elif _sqlite_file(where):
+        database = _local_store(where)
+        command = f"`mlflow ui --backend-store-uri {where}`"
+        if os.path.basename(database) == "mlflow.db":
+            command = "`mlflow ui` in its folder"
+        where = f"{database} ({command} opens it)"
     log(f"MLflow: run {tracker.run_id} of experiment {EXPERIMENT!r} in {where}")
     return tracker
 

@@ -140,20 +140,22 @@ def _check_data(config, info, log):
 def _build(run, info, image_size, train, strategy):
     """`(model, schedule, plain, parameters)`: the compiled model with the
     training-time speed-ups applied (`plain()` takes them off), the freeze
-    schedule as `[(start epoch, policy)]`, the parameter counts it starts with,
-    and with a time budget the epochs it fits."""
+    schedule as `[(start epoch, policy)]` and the parameter counts it starts
+    with. `run.config` gets the epochs a time budget fits and the policy the
+    run starts with."""
     config, log = run.config, run.log
     train_bn, why = resolve_train_bn(config.transfer.train_bn, config.model.weights)
     steps = runs.steps_per_epoch(config, info)
     with strategy.scope():
         model = compiled_model(config, info, image_size, train_bn)
-        plain = speedups.apply(model, log)
+        plain = model.training_speedups(log)
         phases = parse_unfreeze(config.transfer.unfreeze) if config.transfer.unfreeze else None
         if config.optim.time_budget and not run.resume:
             if phases:  # plan with the slowest step: the last phase's
                 model.set_freeze(phases[-1].policy)
-            budget.apply_time_budget(config, model, train, steps, runs.steps_per_epoch(config, info, "val"),
-                                     run.started, log)
+            epochs = budget.time_budget_epochs(config, model, train, steps, runs.steps_per_epoch(config, info, "val"),
+                                               run.started, log)
+            run.config = config = config.with_options(epochs=epochs)
             model.set_freeze(config.first_policy())
             compile_run(model, config, steps)  # the schedule spans the epochs picked
         schedule = resolve_phases(phases, config.optim.epochs) if phases else [(0, config.first_policy())]
@@ -173,20 +175,22 @@ def _build(run, info, image_size, train, strategy):
                 if normalised else "it has no normalisation layer")
         log(f"BatchNorm: none in {config.model.backbone}; {kept}, so --train-bn changes nothing")
     if not run.resume:
-        config.transfer.freeze = str(config.first_policy())  # the saved config says what the run starts with
+        # The saved config says what the run starts with.
+        run.config = config.with_options(freeze=str(config.first_policy()))
     return model, schedule, plain, parameters
 
 
 def _auto_lr(run, train, info, image_size):
     """`--lr auto`: the range test of `tfxfer lr-find` on the run's setup; its
-    suggestion becomes the run's lr (in config.yaml). Returns the finding."""
+    suggestion becomes the lr of `run.config` (and so of config.yaml). Returns
+    the finding."""
     from tfxfer.lr_find import lr_find
 
     config = run.config
     if config.run.distribute != "none":
         raise TfxferError("--lr auto is not available with --distribute; run tfxfer lr-find first and pass its --lr.")
     finding = lr_find(config, data=(train, info, image_size), log=run.log)
-    config.optim.lr = float(f"{finding.suggestion:.2g}")
+    run.config = config = config.with_options(lr=float(f"{finding.suggestion:.2g}"))
     run.log(f"--lr auto: lr {config.optim.lr:g} (plot: lr_find.png)")
     keras.backend.clear_session()
     runs.seed_everything(config.run.seed, config.run.deterministic)  # the run starts as it would without the test
@@ -398,7 +402,7 @@ def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, ver
     preflight.check_cached_features(model, train_features, test, setting, info, log)
     head = feature_cache.HeadModel(model)
     loss, metrics = objective(config, num_classes)
-    head.compile(optimizer=model.optimizer, loss=loss, metrics=metrics, jit_compile=config.run.jit_compile)
+    head.compile(optimizer=model.head_optimizer, loss=loss, metrics=metrics, jit_compile=config.run.jit_compile)
     batch_size, seed = config.optim.batch_size, config.run.seed
     features = feature_cache.feature_dataset(train_features, train_labels, batch_size, True, seed)
     return head.fit(
@@ -422,6 +426,9 @@ def _local_copy(model, config, steps_per_epoch):
 def _trackables(model, average=None):
     """What a checkpoint holds; the optimizers change when a phase begins."""
     trackables = {"model": model, "optimizer": model.optimizer, "random": random_state(model)}
+    if model.head_optimizer is not model.optimizer:
+        # A MultiOptimizer's own optimizers are not checkpoint dependencies of it: each is named here.
+        trackables["head_optimizer"] = model.head_optimizer
     if average is not None:
         trackables["ema"] = average.state
     for i, optimizer in enumerate(model.backbone_optimizers):

@@ -16,7 +16,7 @@ import os
 from tfxfer import atomic
 from tfxfer.errors import TfxferError
 
-__all__ = ["is_preset_folder", "WEIGHTS_FILE", "SPEC_FILE", "save_backbone", "read_spec", "find_pretrained", "apply_pretrained_spec"]
+__all__ = ["is_preset_folder", "WEIGHTS_FILE", "SPEC_FILE", "save_backbone", "read_spec", "find_pretrained", "with_pretrained_spec"]
 
 WEIGHTS_FILE = "backbone.weights.h5"
 SPEC_FILE = "backbone.json"
@@ -110,13 +110,13 @@ def read_spec(folder):
     return spec
 
 
-def apply_pretrained_spec(config):
-    """With `--weights RUN_FOLDER`: set the command config's backbone and image
-    size from the folder's `backbone.json`, unless set to the same; a different
-    value fails. Returns the spec, or `None` when the weights are not a run."""
+def with_pretrained_spec(config):
+    """With `--weights RUN_FOLDER`: a copy of the command config with the
+    backbone and image size of the folder's `backbone.json`; one set to
+    another value fails. Without, `config` itself."""
     found = find_pretrained(config.model.weights)
     if not found:
-        return None
+        return config
     _, spec = found
     explicit = config.explicit_options()
     for key in ("backbone", "image_size"):
@@ -127,5 +127,4 @@ def apply_pretrained_spec(config):
                 f"{flag} {value} conflicts with --weights {config.model.weights}, a {spec['backbone']} backbone "
                 f"pretrained at {spec['image_size']} px; drop {flag}."
             )
-        setattr(config.model, key, spec[key])
-    return spec
+    return config.with_options(backbone=spec["backbone"], image_size=spec["image_size"])

@@ -14,7 +14,7 @@ from tfxfer.errors import TfxferError
 __all__ = ["SupervisedOptions", "SimCLROptions", "AutoencoderOptions"]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SupervisedOptions:
     label_smoothing: float = option(0.0, "Supervised: label smoothing of the source labels.")
 
@@ -23,7 +23,7 @@ class SupervisedOptions:
             raise TfxferError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SimCLROptions:
     temperature: float = option(0.2, "SimCLR: temperature of the NT-Xent loss.")
     projection_dim: int = option(128, "SimCLR: output size of the projection head.")
@@ -35,7 +35,7 @@ class SimCLROptions:
             raise TfxferError(f"projection_dim must be at least 1, got {self.projection_dim}.")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class AutoencoderOptions:
     denoise: float = option(0.0, "Autoencoder: std of Gaussian input noise, in [0, 1] pixel units.")
 
