@@ -102,3 +102,21 @@ def test_mixed_float16_trains_with_lr_decay_from_the_command_line(tmp_path):
                      "--precision", "mixed_float16", "--output-dir", tmp_path / "runs")
     assert result.exit_code == 0, result.output
     assert "precision: mixed_float16" in result.output
+
+
+def test_every_backbone_weight_maps_to_its_stage_by_the_layer_that_holds_it(tiny_model_factory):
+    from tfxfer.backbones import get_backbone
+    from tfxfer.backbones.registry import backbone_units
+    from tfxfer.optim import optimizer_map
+
+    model = tiny_model_factory(freeze="head")  # frozen weights are mapped too, for a later policy
+    config = load_config(dataset="digits", lr=LR, lr_decay=DECAY)
+    head, stages = make_optimizers(config, model, steps_per_epoch=1)
+    model.compile(optimizer=head, backbone_optimizer=stages, loss="sparse_categorical_crossentropy")
+    mapping = optimizer_map(model.optimizer)
+    for layer, stage in backbone_units(model.backbone, get_backbone("tiny")):
+        for w in layer.weights:
+            assert mapping(w) is stages[stage], w.path
+    assert all(mapping(w) is head for w in model.head.weights)
+    # Patterns name layers, not weights: a weight Keras numbers by what it built before still maps.
+    assert all(pattern.endswith("/[^/]+") for pattern in mapping)

@@ -324,6 +324,10 @@ def test_a_speed_up_never_measured_on_this_cpu_kind_stays_off_and_the_line_says_
     undo = convolution.apply(model, lines.append)
     assert not _patched(model)
     assert "not measured on this CPU (avx2), so off: bfloat16 BatchNorm, convolutions, folded BatchNorm" in lines[0]
+    monkeypatch.setattr(convolution, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    lines.clear()
+    convolution.apply(model, lines.append)()
+    assert "not measured on this CPU (avx512_bf16), so off: bfloat16 BatchNorm (" in lines[0]
     assert "--cpu-speedups force" in lines[0]
     undo()
     assert convolution.cpu_kind({"avx2", "avx512_bf16", "amx_bf16"}) == "amx" and convolution.cpu_kind(set()) == "other"

@@ -42,7 +42,7 @@ def test_finetune_logs_params_epochs_test_metrics_and_artifacts_to_mlflow_db(tmp
     result = run_cli("finetune", "--data-dir", data, *OPTIONS, "--epochs", "3", "--mlflow", "--run-name", "tracked",
                      "--output-dir", tmp_path / "runs")
     assert result.exit_code == 0, result.output
-    assert f"in {tmp_path / 'mlflow.db'} (`mlflow ui` in its folder opens it)" in result.output
+    assert f"in {tmp_path / 'mlflow.db'} (`mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}` opens it)" in result.output
     assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ  # MLflow's supported store needs no switch
     client = _default_store_client(tmp_path, monkeypatch)
     experiment = client.get_experiment_by_name("tfxfer")
@@ -132,11 +132,13 @@ def test_a_store_that_cannot_be_opened_or_made_is_one_sentence(tmp_path, monkeyp
     result = run_cli("finetune", "--data-dir", data, *OPTIONS, "--epochs", "1", "--mlflow", "--output-dir", tmp_path / "runs")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"MLflow could not open the store at sqlite:///{tmp_path / 'mlflow.db'} (" in result.output
-    missing = tmp_path / "missing" / "mlflow.db"
+    # MLflow makes missing folders, but not below a file.
+    (tmp_path / "notes.txt").write_text("a file")
+    missing = tmp_path / "notes.txt" / "runs" / "mlflow.db"
     result = run_cli("finetune", "--data-dir", data, *OPTIONS, "--epochs", "1", "--mlflow", f"sqlite:///{missing}",
                      "--output-dir", tmp_path / "runs")
     assert result.exit_code == 1
-    assert f"MLflow cannot make its store {missing}: {missing.parent} is not a folder this user can write" in result.output
+    assert f"MLflow cannot make its store {missing}: {tmp_path / 'notes.txt'} is not a folder this user can write" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "runs").exists()
 
 

@@ -76,7 +76,14 @@ class RunCheckpoint(keras.callbacks.Callback):
         # Relative to the run folder (older runs stored a path from the working directory): the folder
         # resumes from anywhere, and after it was moved or renamed.
         path = os.path.join(self.run_dir, "checkpoint", os.path.basename(state["checkpoint"]))
-        self._checkpoint().read(path).assert_existing_objects_matched()
+        try:
+            self._checkpoint().read(path).assert_existing_objects_matched()
+        except AssertionError:
+            raise TfxferError(
+                f"The checkpoint in {self.run_dir} does not hold this run's model and optimizers as this version of "
+                "tfxfer lays them out (runs with --lr-decay or --backbone-lr-mult from before its per-stage optimizers "
+                "became one MultiOptimizer); finish the run with the version that started it, or start it again."
+            ) from None
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.best_tie = state.get("best_tie")
         return state["epoch"]
@@ -261,13 +268,20 @@ class LearningRateLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        logs["lr"] = _learning_rate(getattr(self.model, "head_optimizer", self.model.optimizer))
+        head = getattr(self.model, "head_optimizer", self.model.optimizer)
+        logs["lr"] = _learning_rate(head)
         backbone = getattr(self.model, "backbone_optimizer", None)
         if backbone is not None:
-            logs["backbone_lr"] = _learning_rate(backbone)
+            logs["backbone_lr"] = _learning_rate(backbone, at=head.iterations)
 
 
-def _learning_rate(optimizer):
+def _learning_rate(optimizer, at=None):
+    """`optimizer`'s rate, or its schedule's at step `at`: a frozen stage's
+    optimizer takes no steps, and its schedule starts where the head's is
+    when the stage starts training (`tfxfer.optim.regrow`)."""
+    rate = optimizer.get_config()["learning_rate"] if at is not None else None
+    if isinstance(rate, dict):
+        return float(keras.ops.convert_to_numpy(keras.optimizers.schedules.deserialize(rate)(at)))
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 

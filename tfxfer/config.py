@@ -302,7 +302,7 @@ class CommandConfig:
 
     # Keys a resumed run may change: where it is, how many epochs it runs, and whether a leak stops it.
     # Not the time budget: a resumed run keeps the epochs its budget picked.
-    RESUMABLE = ("epochs", "run_name", "output_dir", "allow_leaks")
+    RESUMABLE = ("epochs", "run_name", "output_dir", "allow_leaks", "cpu_speedups")
 
     def groups(self):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -123,8 +123,9 @@ class TransferModel(PenalizedLoss, keras.Model):
             bring (`tfxfer.backbones.pretrained.input_normalization`).
         speedups: the host's training speed-ups (`tfxfer.speedups`) during
             `fit`: `"auto"` (those measured to pay on this CPU kind), `"force"`,
-            or `"off"`/`False`. Evaluation, `predict`, saving and exports
-            always see the model as built.
+            or `"off"`/`False`. Saving and exports always see the model as
+            built (an `evaluate` after `fit` may reuse the step `fit` traced:
+            the same results to float rounding).
     """
 
     def __init__(
@@ -292,25 +293,29 @@ class TransferModel(PenalizedLoss, keras.Model):
         self.optimizer.build(self.trainable_variables)
 
     def _stage_patterns(self):
-        """`{pattern: optimizer}` over the paths of every backbone weight,
-        trainable now or not, so a later freeze policy finds each weight's
-        stage. A weight outside the stage map's layers goes with the input
-        stage; every other weight of the model is the head's."""
+        """`{pattern: optimizer}` over every backbone weight, trainable now or
+        not, so a later freeze policy finds each weight's stage. A pattern
+        names the layer that holds a weight (its path's folder), not the
+        weight: some weights are numbered by how many Keras made before in the
+        process (ConvNeXt's layer scales), and a model loaded elsewhere must
+        map them alike. A weight outside the stage map's layers goes with the
+        input stage; every other weight of the model is the head's."""
         spec = get_backbone(self.backbone_name)
-        stage_of = {w.path: spec.stages[0] for w in self.backbone.weights}
+        stage_of = {_holder(w.path): spec.stages[0] for w in self.backbone.weights}
         for layer, stage in backbone_units(self.backbone, spec):
             for w in layer.weights:
-                stage_of[w.path] = stage
+                stage_of[_holder(w.path)] = stage
         backbone_paths = {w.path for w in self.backbone.weights}
-        clash = sorted(w.path for w in self.weights if w.path in stage_of and w.path not in backbone_paths)
+        clash = sorted(w.path for w in self.weights if _holder(w.path) in stage_of and w.path not in backbone_paths)
         if clash:
-            raise ValueError(f"{self.backbone_name} has a weight path the head also has ({clash[0]}): "
+            raise ValueError(f"{self.backbone_name} has a layer path the head also has ({clash[0]}): "
                              "a per-stage optimizer could not tell them apart.")
         by_optimizer = {}
-        for path, stage in stage_of.items():
+        for holder, stage in stage_of.items():
             optimizer = self.stage_optimizers[stage]
-            by_optimizer.setdefault(id(optimizer), (optimizer, []))[1].append(re.escape(path))
-        return {"|".join(paths): optimizer for optimizer, paths in by_optimizer.values()}
+            pattern = re.escape(holder) + "/[^/]+" if holder else "[^/]+"
+            by_optimizer.setdefault(id(optimizer), (optimizer, []))[1].append(pattern)
+        return {"|".join(patterns): optimizer for optimizer, patterns in by_optimizer.values()}
 
     def train_step(self, data):
         if tf.distribute.get_strategy().num_replicas_in_sync == 1:
@@ -357,6 +362,11 @@ def track_loss(model, loss, batch_size):
     """
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     model._loss_tracker.update_state(loss * replicas, sample_weight=batch_size)
+
+
+def _holder(path):
+    """The path of the layer a weight's path belongs to: all but its last part."""
+    return path.rpartition("/")[0]
 
 
 def _batch_share(batch_size):

@@ -132,7 +132,10 @@ def _build(run, method, info, image_size, train):
     steps_per_epoch = runs.steps_per_epoch(config, info)
     with distributed.make_strategy(config.run.distribute).scope():
         model = method.build(config, info, image_size)
-        plain = speedups.apply(model, log, config.run.cpu_speedups)
+        if hasattr(model, "training_speedups"):  # a TransferModel's own `fit` then leaves them on
+            plain = model.training_speedups(log)
+        else:
+            plain = speedups.apply(model, log, config.run.cpu_speedups)
         method.compile(model, make_optimizer_for(config.optim, steps_per_epoch), config, info)
         if config.optim.time_budget and not run.resume:
             epochs = budget.time_budget_epochs(config, model, train, steps_per_epoch,

@@ -243,6 +243,8 @@ def check_reachable(config):
         # folder tracks into the store its record names, and would leave an empty one behind here.
         _mlflow_installed()
         folder = os.path.dirname(local)
+        while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)  # MLflow makes the missing folders below the nearest one that exists
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
             raise TfxferError(f"MLflow cannot make its store {local}: {folder} is not a folder this user can write; "
                               "give another store with --mlflow URI.")
@@ -275,10 +277,9 @@ def open_tracker(config, folder, resume, parent=None, tags=None, log=print):
         where = f"{_local_store(where)} (`MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {where}` opens it)"
     elif _sqlite_file(where):
         database = _local_store(where)
-        command = f"`mlflow ui --backend-store-uri {where}`"
-        if os.path.basename(database) == "mlflow.db":
-            command = "`mlflow ui` in its folder"
-        where = f"{database} ({command} opens it)"
+        # Named even for ./mlflow.db: MLflow 3's `mlflow ui` prefers a ./mlruns folder store, which
+        # earlier versions of tfxfer left there, to ./mlflow.db.
+        where = f"{database} (`mlflow ui --backend-store-uri {where}` opens it)"
     log(f"MLflow: run {tracker.run_id} of experiment {EXPERIMENT!r} in {where}")
     return tracker
 

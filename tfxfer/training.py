@@ -45,6 +45,7 @@ from tfxfer.export import METADATA_FILE, next_version_dir, versions
 from tfxfer.export.precision import at_precision
 from tfxfer.export.saved_model import write_saved_model
 from tfxfer.model import TransferModel
+from tfxfer.optim import inner
 from tfxfer.reporting.card import write_model_card
 from tfxfer.compiling import compile_run, compiled_model, objective
 
@@ -402,7 +403,9 @@ def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, ver
     preflight.check_cached_features(model, train_features, test, setting, info, log)
     head = feature_cache.HeadModel(model)
     loss, metrics = objective(config, num_classes)
-    head.compile(optimizer=model.head_optimizer, loss=loss, metrics=metrics, jit_compile=config.run.jit_compile)
+    # The run's own optimizer where it is the head's (its loss scale is checkpointed), else the head's part of it.
+    own = model.head_optimizer is inner(model.optimizer)
+    head.compile(optimizer=model.optimizer if own else model.head_optimizer, loss=loss, metrics=metrics, jit_compile=config.run.jit_compile)
     batch_size, seed = config.optim.batch_size, config.run.seed
     features = feature_cache.feature_dataset(train_features, train_labels, batch_size, True, seed)
     return head.fit(

@@ -17,6 +17,7 @@ def _build(config, info, image_size):
     return build_model(
         config.model.backbone, num_classes=info.num_classes, weights=config.model.weights, image_size=image_size,
         freeze="full", train_bn=True, bn_momentum=config.model.bn_momentum, class_names=info.class_names,
+        speedups=config.run.cpu_speedups,
     )
 
 
