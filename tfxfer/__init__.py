@@ -1,8 +1,10 @@
 """tfxfer: transfer learning of image classifiers with TensorFlow/Keras.
 
-`import tfxfer` loads the library, which also registers `TransferModel` for
-`keras.models.load_model`. The `tfxfer` command loads only what a command
-needs, so `tfxfer --help` and shell completion answer without TensorFlow.
+`import tfxfer` loads TensorFlow and the modules that register tfxfer's Keras
+classes (`TransferModel`, its losses and metrics, the pretext models) for
+`keras.models.load_model`; every other public name loads when first used. The
+`tfxfer` command loads only what a command needs, so `tfxfer --help` and shell
+completion answer without TensorFlow.
 """
 
 import importlib
@@ -66,7 +68,12 @@ def _run_as_command():
     return bool(sys.argv) and (os.path.basename(sys.argv[0]) in ("tfxfer", "tfxfer.exe") or sys.argv[0] == "-m")
 
 
+# The modules whose Keras classes `keras.models.load_model` must find once
+# `import tfxfer` has run; every other name loads when first used.
+_KERAS_CLASSES = ("tfxfer.model", "tfxfer.losses", "tfxfer.metrics", "tfxfer.feature_cache", "tfxfer.pretext.simclr",
+                  "tfxfer.pretext.autoencoder")
+
 if not _run_as_command():
     _runtime.load_tensorflow_quietly()  # without TensorFlow's start-up lines, as the command does
-    for _name in _PUBLIC:
-        __getattr__(_name)
+    for _module in _KERAS_CLASSES:
+        importlib.import_module(_module)

@@ -73,8 +73,7 @@ class HeadModel(PenalizedLoss, keras.Model):
 def _extractor(model):
     @tf.function
     def features(images):
-        x = model.preprocess(images)
-        return tf.cast(model.pool(model.backbone(x, training=False)), tf.float32)
+        return tf.cast(model.features(images), tf.float32)
 
     return features
 

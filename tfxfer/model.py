@@ -258,12 +258,12 @@ class TransferModel(PenalizedLoss, keras.Model):
         finally:
             plain()
 
+    def features(self, images, training=False):
+        """The trunk: raw pixels -> preprocessing -> backbone -> pooled features."""
+        return self.pool(self.backbone(self.preprocess(images), training=training))
+
     def call(self, images, training=False):
-        x = self.preprocess(images)
-        x = self.backbone(x, training=training)
-        x = self.pool(x)
-        x = self.drop(x, training=training)
-        return self.head(x)
+        return self.head(self.drop(self.features(images, training=training), training=training))
 
     def compile(self, optimizer="rmsprop", *args, backbone_optimizer=None, **kwargs):
         """Keras's `compile` (same positional arguments), plus an optional
