@@ -11,8 +11,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
+import tfxfer.model  # noqa: F401  (registers TransferModel for load_model)
 from tfxfer.data.images import decode_image, not_an_image, resize_uint8
-from tfxfer.errors import TfxferError
+from tfxfer.errors import TfxferError, did_you_mean
+from tfxfer.inference import evaluation_split, expand_inputs
+from tfxfer.reporting import plots
 
 __all__ = ["grad_cam", "load_run_model", "explain_files", "explain_mistakes"]
 
@@ -20,8 +23,6 @@ __all__ = ["grad_cam", "load_run_model", "explain_files", "explain_mistakes"]
 def load_run_model(run_dir):
     """The fine-tuned Keras model of a finetune run folder (its `model.keras`)."""
     import keras
-
-    import tfxfer.model  # noqa: F401  (registers TransferModel for load_model)
 
     path = os.path.join(run_dir, "model.keras")
     if not os.path.isfile(path):
@@ -83,16 +84,12 @@ def explain_files(run_dir, inputs, output_dir, class_name=None, log=print):
     `inputs` (files, folders, globs): the image, its heat-map for the
     predicted class (or `class_name`), and the class's probability. Returns
     `[{"file", "class", "probability", "png"} | {"file", "error"}]`."""
-    from tfxfer.inference import expand_inputs
-    from tfxfer.reporting import plots
 
     model = load_run_model(run_dir)
     names = list(model.class_names or [str(i) for i in range(model.num_classes)])
     wanted = None
     if class_name is not None:
         if class_name not in names:
-            from tfxfer.errors import did_you_mean
-
             raise did_you_mean(class_name, names, "class")
         wanted = names.index(class_name)
     size = int(model.image_size)
@@ -128,8 +125,6 @@ def explain_mistakes(model_path, rows, count, split, data, path):
     """`top_losses.png` at `path`: the `count` most confidently wrong of
     `rows` (`tfxfer.evaluation.prediction_rows` of `evaluate`, in the data's
     order), each with its Grad-CAM map for the class predicted."""
-    from tfxfer.inference import evaluation_split
-    from tfxfer.reporting import plots
 
     model = load_run_model(model_path)
     names = list(model.class_names or [str(i) for i in range(model.num_classes)])

@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from tfxfer.errors import TfxferError
+from tfxfer.feature_cache import FEATURE_CACHE, cached_features
 
 __all__ = ["IMBALANCE_RATIO", "NEAR_DUPLICATE_COSINE", "TINY_CLASS", "check", "check_cached_features", "describe",
            "findings", "near_duplicates"]
@@ -166,7 +167,6 @@ def check_cached_features(model, train_features, test, setting, info, log=print)
     split's features come from the folder (computed and kept there the first
     time), as the training features do; with no folder or no test split,
     nothing is done."""
-    from tfxfer.feature_cache import FEATURE_CACHE, cached_features
 
     report = info.preflight if info is not None else None
     if test is None or report is None or setting in FEATURE_CACHE:

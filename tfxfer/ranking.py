@@ -21,7 +21,13 @@ import time
 
 import numpy as np
 
+from tfxfer import runs
+from tfxfer.backbones import get_backbone
+from tfxfer.backbones.pretrained import find_pretrained
+from tfxfer.config import expand_path, load_config
 from tfxfer.errors import TfxferError
+from tfxfer.feature_cache import extract_features
+from tfxfer.model import build_model
 
 __all__ = ["logme", "evidence", "Candidate", "parse_candidate", "rank"]
 
@@ -95,9 +101,6 @@ class Candidate:
 def parse_candidate(text, image_size=None):
     """`NAME` (its default weights, `imagenet`), `NAME:none`, `NAME:WEIGHTS`,
     or the folder of a `tfxfer pretrain`/`finetune` run."""
-    from tfxfer.backbones import get_backbone
-    from tfxfer.backbones.pretrained import find_pretrained
-    from tfxfer.config import expand_path
 
     if os.path.isdir(text):
         found = find_pretrained(text)
@@ -132,11 +135,6 @@ def rank(candidates, data_options, image_size=None, log=print):
     validation splits) of the data `data_options` describes (finetune's data
     options); returns a list of dicts, best first."""
     import keras
-
-    from tfxfer import runs
-    from tfxfer.config import load_config
-    from tfxfer.feature_cache import extract_features
-    from tfxfer.model import build_model
 
     parsed = [parse_candidate(text, image_size) for text in candidates]
     results, data = [], {}

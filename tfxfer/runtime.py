@@ -17,6 +17,7 @@ import functools
 import os
 import sys
 import warnings
+from tfxfer.errors import did_you_mean
 
 __all__ = [
     "PRECISIONS",
@@ -206,8 +207,6 @@ def has_bf16(flags=None, gpu_capabilities=None):
 def resolve_precision(precision="auto", flags=None, gpu_capabilities=None):
     """The Keras dtype policy name for `precision` (one of `PRECISIONS`)."""
     if precision not in PRECISIONS:
-        from tfxfer.errors import did_you_mean
-
         raise did_you_mean(precision, PRECISIONS, "precision")
     if precision != "auto":
         return precision

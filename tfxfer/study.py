@@ -2,7 +2,6 @@
 statistics and plots that say how sure the comparison is.
 
 A study folder `studies/<name>/` holds:
-
     study.yaml          the shared options (a re-run must match them)
     runs/<run>/         one finetune run folder per strategy, seed and fold; only the
                         run best on validation of each strategy keeps its export/
@@ -36,6 +35,8 @@ from tfxfer.errors import TfxferError
 from tfxfer.reporting import plots
 from tfxfer.reporting.stats import describe, paired, summarize
 from tfxfer.strategies import command_line, expand, parse_strategies
+from tfxfer.data import load_splits
+from tfxfer.training import PREDICTIONS, finetune
 
 __all__ = ["study", "StudyResult", "METRIC"]
 
@@ -148,8 +149,6 @@ def _check_saved(study_dir, shared):
 
 
 def _require_test_split(config):
-    from tfxfer.data import load_splits
-
     data = config.data
     _, info = load_splits(
         **data.source(), image_size=32, val_fraction=data.val_fraction, tfds_data_dir=data.tfds_data_dir,
@@ -182,7 +181,6 @@ def _run_config(shared, strategy, seed, fold):
 
 def _run_once(run_config, run_dir, log, verbose, tracking_parent=None):
     """The run's metrics: read when it finished, resumed when interrupted, else run."""
-    from tfxfer.training import finetune
 
     metrics_path = os.path.join(run_dir, "metrics.json")
     if os.path.exists(metrics_path):
@@ -366,7 +364,6 @@ def _plot_study(study_dir, by_strategy, summaries, best):
 
 def _plot_top_losses(study_dir, row, class_names, strategy):
     """The test images the best strategy's first run gets most wrong."""
-    from tfxfer.training import PREDICTIONS
 
     run_dir = os.path.join(study_dir, row["run"])
     saved = np.load(os.path.join(run_dir, PREDICTIONS))

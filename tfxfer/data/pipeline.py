@@ -6,7 +6,7 @@ the decode and resize of `tfxfer.data.images`, which the SavedModel uses too.
 
 import tensorflow as tf
 
-from tfxfer.data.augment import AUGMENTATIONS, parse_augment
+from tfxfer.data.augment import AUGMENTATIONS, Augmenter, parse_augment
 from tfxfer.data.images import decode_image, resize_uint8
 
 __all__ = ["AUGMENTATIONS", "build_pipeline", "epoch_passes", "prefetched", "set_epoch", "augment_examples", "augment_batches"]
@@ -57,8 +57,6 @@ def build_pipeline(split, size, batch_size, training, seed, augment="none", cach
     per_example = augment if callable(augment) else None
     augmenter = None
     if not callable(augment) and parse_augment(augment):
-        from tfxfer.data.augment import Augmenter
-
         augmenter = Augmenter(augment, size, num_classes)
 
     def one_pass(pass_seed):

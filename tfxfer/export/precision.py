@@ -11,6 +11,7 @@ for a reduced precision.
 import keras
 
 from tfxfer.backbones.registry import rebuild_weights
+from tfxfer.errors import did_you_mean
 
 __all__ = ["EXPORT_PRECISIONS", "at_precision", "precision_of", "tolerance"]
 
@@ -26,8 +27,6 @@ EXPORT_PRECISIONS = {
 
 def _policy(precision):
     if precision not in EXPORT_PRECISIONS:
-        from tfxfer.errors import did_you_mean
-
         raise did_you_mean(precision, EXPORT_PRECISIONS, "export precision")
     return EXPORT_PRECISIONS[precision][0]
 

@@ -7,9 +7,16 @@ from typing import Callable
 
 import numpy as np
 
-from tfxfer import atomic
+import tfxfer.model  # noqa: F401  (registers TransferModel for load_model)
+from tfxfer import atomic, runs
+from tfxfer.config import load_config
 from tfxfer.errors import TfxferError, did_you_mean
+from tfxfer.export.layout import METADATA_FILE, next_version_dir
+from tfxfer.export.precision import at_precision, tolerance
+from tfxfer.owned import check_export_target
 from tfxfer.reporting.card import write_model_card
+from tfxfer.runs import RunFolderLock
+from tfxfer.runtime import replayed_on_failure
 
 __all__ = ["ExportFormat", "FORMATS", "register_format", "get_format", "export_run", "disk_size"]
 
@@ -68,7 +75,6 @@ def export_run(run_dir, format="saved_model", output=None, log=print, precision=
     more than 2 points is printed as a warning.
 
     A run folder that another command holds (training, resuming) is refused."""
-    from tfxfer.runs import RunFolderLock
 
     lock = RunFolderLock(run_dir)
     try:
@@ -85,10 +91,6 @@ def export_run(run_dir, format="saved_model", output=None, log=print, precision=
 
 def _export_run(run_dir, format="saved_model", output=None, log=print, precision="float32", quantize=None):
     """`export_run` once the run folder is held."""
-    from tfxfer.export.layout import METADATA_FILE, next_version_dir
-    from tfxfer.export.precision import at_precision, tolerance
-    from tfxfer.owned import check_export_target
-    from tfxfer.runtime import replayed_on_failure
 
     spec = get_format(format)
     if quantize is not None and (format != "litert" or precision != "float32"):
@@ -103,8 +105,6 @@ def _export_run(run_dir, format="saved_model", output=None, log=print, precision
     folder = os.path.abspath(output or (os.path.join(export_root, default) if default else next_version_dir(export_root)))
     check_export_target(folder, format)  # before any work: what tfxfer did not write is never replaced
     import keras
-
-    import tfxfer.model  # noqa: F401  (registers TransferModel for load_model)
 
     allowed = tolerance(precision)
     trained = keras.models.load_model(model_path, compile=False)
@@ -172,8 +172,6 @@ MAX_QUANTIZED_DROP = 0.02
 
 def _run_data(run_dir):
     """`(train, val, test, info)` pipelines of the run's own data, without augmentation, read once."""
-    from tfxfer import runs
-    from tfxfer.config import load_config
 
     config = load_config(os.path.join(run_dir, "config.yaml"))
     try:

@@ -19,6 +19,7 @@ import tensorflow as tf
 from tfxfer.pretext.base import PretextModel
 from tfxfer.pretext.options import AutoencoderOptions
 from tfxfer.pretext.registry import PretextMethod, register_method
+from tfxfer.data.pipeline import augment_batches
 
 __all__ = ["Autoencoder", "ReconstructionGrid", "noisy"]
 
@@ -104,8 +105,6 @@ def _pairs(std, flip):
 
 
 def _validation(val, config):
-    from tfxfer.data.pipeline import augment_batches
-
     return augment_batches(val, _pairs(config.pretext.denoise, flip=False), config.run.seed, rerandomize=False)
 
 

@@ -27,6 +27,7 @@ import tensorflow as tf
 from tfxfer.pretext.base import PretextModel, backbone_features
 from tfxfer.pretext.options import SimCLROptions
 from tfxfer.pretext.registry import PretextMethod, register_method
+from tfxfer.data.pipeline import augment_batches
 
 __all__ = ["SimCLR", "nt_xent", "embedding_std", "simclr_views", "KnnAccuracy", "knn_accuracy"]
 
@@ -182,8 +183,6 @@ def knn_accuracy(features, labels, k=20, temperature=0.07):
 
 
 def _validation(val, config):
-    from tfxfer.data.pipeline import augment_batches
-
     # Fixed views for the validation loss: the same pairs every epoch.
     return augment_batches(val, simclr_views, config.run.seed, rerandomize=False)
 

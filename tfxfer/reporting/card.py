@@ -11,6 +11,9 @@ import os
 import yaml
 
 from tfxfer import atomic
+from tfxfer.preflight import findings
+from tfxfer.backbones import get_backbone
+from tfxfer.errors import TfxferError
 
 __all__ = ["CARD_FILE", "model_card", "write_model_card"]
 
@@ -82,8 +85,6 @@ def model_card(run_dir, format="saved_model", precision="float32", metrics=None,
     skipped = (metrics.get("skipped_files") or {}).get("count", 0)
     lines.append(f"- Unreadable files skipped: {skipped}" + (" (listed in the run's metrics.json)." if skipped else "."))
     if metrics.get("preflight"):
-        from tfxfer.preflight import findings
-
         found = findings(metrics["preflight"])
         lines.append("- Data pre-flight (exact duplicates by content, leaks, labels, class sizes): "
                      + ("; ".join(found) if found else "nothing found") + ".")
@@ -170,9 +171,6 @@ def _weights(weights):
 
 def _pretrained_on(backbone, weights):
     if weights in ("imagenet",) and backbone:
-        from tfxfer.backbones import get_backbone
-        from tfxfer.errors import TfxferError
-
         try:
             return get_backbone(backbone).source
         except TfxferError:  # a name registered in another process: the card still gets written
