@@ -57,7 +57,7 @@ CHILD = textwrap.dedent("""
     import keras, tfxfer
     from tfxfer import callbacks, pretraining, runs, training
     from tfxfer.cli import main
-    study = importlib.import_module("tfxfer.study")  # tfxfer.study is the function
+    study = importlib.import_module("tfxfer.studies")
 
     phase, seen = ["start"], {}
 

@@ -319,3 +319,11 @@ def test_the_command_knows_every_export_format_the_registry_has():
     from tfxfer.export import FORMATS
 
     assert set(FORMATS) == set(EXPORT_FORMATS)
+
+
+def test_every_public_name_is_what_its_module_defines_once_all_modules_loaded():
+    import importlib
+
+    for name, module in tfxfer._PUBLIC.items():
+        importlib.import_module(module)  # a submodule of the same name would shadow the function
+        assert getattr(tfxfer, name) is getattr(importlib.import_module(module), name), name

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import keras
 import numpy as np
 import pytest
 
@@ -223,3 +224,22 @@ def test_explain_refuses_a_token_backbone_in_one_sentence(presets, name):
     model = tfxfer.build_model(name, num_classes=3, weights=presets[name], image_size=size)
     with pytest.raises(TfxferError, match=f"{name} is a token \\(transformer\\) backbone; explain a run of a CNN"):
         grad_cam(model, np.zeros((1, size, size, 3), np.uint8))
+
+
+@pytest.mark.parametrize("name, target", [("vit_b16", ("query", "value")), ("dinov2_small", ("query", "value"))])
+def test_lora_adapts_the_attention_projections_and_the_export_merges_them(presets, name, target):
+    from tfxfer.export.precision import at_precision
+
+    size = TINY[name][0]
+    model = tfxfer.build_model(name, num_classes=3, weights=presets[name], image_size=size, lora=2)
+    adapters = [w.path for w in model.backbone.trainable_weights]
+    assert len(adapters) == 4 * 2 * 2  # 4 blocks, query and value, A and B
+    assert all(p.rpartition("/")[0].rpartition("/")[2] in target and "lora_kernel" in p for p in adapters)
+    images = np.random.default_rng(0).integers(0, 256, (8, size, size, 3)).astype("uint8")
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    model.fit(images, np.arange(8) % 3, batch_size=8, epochs=2, verbose=0)
+    merged = at_precision(model)
+    assert not any("lora" in w.path for w in merged.weights)
+    np.testing.assert_allclose(merged.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
+    with pytest.raises(TfxferError, match="alpha = rank"):
+        tfxfer.build_model(name, num_classes=3, weights=presets[name], image_size=size, lora=2, lora_alpha=8)

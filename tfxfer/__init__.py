@@ -43,7 +43,7 @@ _PUBLIC = {
     "build_model": "tfxfer.model",
     "L2SP": "tfxfer.penalties",
     "pretrain": "tfxfer.pretraining",
-    "study": "tfxfer.study",
+    "study": "tfxfer.studies",
     "finetune": "tfxfer.training",
     "set_precision": "tfxfer.runtime",
 }

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from tfxfer import atomic, runtime
+from tfxfer import runtime
 from tfxfer.config import BN_MODES, EXPORT_FORMATS, FinetuneConfig, PretrainConfig, StudyConfig, load_config
 from tfxfer.errors import RUN_FOLDER_FIX, TfxferError, did_you_mean, write_failure
 from tfxfer.evaluation import TTA_MODES
@@ -252,7 +252,7 @@ def study(config_path, **flags):
     Each run is an ordinary finetune run folder under studies/NAME/runs/; running
     the same command again skips finished runs and resumes an interrupted one.
     """
-    from tfxfer.study import study as run_study
+    from tfxfer.studies import study as run_study
 
     config = load_config(config_path, StudyConfig, **flags)
     try:
@@ -288,69 +288,12 @@ def evaluate(model_path, version, split, output_dir, predictions_path, top_wrong
     """Accuracy, top-k accuracy, loss, per-class precision/recall/F1, confusion
     matrix, calibration (ECE and reliability-SPLIT.png), every prediction
     (predictions.csv) and the most confidently wrong images."""
-    from tfxfer.evaluation import confident_mistakes, format_report, write_predictions
-    from tfxfer.export.layout import describe_export, find_export
-    from tfxfer.inference import evaluate_export
-    from tfxfer.preflight import describe
-    from tfxfer.reporting import plots
+    from tfxfer.evaluating import evaluate as evaluate_model
 
     data = {k: v for k, v in data.items() if v is not None}
-    if explain_count and not os.path.isfile(os.path.join(model_path, "model.keras")):
-        raise TfxferError(f"--explain needs the run folder of a finetune run as --model (its model.keras); "
-                          f"{model_path!r} has none.")
-    export_dir = find_export(model_path, version)
-    click.echo(describe_export(export_dir))
-    report, export_dir, rows = evaluate_export(export_dir, split=split, top_k=top_k, tta=tta, **data)
-    click.echo("\n".join(describe(report["preflight"])))
-    click.echo(format_report(report, f"{report['data']} {split}"))
-    if "tta" in report:
-        t = report["tta"]
-        click.echo(f"with test-time augmentation ({t['mode']}, {t['views']} views): accuracy {t['accuracy']:.4f} "
-                   f"({t['gain']:+.4f} against {report['accuracy']:.4f} without); expected calibration error "
-                   f"{t['calibration']['ece']:.4f}")
-    mistakes = confident_mistakes(rows, top_wrong)
-    if mistakes:
-        click.echo(f"\nmost confidently wrong ({len(mistakes)} of {sum(r['true'] != r['predicted'] for r in rows)} wrong):")
-        for r in mistakes:
-            click.echo(f"  {r['probability']:.3f}  {r['predicted']} (true {r['true']})  {r['file']}")
-    metrics_path = os.path.join(output_dir, "metrics.json") if output_dir else _metrics_path(export_dir)
-    predictions_path = predictions_path or os.path.join(os.path.dirname(metrics_path), "predictions.csv")
-    try:
-        if output_dir:
-            os.makedirs(output_dir, exist_ok=True)
-        write_predictions(predictions_path, rows)
-        click.echo(f"predictions of {len(rows)} images written to {predictions_path}")
-        curves = {"plain": report["calibration"]}
-        if "tta" in report:
-            curves[f"TTA {tta}"] = report["tta"]["calibration"]
-        diagram = os.path.join(os.path.dirname(metrics_path), f"reliability-{split}.png")
-        plots.reliability(curves, diagram, f"{report['data']} {split}: {report['num_examples']} images")
-        click.echo(f"reliability diagram written to {diagram}")
-        metrics = atomic.read_json(metrics_path) if os.path.exists(metrics_path) else {}
-        metrics.setdefault("evaluations", {})[f"{report['data']}:{split}"] = report
-        atomic.write_json(metrics_path, metrics)
-        click.echo(f"written to {metrics_path}")
-        if explain_count:
-            from tfxfer.explain import explain_mistakes
-
-            grid = explain_mistakes(model_path, rows, explain_count, split, data,
-                                    os.path.join(os.path.dirname(metrics_path), "top_losses.png"))
-            click.echo(f"the {explain_count} most confidently wrong images with their heat-maps: {grid}"
-                       if grid else "no wrong prediction to explain")
-    except OSError as e:
-        if write_failure(e) is None:
-            raise
-        # The results are printed above; a model folder the user cannot write is not a failure.
-        click.echo(f"note: could not write {e.filename or metrics_path} ({e.strerror}); the results above are "
-                   "complete; pass --output FOLDER to keep metrics.json and predictions.csv.", err=True)
-
-
-def _metrics_path(export_dir):
-    # export_dir is <run>/export/<version>: the run folder holds metrics.json.
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(export_dir)))
-    if os.path.exists(os.path.join(run_dir, "config.yaml")):
-        return os.path.join(run_dir, "metrics.json")
-    return os.path.join(export_dir, "metrics.json")
+    evaluate_model(model_path, split, version=version, output_dir=output_dir, predictions_path=predictions_path,
+                   top_wrong=top_wrong, top_k=top_k, tta=tta, explain_count=explain_count, log=click.echo,
+                   warn=functools.partial(click.echo, err=True), **data)
 
 
 @main.command()

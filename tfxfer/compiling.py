@@ -18,7 +18,8 @@ def compiled_model(config, info, image_size, train_bn):
         image_size=image_size, freeze=config.first_policy(), train_bn=train_bn,
         bn_momentum=config.model.bn_momentum, dropout=config.transfer.dropout, l2sp=config.transfer.l2sp,
         l2sp_scope=config.transfer.l2sp_scope, head_l2=config.transfer.head_l2, class_names=info.class_names,
-        speedups=config.run.cpu_speedups,
+        lora=config.transfer.lora, lora_alpha=config.transfer.lora_alpha, lora_targets=config.transfer.lora_targets,
+        lora_train=config.transfer.lora_train, speedups=config.run.cpu_speedups,
     )
     compile_run(model, config, runs.steps_per_epoch(config, info))
     return model

@@ -6,7 +6,7 @@ import numpy as np
 
 __all__ = [
     "classification_report", "format_report", "prediction_rows", "confident_mistakes", "write_predictions",
-    "calibration", "fit_temperature", "apply_temperature", "ECE_BINS", "TTA_MODES",
+    "calibration", "fit_temperature", "apply_temperature", "calibrate_head", "ECE_BINS", "TTA_MODES",
 ]
 
 # `evaluate --tta`: the views whose probabilities are averaged (`tfxfer.inference.tta_views`).
@@ -114,6 +114,29 @@ def fit_temperature(labels, probabilities):
         return -np.log(np.clip(scaled[np.arange(len(labels)), labels], TINY, 1.0)).mean()
 
     return float(np.exp(minimize_scalar(loss, bounds=(-3.0, 3.0), method="bounded", options={"xatol": 1e-4}).x))
+
+
+def calibrate_head(model, val_predictions, test_predictions, log=print):
+    """Fit a temperature on the validation predictions and fold it into the
+    head of `model` (a `TransferModel`: its kernel and bias divided by T,
+    softmax(z / T) exactly), so every export serves calibrated probabilities.
+    Returns the temperature and the expected calibration error before and
+    after, on validation (where T was fitted) and on test (which T never saw;
+    `test_predictions` may be `None`)."""
+    temperature = fit_temperature(*val_predictions)
+    kernel, bias = model.head.get_weights()
+    model.head.set_weights([kernel / temperature, bias / temperature])
+    model.calibration_temperature = temperature
+    result = {"temperature": temperature, "fitted_on": "validation"}
+    for name, predictions in (("val", val_predictions), ("test", test_predictions)):
+        if predictions is not None:
+            labels, probabilities = predictions
+            result[f"{name}_ece_before"] = calibration(labels, probabilities)["ece"]
+            result[f"{name}_ece_after"] = calibration(labels, apply_temperature(probabilities, temperature))["ece"]
+    changes = ", ".join(f"{name} {result[f'{name}_ece_before']:.4f} -> {result[f'{name}_ece_after']:.4f}"
+                        for name in ("val", "test") if f"{name}_ece_before" in result)
+    log(f"calibration: temperature {temperature:.3f} fitted on the validation split; expected calibration error {changes}")
+    return result
 
 
 def format_report(report, title="evaluation"):

@@ -1,9 +1,10 @@
 """Cross-entropy for labels given as class ids [B] or as class probabilities
-[B, C] (what mixup and cutmix make), with optional label smoothing."""
+[B, C] (what mixup and cutmix make), with optional label smoothing, and the
+class weights of `--class-weight balanced`."""
 
 import keras
 
-__all__ = ["Crossentropy", "as_probabilities"]
+__all__ = ["Crossentropy", "as_probabilities", "class_weights"]
 
 
 def as_probabilities(labels, num_classes):
@@ -35,3 +36,18 @@ class Crossentropy(keras.losses.Loss):
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "label_smoothing": self.label_smoothing}
+
+
+def class_weights(config, info, log=print):
+    """The `class_weight` of `fit`: `{class: n / (classes * n_class)}` for
+    `--class-weight balanced`, else `None`; the class counts of the training
+    images (`info.class_counts`) are logged either way when known."""
+    counts = info.class_counts
+    if counts:
+        log("training images per class: " + ", ".join(f"{name} {n}" for name, n in zip(info.class_names, counts)))
+    if config.transfer.class_weight != "balanced":
+        return None
+    total = sum(counts)
+    weights = {c: total / (len(counts) * n) for c, n in enumerate(counts) if n}
+    log("class weights (balanced): " + ", ".join(f"{info.class_names[c]} {w:.3f}" for c, w in weights.items()))
+    return weights

@@ -25,7 +25,9 @@ from tfxfer.backbones.registry import backbone_units, feature_pool, set_bn_momen
 from tfxfer.freezing import apply_freeze, parse_freeze
 from tfxfer.optim import inner, optimizer_map, regrow
 from tfxfer.penalties import L2SP
+from tfxfer import lora as adapters
 from tfxfer import speedups as host_speedups
+from tfxfer.errors import TfxferError
 
 __all__ = ["PenalizedLoss", "Preprocess", "TransferModel", "build_model", "track_loss"]
 
@@ -121,6 +123,13 @@ class TransferModel(PenalizedLoss, keras.Model):
         normalization: `{"scale", "offset"}` applied to the pixels instead of
             the backbone's registered preprocessing; default: what the weights
             bring (`tfxfer.backbones.pretrained.input_normalization`).
+        lora: the rank of low-rank adapters (`tfxfer.lora`) on the backbone's
+            target layers; then only the adapters and the head train (the
+            backbone's own weights stay as loaded), and `freeze` is `head`.
+        lora_alpha: the adapters' scale is `lora_alpha / lora`; default `lora`.
+        lora_targets: `"stages:N"` or layer names; default the registry's.
+        lora_train: `"none"`, or `"norms"` to train the backbone's
+            normalisation scales and offsets and its biases too.
         speedups: the host's training speed-ups (`tfxfer.speedups`) during
             `fit`: `"auto"` (those measured to pay on this CPU kind), `"force"`,
             or `"off"`/`False`. Saving and exports always see the model as
@@ -144,6 +153,10 @@ class TransferModel(PenalizedLoss, keras.Model):
         class_names=None,
         calibration_temperature=None,
         normalization=None,
+        lora=None,
+        lora_alpha=None,
+        lora_targets=None,
+        lora_train="none",
         speedups="auto",
         **kwargs,
     ):
@@ -176,7 +189,21 @@ class TransferModel(PenalizedLoss, keras.Model):
         )
         self.head.build((None, self.backbone.output.shape[-1]))
         set_bn_momentum(self.backbone, self.bn_momentum)
-        self.trained_layers = apply_freeze(self.backbone, spec, self.freeze, self.train_bn)
+        if lora is not None and (float(lora) != int(float(lora)) or float(lora) < 1):
+            raise TfxferError(f"--lora takes a whole rank of at least 1, got {lora}.")
+        self.lora_rank = None if lora is None else int(lora)
+        self.lora_alpha = None if lora_alpha is None else float(lora_alpha)
+        self.lora_targets, self.lora_train = lora_targets, lora_train
+        if self.lora_rank:
+            if l2sp:
+                raise TfxferError("LoRA leaves the backbone's weights where they were, so L2-SP has nothing to pull; "
+                                  "drop --l2sp or --lora.")
+            self.freeze = "head"
+            apply_freeze(self.backbone, spec, "head", False)
+            self.trained_layers = adapters.enable(self.backbone, spec, self.lora_rank, self.lora_alpha,
+                                                  lora_targets, lora_train)
+        else:
+            self.trained_layers = apply_freeze(self.backbone, spec, self.freeze, self.train_bn)
         self.penalty = L2SP(self.backbone, l2sp, l2sp_scope, self.head.weights, head_l2)
         self._track_penalties()
         self.stage_optimizers = {}
@@ -219,10 +246,17 @@ class TransferModel(PenalizedLoss, keras.Model):
         weights that start training get fresh slots. BatchNorm stays as
         `train_bn` says, and the L2-SP anchors stay the starting weights.
         """
+        if self.lora_rank and str(parse_freeze(freeze)) != "head":
+            raise TfxferError(f"A model with LoRA adapters trains its adapters and head only; it cannot take the "
+                              f"freeze policy {freeze}.")
         if train_bn is not None:
             self.train_bn = bool(train_bn)
         self.freeze = str(parse_freeze(freeze))
-        self.trained_layers = apply_freeze(self.backbone, get_backbone(self.backbone_name), self.freeze, self.train_bn)
+        trained = apply_freeze(self.backbone, get_backbone(self.backbone_name), self.freeze, self.train_bn)
+        if self.lora_rank:
+            adapters.set_trainable(self.backbone, self.lora_train)
+        else:
+            self.trained_layers = trained
         if getattr(self, "optimizer", None) is not None and self.optimizer.built:
             before = list(inner(self.optimizer).optimizers) if self.stage_optimizers else []
             self.optimizer = regrow(self.optimizer, self.trainable_weights)
@@ -347,6 +381,10 @@ class TransferModel(PenalizedLoss, keras.Model):
             "class_names": self.class_names,
             "calibration_temperature": self.calibration_temperature,
             "normalization": self.normalization,
+            "lora": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "lora_targets": self.lora_targets,
+            "lora_train": self.lora_train,
             "speedups": self.speedups,
             "name": self.name,
         }

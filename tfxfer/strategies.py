@@ -7,6 +7,8 @@
     lp-ft        a linear probe for the first quarter of the epochs, then full
                  fine-tuning (Kumar et al., ICLR 2022): `--unfreeze head@0,full@25%`
     l2sp@ALPHA   full fine-tuning with the L2-SP pull toward the starting weights
+    lora:RANK    low-rank adapters of RANK on the registry's target layers; the
+                 backbone's own weights stay as loaded (`tfxfer.lora`)
 
 Any of them may end in `+bn`: BatchNorm statistics and parameters train too,
 and in `+OPTION=VALUE` suffixes that set one of the recipe's options (`RECIPE`)
@@ -24,15 +26,15 @@ from tfxfer.errors import TfxferError, did_you_mean
 
 __all__ = ["BASES", "LP_FT_SCHEDULE", "expand", "parse_strategies", "command_line"]
 
-BASES = ("scratch", "head", "full", "stages:N", "lp-ft", "l2sp@ALPHA")
+BASES = ("scratch", "head", "full", "stages:N", "lp-ft", "l2sp@ALPHA", "lora:RANK")
 # The options a `+OPTION=VALUE` suffix may set: how the training goes, not what it trains.
 RECIPE = ("lr", "schedule", "warmup_epochs", "optimizer", "weight_decay", "augment", "lr_decay", "ema",
-          "backbone_lr_mult", "dropout", "label_smoothing")
+          "backbone_lr_mult", "dropout", "label_smoothing", "lora_alpha", "lora_targets", "lora_train")
 LP_FT_SCHEDULE = "head@0,full@25%"
 
 # Every option a strategy sets, so a strategy fully decides them (nothing leaks
 # from the study's shared options into one strategy and not another).
-_NEUTRAL = {"freeze": "full", "unfreeze": None, "l2sp": 0.0, "train_bn": "off"}
+_NEUTRAL = {"freeze": "full", "unfreeze": None, "l2sp": 0.0, "train_bn": "off", "lora": None}
 
 
 def expand(strategy):
@@ -70,8 +72,12 @@ def expand(strategy):
         if not alpha > 0:
             raise TfxferError(f"Strategy {name!r} needs a positive number after l2sp@, e.g. l2sp@0.01.")
         options["l2sp"] = alpha
+    elif base.startswith("lora:"):
+        if not base[5:].isdigit() or int(base[5:]) < 1:
+            raise TfxferError(f"Strategy {name!r} needs a whole rank of at least 1 after lora:, e.g. lora:8.")
+        options.update(lora=int(base[5:]), freeze="head")
     else:
-        raise did_you_mean(base, ("scratch", "head", "full", "stages:2", "lp-ft", "l2sp@0.01"), "strategy")
+        raise did_you_mean(base, ("scratch", "head", "full", "stages:2", "lp-ft", "l2sp@0.01", "lora:8"), "strategy")
     return options
 
 
@@ -107,7 +113,7 @@ def parse_strategies(text):
 
 def _starts_a_strategy(piece):
     base = piece.partition("+")[0]
-    return base in ("scratch", "head", "full", "lp-ft") or base.startswith(("stages:", "l2sp@"))
+    return base in ("scratch", "head", "full", "lp-ft") or base.startswith(("stages:", "l2sp@", "lora:"))
 
 
 def command_line(flat, defaults, command="finetune"):

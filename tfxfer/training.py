@@ -37,13 +37,13 @@ from tfxfer.backbones.registry import rebuild_weights
 from tfxfer.config import FinetuneConfig
 from tfxfer.errors import TfxferError
 from tfxfer.evaluation import (
-    apply_temperature, calibration, classification_report, fit_temperature, format_report, prediction_rows,
-    write_predictions,
+    apply_temperature, calibrate_head, classification_report, format_report, prediction_rows, write_predictions,
 )
 from tfxfer.freezing import UnfreezeSchedule, parse_unfreeze, phase_at, resolve_phases, resolve_train_bn
 from tfxfer.export import METADATA_FILE, next_version_dir, versions
 from tfxfer.export.precision import at_precision
 from tfxfer.export.saved_model import write_saved_model
+from tfxfer.losses import class_weights
 from tfxfer.model import TransferModel
 from tfxfer.optim import inner
 from tfxfer.reporting.card import write_model_card
@@ -164,9 +164,15 @@ def _build(run, info, image_size, train, strategy):
             log("unfreeze: " + ", ".join(f"{policy} from epoch {start + 1}" for start, policy in schedule))
     parameters = {"trainable_params": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
                   "frozen_params": sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)}
-    log(f"model: {config.model.backbone} ({config.model.weights} weights), freeze {config.transfer.freeze}: "
+    log(f"model: {config.model.backbone} ({config.model.weights} weights), freeze {model.freeze}: "
         f"{parameters['trainable_params']:,} trainable and {parameters['frozen_params']:,} frozen parameters")
-    if any(isinstance(layer, keras.layers.BatchNormalization) for layer in speedups.walk_layers(model.backbone)):
+    if model.lora_rank:
+        layers = model.trained_layers
+        log(f"LoRA: rank {model.lora_rank}, alpha {model.lora_alpha or model.lora_rank:g}, on {len(layers)} layers "
+            f"({', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}); the backbone's own weights"
+            f"{' but its norms and biases' if model.lora_train == 'norms' else ''} stay as loaded, BatchNorm "
+            "statistics too, and the exports hold the adapters merged into their kernels")
+    elif any(isinstance(layer, keras.layers.BatchNormalization) for layer in speedups.walk_layers(model.backbone)):
         log(f"BatchNorm: {'trains' if train_bn else 'frozen'} ({why})")
     else:
         # A scale named gamma is what Keras's and KerasHub's LayerNorm and GroupNorm hold (nested
@@ -237,10 +243,11 @@ def _train(run, model, strategy, schedule, checkpoint, callbacks, initial_epoch,
     first, then the rest; returns the Keras histories. `test` is only for the
     pre-flight's feature check."""
     config, log = run.config, run.log
-    class_weight = _class_weight(config, info, log)
+    class_weight = class_weights(config, info, log)
     is_distributed = config.run.distribute != "none"
     histories, cached_epochs = [], 0
-    if not is_distributed and feature_cache.use_feature_cache(
+    # Adapters train inside the backbone: its features change every step, so none are cached.
+    if not is_distributed and not model.lora_rank and feature_cache.use_feature_cache(
             config.transfer.feature_cache, config.first_policy(), config.data.augment, log):
         cached_epochs = schedule[1][0] if len(schedule) > 1 else config.optim.epochs
     if initial_epoch < cached_epochs:
@@ -289,7 +296,7 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
     val_predictions = predict_dataset(model.predict, val)
     test_predictions = predict_dataset(model.predict, test) if test is not None else None
     if config.transfer.calibrate:
-        metrics["calibration"] = _calibrate(model, val_predictions, test_predictions, log)
+        metrics["calibration"] = calibrate_head(model, val_predictions, test_predictions, log)
         # What the scaled head now computes, without a second pass over the data.
         temperature = metrics["calibration"]["temperature"]
         val_predictions = (val_predictions[0], apply_temperature(val_predictions[1], temperature))
@@ -343,28 +350,6 @@ def _remove_unfinished_export(export_root):
             continue
         if origin == "finetune":
             owned.remove(folder, "export")
-
-
-def _calibrate(model, val_predictions, test_predictions, log):
-    """Fit a temperature on the validation predictions and fold it into the
-    head (its kernel and bias divided by T: softmax(z / T) exactly), so every
-    export serves calibrated probabilities. Returns the temperature and the
-    expected calibration error before and after, on validation (where T was
-    fitted) and on test (which T never saw)."""
-    temperature = fit_temperature(*val_predictions)
-    kernel, bias = model.head.get_weights()
-    model.head.set_weights([kernel / temperature, bias / temperature])
-    model.calibration_temperature = temperature
-    result = {"temperature": temperature, "fitted_on": "validation"}
-    for name, predictions in (("val", val_predictions), ("test", test_predictions)):
-        if predictions is not None:
-            labels, probabilities = predictions
-            result[f"{name}_ece_before"] = calibration(labels, probabilities)["ece"]
-            result[f"{name}_ece_after"] = calibration(labels, apply_temperature(probabilities, temperature))["ece"]
-    changes = ", ".join(f"{name} {result[f'{name}_ece_before']:.4f} -> {result[f'{name}_ece_after']:.4f}"
-                        for name in ("val", "test") if f"{name}_ece_before" in result)
-    log(f"calibration: temperature {temperature:.3f} fitted on the validation split; expected calibration error {changes}")
-    return result
 
 
 BEST_WEIGHTS = "best.weights.h5"
@@ -437,20 +422,6 @@ def _trackables(model, average=None):
     for i, optimizer in enumerate(model.backbone_optimizers):
         trackables["backbone_optimizer" + (f"_{i}" if i else "")] = optimizer
     return trackables
-
-
-def _class_weight(config, info, log):
-    """`{class: n / (classes * n_class)}` for `--class-weight balanced`, else `None`;
-    the class counts of the training images are printed either way when known."""
-    counts = info.class_counts
-    if counts:
-        log("training images per class: " + ", ".join(f"{name} {n}" for name, n in zip(info.class_names, counts)))
-    if config.transfer.class_weight != "balanced":
-        return None
-    total = sum(counts)
-    weights = {c: total / (len(counts) * n) for c, n in enumerate(counts) if n}
-    log("class weights (balanced): " + ", ".join(f"{info.class_names[c]} {w:.3f}" for c, w in weights.items()))
-    return weights
 
 
 def predict_dataset(predict, dataset):

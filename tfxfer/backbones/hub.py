@@ -56,6 +56,8 @@ class HubFamily:
             train with the last group.
         pool: `"cls"`, `"cls+distillation"` or `"mean"` over the tokens.
         dict_input: the backbone takes `{"images": ...}`.
+        lora_targets: the layers LoRA adapts: the attention's query and value
+            projections (KerasHub's `enable_lora` default), Swin's fused qkv.
     """
 
     cls: str
@@ -65,6 +67,7 @@ class HubFamily:
     tail: object
     pool: str
     dict_input: bool = False
+    lora_targets: str = "query,value"
 
     def multiple(self, config):
         """The sizes an image side must be a multiple of, for a preset config."""
@@ -106,7 +109,7 @@ DINOV2_FAMILY = HubFamily("DINOV2Backbone", VIT_FAMILY.stages, ("embeddings",),
                           dict_input=True)
 SWIN_FAMILY = HubFamily("SwinTransformerBackbone", ("stem", "stage1", "stage2", "stage3", "stage4"), ("patch_embedding",),
                         lambda hub: [layer for layer in hub.layers if layer.name.startswith("stage_")],
-                        lambda hub: [_layer(hub, "norm")], "mean")
+                        lambda hub: [_layer(hub, "norm")], "mean", lora_targets="attention_qkv")
 
 
 def _keras_hub(name):
@@ -197,6 +200,7 @@ def _register(name, family, preset, architecture, preprocess, params, source, li
         name, _HubBuilder(name, family, preset, architecture), preprocess, size, family.stages, None,
         f"{size} px pretrained; multiples of {multiple} from scratch", min_size=_patch(architecture), params=params,
         source=f"{source} (KerasHub {preset})", licence=licence, units=family.units, presets=True,
+        lora_targets=family.lora_targets,
     ))
 
 

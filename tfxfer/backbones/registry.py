@@ -82,6 +82,9 @@ class BackboneSpec:
             freeze policies act on; `None` takes `backbone.layers` with
             `stage_of` (networks whose blocks are nested layers need it).
         presets: `--weights DIR` takes a KerasHub preset folder.
+        lora_targets: the layers `--lora` adapts by default (`tfxfer.lora`):
+            `"stages:N"` (the convolutions of the last N stages) or layer names
+            separated by commas; `None` where no layer takes adapters.
     """
 
     name: str
@@ -97,6 +100,7 @@ class BackboneSpec:
     licence: str = ""
     units: Optional[Callable] = None
     presets: bool = False
+    lora_targets: Optional[str] = "stages:1"
 
 
 _REGISTRY = {}

@@ -12,6 +12,7 @@ import keras
 
 from tfxfer.backbones.registry import rebuild_weights
 from tfxfer.errors import did_you_mean
+from tfxfer.lora import merged_copy
 
 __all__ = ["EXPORT_PRECISIONS", "at_precision", "precision_of", "tolerance"]
 
@@ -51,10 +52,14 @@ def at_precision(model, precision="float32"):
     keras.config.set_dtype_policy(policy)
     try:
         # A KerasHub preset folder holds the architecture, so it is built again from there.
-        copy = type(model).from_config({**model.get_config(), "weights": rebuild_weights(model.weights_source)})
+        # LoRA adapters are merged into their kernels: the export is the plain network.
+        copy = type(model).from_config({**model.get_config(), "weights": rebuild_weights(model.weights_source),
+                                        **({"lora": None} if model.get_config().get("lora") else {})})
     finally:
         keras.config.set_dtype_policy(previous)
     copy.weights_source = model.weights_source
+    if getattr(model, "lora_rank", None):
+        return merged_copy(model, copy)
     copy.set_weights(model.get_weights())
     return copy
 
