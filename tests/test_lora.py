@@ -113,3 +113,33 @@ def test_the_lora_strategy_expands_to_adapters_on_a_frozen_backbone():
     assert parse_strategies("head,lora:4,full") == ["head", "lora:4", "full"]
     with pytest.raises(tfxfer.TfxferError, match="whole rank of at least 1 after lora:"):
         expand("lora:x")
+
+
+def test_norms_train_with_the_speed_ups_on_and_a_bfloat16_run_merges_in_float32():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = tfxfer.build_model("resnet9", num_classes=3, weights=None, image_size=32, lora=2, lora_train="norms",
+                                   speedups="force")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    gammas = {w.path: w.numpy().copy() for w in model.backbone.weights if w.path.endswith("/gamma")}
+    _fit(model, epochs=1)
+    # Folding a BatchNorm into its convolution would have cut the gradient of its scale.
+    assert all(not np.array_equal(value, model.backbone.get_layer(path.split("/")[0]).gamma.numpy())
+               for path, value in gammas.items())
+    merged = at_precision(model)
+    conv = model.backbone.get_layer("layer3_conv")
+    exact = conv._kernel.numpy() + np.reshape(conv.lora_kernel_a.numpy() @ conv.lora_kernel_b.numpy(), conv._kernel.shape)
+    np.testing.assert_allclose(merged.backbone.get_layer("layer3_conv").kernel.numpy(), exact, rtol=1e-6, atol=1e-7)
+
+
+def test_a_dense_last_stage_takes_adapters_by_default():
+    model = tfxfer.build_model("simplecnn", num_classes=3, weights=None, image_size=32, lora=2)
+    assert model.trained_layers and all("lora_kernel" in w.path for w in model.backbone.trainable_weights)
+
+
+def test_a_study_refuses_shared_lora_options_and_names_the_suffix():
+    from tfxfer.config import StudyConfig, load_config
+
+    with pytest.raises(tfxfer.TfxferError, match=r"--lora-alpha is set by each run.*lora:8\+lora_alpha=16"):
+        load_config(None, StudyConfig, dataset="digits", lora_alpha=16)

@@ -20,7 +20,7 @@ Keras saves a LoRA layer's kernel merged (`save_own_variables`), so
 import os
 import tempfile
 
-from tfxfer.backbones.registry import backbone_units
+from tfxfer.backbones.registry import backbone_units, rebuild_weights
 from tfxfer.errors import TfxferError
 
 __all__ = ["TRAIN_MODES", "ADAPTER_WEIGHTS", "parse_targets", "enable", "set_trainable", "merged_copy"]
@@ -52,6 +52,7 @@ def enable(backbone, spec, rank, alpha=None, targets=None, train="none"):
         raise TfxferError(f"--lora takes a rank of at least 1, got {rank}.")
     if train not in TRAIN_MODES:
         raise TfxferError(f"--lora-train takes {' or '.join(TRAIN_MODES)}, got {train!r}.")
+    default = not targets
     targets = targets or spec.lora_targets
     if targets is None:
         raise TfxferError(f"{spec.name} has no layers LoRA adapts (no attention projections or convolutions in "
@@ -72,7 +73,8 @@ def enable(backbone, spec, rank, alpha=None, targets=None, train="none"):
             layer.enable_lora(int(rank), lora_alpha=None if alpha is None else float(alpha))
         adapted = [layer.name for layer in layers]
     if not adapted:
-        raise TfxferError(f"No layer of {spec.name} matches --lora-targets {targets}.")
+        raise TfxferError(f"No layer of {spec.name} matches --lora-targets {targets}"
+                          + (" (its default); give layer names." if default else "."))
     set_trainable(backbone, train)
     return adapted
 
@@ -83,9 +85,17 @@ def _cnn_targets(backbone, spec, kind, value):
         if value > len(spec.stages):
             raise TfxferError(f"{spec.name} has {len(spec.stages)} stages; --lora-targets stages:{value} asks for more.")
         stages = set(spec.stages[len(spec.stages) - value:])
-        return [layer for layer, stage in units if stage in stages and hasattr(layer, "enable_lora")
-                and getattr(layer, "groups", 1) == 1 and layer.__class__.__name__.startswith("Conv")]
+        # Convolutions and the dense layers some CNNs use as 1x1 convolutions (ConvNeXt); not the
+        # depthwise ones, whose kernels are one filter per channel.
+        return [layer for layer, stage in units if stage in stages and type(layer) in _adaptable()
+                and getattr(layer, "groups", 1) == 1]
     return [layer for layer, _ in units if layer.name in value and hasattr(layer, "enable_lora")]
+
+
+def _adaptable():
+    import keras
+
+    return (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense, keras.layers.EinsumDense)
 
 
 def set_trainable(backbone, train="none"):
@@ -104,10 +114,24 @@ def _is_adapter(weight):
 
 
 def merged_copy(model, plain):
-    """Load into `plain` (the same network built without adapters) the
-    weights of `model`, each adapted kernel merged with its update."""
+    """Load into `plain` (the same network built without adapters, in
+    float32) the weights of `model`, each adapted kernel merged with its
+    update in float32.
+
+    Keras writes an adapted layer's kernel merged, but in the layer's compute
+    dtype: under mixed_bfloat16 that would round every adapted kernel to
+    bfloat16. So the merge goes through a float32 copy of `model` first."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        adapted = type(model).from_config({**model.get_config(), "weights": rebuild_weights(model.weights_source)})
+    finally:
+        keras.config.set_dtype_policy(previous)
+    adapted.set_weights(model.get_weights())
     with tempfile.TemporaryDirectory(prefix="tfxfer-lora-") as folder:
         path = os.path.join(folder, "merged.weights.h5")
-        model.save_weights(path)  # Keras writes an adapted layer's kernel merged
+        adapted.save_weights(path)
         plain.load_weights(path)
     return plain

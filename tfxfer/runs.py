@@ -233,6 +233,8 @@ def default_run_name(config):
             from tfxfer.freezing import parse_unfreeze
 
             policy = "-".join(str(p.policy) for p in parse_unfreeze(config.transfer.unfreeze))
+        if config.transfer.lora is not None:
+            policy = f"lora{config.transfer.lora}"
         name = f"{stem}-{policy}" + ("-l2sp" if config.transfer.l2sp else "")
     return re.sub(r"[^A-Za-z0-9_.-]+", "", name.replace(":", ""))
 

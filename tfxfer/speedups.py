@@ -327,7 +327,7 @@ def fold_batchnorm(model):
             producers[id(tensor)] = layer
     count = 0
     for layer in layers:
-        if type(layer) is not keras.layers.BatchNormalization or layer.trainable or layer.axis not in (-1, 3):
+        if type(layer) is not keras.layers.BatchNormalization or _learns(layer) or layer.axis not in (-1, 3):
             continue
         conv = producers.get(id(_inputs(layer)[0])) if _inputs(layer) else None
         if (type(conv) is keras.layers.Conv2D and _supported(conv) and conv.activation is keras.activations.linear
@@ -354,7 +354,7 @@ def _outputs(layer):
 
 def _folded_batchnorm(layer, inputs, training=None, mask=None):
     # A layer that an unfreezing phase made trainable after the folding runs on its own again.
-    if layer.trainable:
+    if _learns(layer):
         return bfloat16_batchnorm(layer, inputs, training=training, mask=mask)
     return inputs
 
@@ -413,9 +413,16 @@ def _inference_affine(layer):
     shift = -tf.cast(layer.moving_mean, tf.float32) * scale
     if layer.center:
         shift += tf.cast(layer.beta, tf.float32)
-    if not layer.trainable:
+    if not _learns(layer):
         scale, shift = tf.stop_gradient(scale), tf.stop_gradient(shift)
     return scale, shift
+
+
+def _learns(layer):
+    """Whether a BatchNorm layer trains: the layer, or only its scale and
+    offset (LoRA's `--lora-train norms`, which keeps its statistics frozen)."""
+    return layer.trainable or any(w.trainable for w in (getattr(layer, "gamma", None), getattr(layer, "beta", None))
+                                  if w is not None)
 
 
 def _training_batchnorm(layer, inputs):

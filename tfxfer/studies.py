@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import yaml
 
-from tfxfer import atomic, owned, runs, tracking
+from tfxfer import atomic, owned, runs, tracking, training
 from tfxfer.backbones.pretrained import with_pretrained_spec
 from tfxfer.config import FinetuneConfig, StudyConfig, config_from_flat
 from tfxfer.errors import TfxferError
@@ -36,7 +36,7 @@ from tfxfer.reporting import plots
 from tfxfer.reporting.stats import describe, paired, summarize
 from tfxfer.strategies import command_line, expand, parse_strategies
 from tfxfer.data import load_splits
-from tfxfer.training import PREDICTIONS, finetune
+from tfxfer.training import PREDICTIONS
 
 __all__ = ["study", "StudyResult", "METRIC"]
 
@@ -188,7 +188,7 @@ def _run_once(run_config, run_dir, log, verbose, tracking_parent=None):
     else:
         resume = os.path.exists(os.path.join(run_dir, runs.CHECKPOINT_STATE))
         keras.backend.clear_session()
-        finetune(run_config, resume=resume, overwrite=not resume, verbose=verbose, log=lambda m: log("  " + m),
+        training.finetune(run_config, resume=resume, overwrite=not resume, verbose=verbose, log=lambda m: log("  " + m),
                  tracking_parent=tracking_parent)
     return atomic.read_json(metrics_path)
 

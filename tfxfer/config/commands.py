@@ -162,14 +162,16 @@ class StudyConfig(CommandConfig):
 
     COMMAND = "study"
     # Options each run sets: from its strategy, seed and fold, and its own folder.
-    OWNED = ("strategy", "freeze", "unfreeze", "l2sp", "train_bn", "seed", "fold", "run_name")
+    OWNED = ("strategy", "freeze", "unfreeze", "l2sp", "train_bn", "seed", "fold", "run_name", "lora", "lora_alpha",
+             "lora_targets", "lora_train")
 
     def validate(self):
-        super().validate()
+        # First: a group's own checks would otherwise name a run's option as if the study's were wrong.
         explicit = self.explicit_options() & set(self.OWNED)
         if explicit:
             key = sorted(explicit)[0]
             raise TfxferError(
-                f"--{key.replace('_', '-')} is set by each run of a study (from --strategies, --seeds and --folds); drop it."
+                f"--{key.replace('_', '-')} is set by each run of a study (from --strategies, --seeds and --folds); drop "
+                "it" + (", or give it to one strategy, e.g. lora:8+lora_alpha=16." if key.startswith("lora") else ".")
             )
-        return self
+        return super().validate()
