@@ -171,7 +171,8 @@ def _build(run, info, image_size, train, strategy):
         log(f"LoRA: rank {model.lora_rank}, alpha {model.lora_alpha or model.lora_rank:g}, on {len(layers)} layers "
             f"({', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}); the backbone's own weights"
             f"{' but its norms and biases' if model.lora_train == 'norms' else ''} stay as loaded, BatchNorm "
-            "statistics too, and the exports hold the adapters merged into their kernels")
+            "statistics too, and the exports hold the adapters merged into their kernels; no feature cache: the "
+            "adapters change the backbone's features every step")
     elif any(isinstance(layer, keras.layers.BatchNormalization) for layer in speedups.walk_layers(model.backbone)):
         log(f"BatchNorm: {'trains' if train_bn else 'frozen'} ({why})")
     else:
