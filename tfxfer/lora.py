@@ -20,6 +20,8 @@ Keras saves a LoRA layer's kernel merged (`save_own_variables`), so
 import os
 import tempfile
 
+import keras
+
 from tfxfer.backbones.registry import backbone_units, rebuild_weights
 from tfxfer.errors import TfxferError
 
@@ -29,6 +31,8 @@ TRAIN_MODES = ("none", "norms")
 # The names Keras gives a LoRA layer's two factors.
 ADAPTER_WEIGHTS = ("lora_kernel_a", "lora_kernel_b")
 _NORMS_AND_BIASES = ("gamma", "beta", "bias")
+# Convolutions and the dense layers some CNNs use as 1x1 convolutions (ConvNeXt).
+_ADAPTABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense, keras.layers.EinsumDense)
 
 
 def parse_targets(text):
@@ -85,17 +89,10 @@ def _cnn_targets(backbone, spec, kind, value):
         if value > len(spec.stages):
             raise TfxferError(f"{spec.name} has {len(spec.stages)} stages; --lora-targets stages:{value} asks for more.")
         stages = set(spec.stages[len(spec.stages) - value:])
-        # Convolutions and the dense layers some CNNs use as 1x1 convolutions (ConvNeXt); not the
-        # depthwise ones, whose kernels are one filter per channel.
-        return [layer for layer, stage in units if stage in stages and type(layer) in _adaptable()
+        # Not depthwise convolutions, whose kernels are one filter per channel.
+        return [layer for layer, stage in units if stage in stages and type(layer) in _ADAPTABLE
                 and getattr(layer, "groups", 1) == 1]
     return [layer for layer, _ in units if layer.name in value and hasattr(layer, "enable_lora")]
-
-
-def _adaptable():
-    import keras
-
-    return (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense, keras.layers.EinsumDense)
 
 
 def set_trainable(backbone, train="none"):
@@ -121,8 +118,6 @@ def merged_copy(model, plain):
     Keras writes an adapted layer's kernel merged, but in the layer's compute
     dtype: under mixed_bfloat16 that would round every adapted kernel to
     bfloat16. So the merge goes through a float32 copy of `model` first."""
-    import keras
-
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32")
     try:
