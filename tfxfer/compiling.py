@@ -19,10 +19,18 @@ def compiled_model(config, info, image_size, train_bn):
         bn_momentum=config.model.bn_momentum, dropout=config.transfer.dropout, l2sp=config.transfer.l2sp,
         l2sp_scope=config.transfer.l2sp_scope, head_l2=config.transfer.head_l2, class_names=info.class_names,
         lora=config.transfer.lora, lora_alpha=config.transfer.lora_alpha, lora_targets=config.transfer.lora_targets,
-        lora_train=config.transfer.lora_train, speedups=config.run.cpu_speedups,
+        lora_train=config.transfer.lora_train, speedups=config.run.cpu_speedups, **_probe(config, info),
     )
     compile_run(model, config, runs.steps_per_epoch(config, info))
     return model
+
+
+def _probe(config, info):
+    transfer = config.transfer
+    if transfer.probe != "knn":
+        return {"probe": transfer.probe}
+    return {"probe": "knn", "knn_bank": min(transfer.knn_bank, info.num_examples["train"]), "knn_k": transfer.knn_k,
+            "knn_temperature": transfer.knn_temperature}
 
 
 def objective(config, num_classes):

@@ -22,17 +22,19 @@ the extraction.
 
 import hashlib
 import os
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfxfer import atomic
+from tfxfer import atomic, probes
 from tfxfer.data.pipeline import epoch_passes, prefetched
 from tfxfer.errors import TfxferError
 from tfxfer.model import PenalizedLoss
 
-__all__ = ["FEATURE_CACHE", "HeadModel", "use_feature_cache", "extract_features", "cached_features", "feature_dataset"]
+__all__ = ["FEATURE_CACHE", "HeadModel", "use_feature_cache", "extract_features", "cached_features", "feature_dataset",
+           "fit_probe"]
 
 FEATURE_CACHE = ("auto", "off", "memory")  # or a folder
 
@@ -136,3 +138,39 @@ def feature_dataset(features, labels, batch_size, training, seed):
     passes = epoch_passes(lambda pass_seed: ds.shuffle(len(labels), seed=pass_seed).batch(batch_size),
                           -(-len(labels) // batch_size), seed)
     return prefetched(passes)
+
+
+def fit_probe(model, train, val, setting="memory", monitor="val_accuracy", seed=0, log=print):
+    """Set the head of `model` (built with `probe=`) from the features of the
+    batched, un-augmented `train` and `val` datasets (`tfxfer.probes`); returns
+    the logs of this one-epoch run: training and validation loss and accuracy."""
+    started = time.time()
+    setting = "memory" if setting in ("auto", "off") else setting
+    train_features, train_labels = cached_features(model, train, setting, "train", log)
+    val_features, val_labels = cached_features(model, val, setting, "validation", log)
+    if model.probe == "knn":
+        keep = probes.bank_sample(train_labels, model.head.bank_size, seed)
+        model.head.set_bank(train_features[keep], train_labels[keep])
+        bank = f"{len(keep):,} training images" + (
+            f" (a class-stratified sample of {len(train_labels):,}: --knn-bank)" if len(keep) < len(train_labels) else "")
+        log(f"k-NN probe: k {model.head.k}, temperature {model.head.temperature:g}, bank of {bank} x "
+            f"{train_features.shape[1]} features ({len(keep) * train_features.shape[1] * 4 / 2**20:.1f} MiB in the "
+            "SavedModel)")
+    else:
+        kernel, bias, _, _ = probes.fit_linear(train_features, train_labels, val_features, val_labels,
+                                               model.num_classes, log)
+        model.head.set_weights([kernel, bias])
+    logs = {}
+    for prefix, features, labels in (("", train_features, train_labels), ("val_", val_features, val_labels)):
+        probabilities = keras.ops.convert_to_numpy(model.head(features))
+        logs[prefix + "accuracy"] = float((probabilities.argmax(axis=1) == labels).mean())
+        logs[prefix + "loss"] = float(-np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-12)).mean())
+    if monitor == "val_macro_f1":
+        from sklearn.metrics import f1_score
+
+        predicted = keras.ops.convert_to_numpy(model.head(val_features)).argmax(axis=1)
+        logs["val_macro_f1"] = float(f1_score(val_labels, predicted, average="macro",
+                                              labels=list(range(model.num_classes)), zero_division=0))
+    log(f"{model.probe} probe: {len(train_labels):,} train and {len(val_labels):,} validation features in "
+        f"{time.time() - started:.1f} s; training accuracy {logs['accuracy']:.4f}, validation {logs['val_accuracy']:.4f}")
+    return logs

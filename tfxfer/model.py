@@ -26,6 +26,7 @@ from tfxfer.freezing import apply_freeze, parse_freeze
 from tfxfer.optim import inner, optimizer_map, regrow
 from tfxfer.penalties import L2SP
 from tfxfer import lora as adapters
+from tfxfer import probes
 from tfxfer import speedups as host_speedups
 from tfxfer.errors import TfxferError
 
@@ -130,6 +131,12 @@ class TransferModel(PenalizedLoss, keras.Model):
         lora_targets: `"stages:N"` or layer names; default the registry's.
         lora_train: `"none"`, or `"norms"` to train the backbone's
             normalisation scales and offsets and its biases too.
+        probe: `"knn"` puts a k-NN head (`tfxfer.probes.KnnHead`) of
+            `knn_bank` training features in place of the dense one; `"linear"`
+            keeps the dense head, whose weights a logistic regression sets.
+            Either way the backbone is frozen.
+        knn_bank, knn_k, knn_temperature: the k-NN head's number of bank
+            images, neighbours and vote temperature.
         speedups: the host's training speed-ups (`tfxfer.speedups`) during
             `fit`: `"auto"` (those measured to pay on this CPU kind), `"force"`,
             or `"off"`/`False`. Saving and exports always see the model as
@@ -157,6 +164,10 @@ class TransferModel(PenalizedLoss, keras.Model):
         lora_alpha=None,
         lora_targets=None,
         lora_train="none",
+        probe=None,
+        knn_bank=None,
+        knn_k=20,
+        knn_temperature=0.07,
         speedups="auto",
         **kwargs,
     ):
@@ -187,7 +198,17 @@ class TransferModel(PenalizedLoss, keras.Model):
         self.head = keras.layers.Dense(
             self.num_classes, activation="softmax", dtype="float32", name="head"
         )
+        self.probe = probe
+        self.knn = {"knn_bank": knn_bank, "knn_k": knn_k, "knn_temperature": knn_temperature}
+        if probe == "knn":
+            if not knn_bank:
+                raise ValueError("A k-NN head needs knn_bank, the number of training images it keeps.")
+            self.head = probes.KnnHead(self.num_classes, knn_bank, knn_k, knn_temperature, name="head")
+        elif probe not in (None, "linear"):
+            raise TfxferError(f"probe takes {' or '.join(probes.PROBES)}, got {probe!r}.")
         self.head.build((None, self.backbone.output.shape[-1]))
+        if probe:  # a probe trains no backbone weight
+            self.freeze = "head"
         set_bn_momentum(self.backbone, self.bn_momentum)
         if lora is not None and (float(lora) != int(float(lora)) or float(lora) < 1):
             raise TfxferError(f"--lora takes a whole rank of at least 1, got {lora}.")
@@ -385,6 +406,8 @@ class TransferModel(PenalizedLoss, keras.Model):
             "lora_alpha": self.lora_alpha,
             "lora_targets": self.lora_targets,
             "lora_train": self.lora_train,
+            "probe": self.probe,
+            **self.knn,
             "speedups": self.speedups,
             "name": self.name,
         }

@@ -235,6 +235,8 @@ def default_run_name(config):
             policy = "-".join(str(p.policy) for p in parse_unfreeze(config.transfer.unfreeze))
         if config.transfer.lora is not None:
             policy = f"lora{config.transfer.lora}"
+        if config.transfer.probe:
+            policy = config.transfer.probe
         name = f"{stem}-{policy}" + ("-l2sp" if config.transfer.l2sp else "")
     return re.sub(r"[^A-Za-z0-9_.-]+", "", name.replace(":", ""))
 

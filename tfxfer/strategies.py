@@ -9,6 +9,10 @@
     l2sp@ALPHA   full fine-tuning with the L2-SP pull toward the starting weights
     lora:RANK    low-rank adapters of RANK on the registry's target layers; the
                  backbone's own weights stay as loaded (`tfxfer.lora`)
+    knn          no training: cosine k-NN votes over the training features
+                 (`tfxfer.probes`; `+knn_k=`, `+knn_temperature=`)
+    linear       no training of the backbone: logistic regression on its
+                 features, the L2 strength chosen on the validation split
 
 Any of them may end in `+bn`: BatchNorm statistics and parameters train too,
 and in `+OPTION=VALUE` suffixes that set one of the recipe's options (`RECIPE`)
@@ -26,15 +30,16 @@ from tfxfer.errors import TfxferError, did_you_mean
 
 __all__ = ["BASES", "LP_FT_SCHEDULE", "expand", "parse_strategies", "command_line"]
 
-BASES = ("scratch", "head", "full", "stages:N", "lp-ft", "l2sp@ALPHA", "lora:RANK")
+BASES = ("scratch", "head", "full", "stages:N", "lp-ft", "l2sp@ALPHA", "lora:RANK", "knn", "linear")
 # The options a `+OPTION=VALUE` suffix may set: how the training goes, not what it trains.
 RECIPE = ("lr", "schedule", "warmup_epochs", "optimizer", "weight_decay", "augment", "lr_decay", "ema",
-          "backbone_lr_mult", "dropout", "label_smoothing", "lora_alpha", "lora_targets", "lora_train")
+          "backbone_lr_mult", "dropout", "label_smoothing", "lora_alpha", "lora_targets", "lora_train",
+          "knn_k", "knn_temperature", "knn_bank")
 LP_FT_SCHEDULE = "head@0,full@25%"
 
 # Every option a strategy sets, so a strategy fully decides them (nothing leaks
 # from the study's shared options into one strategy and not another).
-_NEUTRAL = {"freeze": "full", "unfreeze": None, "l2sp": 0.0, "train_bn": "off", "lora": None}
+_NEUTRAL = {"freeze": "full", "unfreeze": None, "l2sp": 0.0, "train_bn": "off", "lora": None, "probe": None}
 
 
 def expand(strategy):
@@ -60,6 +65,8 @@ def expand(strategy):
         options.update(weights="none", train_bn="on")
     elif base in ("head", "full"):
         options["freeze"] = base
+    elif base in ("knn", "linear"):
+        options.update(probe=base, freeze="head")
     elif base.startswith("stages:") and base[7:].isdigit() and int(base[7:]) > 0:
         options["freeze"] = base
     elif base == "lp-ft":
@@ -77,7 +84,8 @@ def expand(strategy):
             raise TfxferError(f"Strategy {name!r} needs a whole rank of at least 1 after lora:, e.g. lora:8.")
         options.update(lora=int(base[5:]), freeze="head")
     else:
-        raise did_you_mean(base, ("scratch", "head", "full", "stages:2", "lp-ft", "l2sp@0.01", "lora:8"), "strategy")
+        raise did_you_mean(base, ("scratch", "head", "full", "stages:2", "lp-ft", "l2sp@0.01", "lora:8", "knn",
+                                 "linear"), "strategy")
     return options
 
 
@@ -113,7 +121,7 @@ def parse_strategies(text):
 
 def _starts_a_strategy(piece):
     base = piece.partition("+")[0]
-    return base in ("scratch", "head", "full", "lp-ft") or base.startswith(("stages:", "l2sp@", "lora:"))
+    return base in ("scratch", "head", "full", "lp-ft", "knn", "linear") or base.startswith(("stages:", "l2sp@", "lora:"))
 
 
 def command_line(flat, defaults, command="finetune"):

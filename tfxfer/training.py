@@ -83,7 +83,8 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
             log(f"distribute: {run.config.run.distribute}, {distributed.worker_description(strategy)}")
         train, val, test, info, image_size = run.load_data()
         _check_data(run.config, info, log)
-        finding = _auto_lr(run, train, info, image_size) if run.config.optim.lr == "auto" else None
+        # A probe takes no gradient step: its lr is never used.
+        finding = _auto_lr(run, train, info, image_size) if run.config.optim.lr == "auto" and not run.config.transfer.probe else None
         model, schedule, plain, parameters = _build(run, info, image_size, train, strategy)
         run.create()
         if finding:
@@ -151,7 +152,9 @@ def _build(run, info, image_size, train, strategy):
         model = compiled_model(config, info, image_size, train_bn)
         plain = model.training_speedups(log)
         phases = parse_unfreeze(config.transfer.unfreeze) if config.transfer.unfreeze else None
-        if config.optim.time_budget and not run.resume:
+        if config.transfer.probe:  # fitted in one pass: a run of one epoch, whatever --epochs or --time-budget say
+            run.config = config = config.with_options(epochs=1)
+        elif config.optim.time_budget and not run.resume:
             if phases:  # plan with the slowest step: the last phase's
                 model.set_freeze(phases[-1].policy)
             epochs = budget.time_budget_epochs(config, model, train, steps, runs.steps_per_epoch(config, info, "val"),
@@ -247,6 +250,8 @@ def _train(run, model, strategy, schedule, checkpoint, callbacks, initial_epoch,
     class_weight = class_weights(config, info, log)
     is_distributed = config.run.distribute != "none"
     histories, cached_epochs = [], 0
+    if config.transfer.probe:
+        return [_fit_probe(model, config, train, val, initial_epoch, callbacks, log)]
     # Adapters train inside the backbone: its features change every step, so none are cached.
     if not is_distributed and not model.lora_rank and feature_cache.use_feature_cache(
             config.transfer.feature_cache, config.first_policy(), config.data.augment, log):
@@ -399,6 +404,25 @@ def _fit_cached(model, config, train, val, initial_epoch, epochs, callbacks, ver
         epochs=epochs, initial_epoch=initial_epoch, callbacks=[DataEpoch(features), *callbacks], verbose=verbose,
         class_weight=class_weight, shuffle=False,
     )
+
+
+def _fit_probe(model, config, train, val, initial_epoch, callbacks, log):
+    """The one epoch of a probe run: the head fitted on features (`feature_cache.fit_probe`), then the epoch's
+    callbacks (history, checkpoint, tracking) as `fit` would call them; a `History` of it."""
+    history = keras.callbacks.History()
+    if initial_epoch >= 1:
+        return history
+    if config.data.augment != "none":
+        log(f"{config.transfer.probe} probe: features of un-augmented images; --augment {config.data.augment} does not apply")
+        train = runs.load_data(config, log=lambda message: None, augment="none")[0]
+    logs = feature_cache.fit_probe(model, train, val, config.transfer.feature_cache, config.transfer.monitor,
+                                   config.run.seed, log)
+    hooks = keras.callbacks.CallbackList([*callbacks, history], model=model)
+    hooks.on_train_begin()
+    hooks.on_epoch_begin(0)
+    hooks.on_epoch_end(0, logs)
+    hooks.on_train_end(logs)
+    return history
 
 
 def _local_copy(model, config, steps_per_epoch):

@@ -36,6 +36,11 @@ class FinetuneConfig(CommandConfig):
                 )
         if self.run.distribute != "none" and self.transfer.ema is not None:
             raise TfxferError("--ema is not available with --distribute yet; drop one of them.")
+        if self.transfer.probe and "freeze" in self.explicit_options() and self.transfer.freeze != "head":
+            raise TfxferError(f"--probe {self.transfer.probe} keeps the backbone frozen; drop --freeze "
+                              f"{self.transfer.freeze}.")
+        if self.transfer.probe and self.run.distribute != "none":
+            raise TfxferError(f"--probe {self.transfer.probe} runs in one process; drop --distribute.")
         if self.transfer.lora is not None and "freeze" in self.explicit_options() and self.transfer.freeze != "head":
             raise TfxferError(f"--lora decides what trains (the adapters and the head); drop --freeze "
                               f"{self.transfer.freeze}.")
@@ -47,7 +52,7 @@ class FinetuneConfig(CommandConfig):
 
         if self.transfer.unfreeze:
             return parse_unfreeze(self.transfer.unfreeze)[0].policy
-        if self.transfer.lora is not None:  # the backbone's own weights stay frozen; the adapters train
+        if self.transfer.lora is not None or self.transfer.probe:  # the backbone's own weights stay frozen
             return parse_freeze("head")
         return parse_freeze(self.transfer.freeze)
 
@@ -147,6 +152,10 @@ class StudyOptions:
         return seeds
 
 
+# A run's option that one strategy may still set, with an example of how.
+_ONE_STRATEGY = {"lor": "lora:8+lora_alpha=16", "knn": "knn+knn_k=10"}
+
+
 @dataclasses.dataclass(frozen=True)
 class StudyConfig(CommandConfig):
     """A study: every strategy x seed (x fold) as an ordinary finetune run, with
@@ -163,7 +172,7 @@ class StudyConfig(CommandConfig):
     COMMAND = "study"
     # Options each run sets: from its strategy, seed and fold, and its own folder.
     OWNED = ("strategy", "freeze", "unfreeze", "l2sp", "train_bn", "seed", "fold", "run_name", "lora", "lora_alpha",
-             "lora_targets", "lora_train")
+             "lora_targets", "lora_train", "probe", "knn_k", "knn_temperature", "knn_bank")
 
     def validate(self):
         # First: a group's own checks would otherwise name a run's option as if the study's were wrong.
@@ -172,6 +181,6 @@ class StudyConfig(CommandConfig):
             key = sorted(explicit)[0]
             raise TfxferError(
                 f"--{key.replace('_', '-')} is set by each run of a study (from --strategies, --seeds and --folds); drop "
-                "it" + (", or give it to one strategy, e.g. lora:8+lora_alpha=16." if key.startswith("lora") else ".")
+                "it" + (f", or give it to one strategy, e.g. {_ONE_STRATEGY[key[:3]]}." if key[:3] in _ONE_STRATEGY else ".")
             )
         return super().validate()

@@ -180,6 +180,17 @@ class TransferConfig:
     )
     lora_train: str = option("none", "With --lora: none, or norms (the backbone's normalisation scales and offsets "
                              "and its biases train too).", ("none", "norms"))
+    probe: Optional[str] = option(
+        None, "Train no backbone: knn (cosine k-NN votes over the training features, as DINO evaluates) or linear "
+        "(logistic regression, its L2 strength chosen on the validation split), on features computed once.",
+        ("knn", "linear")
+    )
+    knn_k: int = option(20, "With --probe knn: the neighbours that vote.")
+    knn_temperature: float = option(0.07, "With --probe knn: a neighbour votes with weight exp(cosine similarity / T).")
+    knn_bank: int = option(
+        20000, "With --probe knn: the most training images the k-NN head keeps (inside the SavedModel, images x "
+        "features x 4 bytes); above it, a class-stratified sample."
+    )
 
     def validate(self):
         from tfxfer.freezing import parse_freeze, parse_unfreeze  # here, not at the top: it loads TensorFlow
@@ -202,6 +213,7 @@ class TransferConfig:
             raise TfxferError(f"lr_decay must be above 0 and at most 1, got {self.lr_decay}.")
         if self.top_k < 1:
             raise TfxferError(f"top_k must be at least 1, got {self.top_k}.")
+        self._validate_probe()
         if self.lora is None:
             given = [f"--{k.replace('_', '-')}" for k in ("lora_alpha", "lora_targets") if getattr(self, k) is not None]
             if given or self.lora_train != "none":
@@ -216,6 +228,21 @@ class TransferConfig:
                               "drop --l2sp or --lora.")
         if self.unfreeze:
             raise TfxferError("--lora decides what trains (the adapters and the head); drop --unfreeze.")
+
+
+    def _validate_probe(self):
+        if self.knn_k < 1 or self.knn_bank < 1:
+            raise TfxferError(f"knn_k and knn_bank must be at least 1, got {self.knn_k} and {self.knn_bank}.")
+        if not self.knn_temperature > 0:
+            raise TfxferError(f"knn_temperature must be > 0, got {self.knn_temperature}.")
+        if self.probe is None:
+            return
+        clashes = [flag for flag, given in (("--lora", self.lora is not None), ("--unfreeze", self.unfreeze),
+                                            ("--l2sp", self.l2sp), ("--ema", self.ema is not None),
+                                            ("--calibrate", self.calibrate and self.probe == "knn")) if given]
+        if clashes:
+            raise TfxferError(f"--probe {self.probe} trains no backbone and takes no gradient step; drop "
+                              f"{', '.join(clashes)}.")
 
 
 @dataclasses.dataclass(frozen=True)
