@@ -20,6 +20,7 @@ BENCHMARKS = {
     "script-fit": ("script_fit", "a script's build_model + fit against the step tfxfer finetune runs"),
     "fixed-cost": ("fixed_cost", "where a tiny finetune's time goes outside its epoch, phase by phase"),
     "int8": ("int8", "LiteRT float, dynamic and int8: size, batch-1 latency, test accuracy against the float SavedModel"),
+    "lora": ("lora", "LoRA against full and head-only fine-tuning: img/s, peak memory, trainable and optimizer size"),
 }
 
 

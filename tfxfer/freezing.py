@@ -5,6 +5,9 @@ Policies:
     full        every backbone layer trains.
     stages:N    the last N stages train (see `tfxfer backbones` for stage names).
     from:LAYER  LAYER and every layer after it train.
+    lora        with LoRA adapters (`tfxfer.lora`): the adapters train, the
+                backbone's own weights stay frozen. A LoRA model takes `head`
+                (the head alone) and `lora` only, e.g. `head@0,lora@25%`.
 
 A schedule (`parse_unfreeze`) switches policies at epoch boundaries, e.g.
 `head@0,stages:2@5,full@10`, or `head@0,full@25%` (LP-FT: a linear probe for the
@@ -24,13 +27,14 @@ import numpy as np
 
 from tfxfer.backbones.registry import backbone_units
 from tfxfer.errors import TfxferError, did_you_mean
+from tfxfer.lora import ADAPTER_WEIGHTS
 
 __all__ = ["FreezePolicy", "parse_freeze", "apply_freeze", "Phase", "parse_unfreeze", "resolve_phases", "phase_at", "UnfreezeSchedule", "resolve_train_bn"]
 
 
 @dataclasses.dataclass(frozen=True)
 class FreezePolicy:
-    kind: str  # "head", "full", "stages" or "from"
+    kind: str  # "head", "full", "stages", "from" or "lora"
     stages: int = 0
     layer: str = ""
 
@@ -43,32 +47,37 @@ class FreezePolicy:
 
 
 def parse_freeze(text):
-    """Parse `"head"`, `"full"`, `"stages:N"` or `"from:LAYER"`."""
+    """Parse `"head"`, `"full"`, `"stages:N"`, `"from:LAYER"` or `"lora"`."""
     if isinstance(text, FreezePolicy):
         return text
     text = str(text).strip()
     kind, _, arg = text.partition(":")
-    if kind in ("head", "full") and not arg:
+    if kind in ("head", "full", "lora") and not arg:
         return FreezePolicy(kind)
     if kind == "stages" and arg.isdigit():
         return FreezePolicy("stages", stages=int(arg))
     if kind == "from" and arg:
         return FreezePolicy("from", layer=arg)
     raise TfxferError(
-        f"Unknown freeze policy {text!r}; use head, full, stages:N (N a whole number) or from:LAYER."
+        f"Unknown freeze policy {text!r}; use head, full, stages:N (N a whole number), from:LAYER or (with --lora) lora."
     )
 
 
 def apply_freeze(backbone, spec, policy, train_bn=False):
-    """Set `trainable` on every layer of `backbone` according to `policy`.
+    """Set `trainable` on every layer of `backbone` according to `policy`
+    (`lora` freezes it all, as `head`: the adapters are set per weight by
+    `tfxfer.lora.set_trainable`).
 
     Returns:
         The names of the backbone layers that train.
     """
     policy = parse_freeze(policy)
+    if policy.kind == "lora" and not any(w.path.rpartition("/")[2] in ADAPTER_WEIGHTS for w in backbone.weights):
+        raise TfxferError("The freeze policy lora trains LoRA adapters, and this backbone has none; give --lora RANK "
+                          "(lora=RANK), or another policy.")
     units = backbone_units(backbone, spec)
     names = [layer.name for layer, _ in units]
-    if policy.kind == "head":
+    if policy.kind in ("head", "lora"):
         first = len(names)
     elif policy.kind == "full":
         first = 0

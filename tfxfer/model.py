@@ -126,7 +126,11 @@ class TransferModel(PenalizedLoss, keras.Model):
             bring (`tfxfer.backbones.pretrained.input_normalization`).
         lora: the rank of low-rank adapters (`tfxfer.lora`) on the backbone's
             target layers; then only the adapters and the head train (the
-            backbone's own weights stay as loaded), and `freeze` is `head`.
+            backbone's own weights stay as loaded), and `freeze` is `lora`,
+            or `head` for the head alone (the first phase of
+            `head@0,lora@25%`). `l2sp` then pulls each adapter's update
+            `(lora_alpha / lora) * A @ B` toward zero: the distance of the
+            merged kernel from its start.
         lora_alpha: the adapters' scale is `lora_alpha / lora`; default `lora`.
         lora_targets: `"stages:N"` or layer names; default the registry's.
         lora_train: `"none"`, or `"norms"` to train the backbone's
@@ -216,16 +220,18 @@ class TransferModel(PenalizedLoss, keras.Model):
         self.lora_alpha = None if lora_alpha is None else float(lora_alpha)
         self.lora_targets, self.lora_train = lora_targets, lora_train
         if self.lora_rank:
-            if l2sp:
-                raise TfxferError("LoRA leaves the backbone's weights where they were, so L2-SP has nothing to pull; "
-                                  "drop --l2sp or --lora.")
-            self.freeze = "head"
+            # The default policy (full) or any but head: the adapters train.
+            self.freeze = "head" if self.freeze == "head" else "lora"
             apply_freeze(self.backbone, spec, "head", False)
             self.trained_layers = adapters.enable(self.backbone, spec, self.lora_rank, self.lora_alpha,
                                                   lora_targets, lora_train)
+            adapters.set_trainable(self.backbone, lora_train, self.freeze == "lora")
         else:
+            # A LoRA model's plain copy (its export) keeps the backbone as frozen as it was.
+            self.freeze = "head" if self.freeze == "lora" else self.freeze
             self.trained_layers = apply_freeze(self.backbone, spec, self.freeze, self.train_bn)
-        self.penalty = L2SP(self.backbone, l2sp, l2sp_scope, self.head.weights, head_l2)
+        self.penalty = L2SP(self.backbone, l2sp, l2sp_scope, self.head.weights, head_l2,
+                            adapters.adapter_pairs(self.backbone), self.lora_scale)
         self._track_penalties()
         self.stage_optimizers = {}
         # Every part is built above; `build` records the input shape, which
@@ -234,6 +240,11 @@ class TransferModel(PenalizedLoss, keras.Model):
 
     def build(self, input_shape):
         del input_shape  # the parts were built in `__init__`
+
+    @property
+    def lora_scale(self):
+        """The adapters' scale `lora_alpha / lora`; 1 without adapters."""
+        return (self.lora_alpha or self.lora_rank) / self.lora_rank if self.lora_rank else 1.0
 
     @property
     def backbone_optimizers(self):
@@ -267,15 +278,15 @@ class TransferModel(PenalizedLoss, keras.Model):
         weights that start training get fresh slots. BatchNorm stays as
         `train_bn` says, and the L2-SP anchors stay the starting weights.
         """
-        if self.lora_rank and str(parse_freeze(freeze)) != "head":
-            raise TfxferError(f"A model with LoRA adapters trains its adapters and head only; it cannot take the "
-                              f"freeze policy {freeze}.")
+        if self.lora_rank and parse_freeze(freeze).kind not in ("head", "lora"):
+            raise TfxferError(f"A model with LoRA adapters trains its head and then its adapters (head@0,lora@25%); "
+                              f"it cannot take the freeze policy {freeze}.")
         if train_bn is not None:
             self.train_bn = bool(train_bn)
         self.freeze = str(parse_freeze(freeze))
         trained = apply_freeze(self.backbone, get_backbone(self.backbone_name), self.freeze, self.train_bn)
         if self.lora_rank:
-            adapters.set_trainable(self.backbone, self.lora_train)
+            adapters.set_trainable(self.backbone, self.lora_train, self.freeze == "lora")
         else:
             self.trained_layers = trained
         if getattr(self, "optimizer", None) is not None and self.optimizer.built:

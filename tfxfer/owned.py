@@ -25,6 +25,7 @@ RUN_FILES = frozenset({
     "learning_curves.png", "confusion_matrix.png", "reliability.png", "reliability-test.png", "reliability-val.png",
     "reliability-train.png", "test_predictions.npz", "predictions.csv", "tensorboard", "backbone.weights.h5",
     "backbone.json", "reconstructions", "mlflow.json", "MODEL_CARD.md", "explain", "top_losses.png", "lr_find.png",
+    "adapters.npz",
 })
 TEMPORARY_PREFIX = "tmp-"  # `tfxfer.atomic`'s names: tmp-<pid>-<name>
 

@@ -10,6 +10,10 @@ where w0 are the backbone's values when fine-tuning starts and w_head the new
 head's kernels. As in the paper's reference code, only kernels are pulled by
 default; BatchNorm parameters and biases are left free (`scope="all"` pulls
 every trainable backbone weight).
+
+With LoRA adapters (`tfxfer.lora`) a kernel stays as loaded and its merged
+value is w0 + s * A @ B, with s = lora_alpha / rank: its distance from w0 is
+the adapter's update, so each adapted kernel adds alpha * ||s * A @ B||^2.
 """
 
 import tensorflow as tf
@@ -37,9 +41,13 @@ class L2SP:
         scope: `"kernels"` (the paper's choice) or `"all"`.
         head_weights: kernels of the new head, penalized by `beta * ||w||^2`.
         beta: coefficient of the head's plain L2 penalty; must be >= 0.
+        adapters: `[(A, B)]`, the factors of the backbone's LoRA adapters;
+            their kernels are frozen, and each adapter's update is pulled
+            toward zero instead.
+        adapter_scale: the adapters' scale `lora_alpha / rank`.
     """
 
-    def __init__(self, backbone, alpha, scope="kernels", head_weights=(), beta=0.0):
+    def __init__(self, backbone, alpha, scope="kernels", head_weights=(), beta=0.0, adapters=(), adapter_scale=1.0):
         self.alpha = _non_negative("alpha", alpha)
         self.beta = _non_negative("beta", beta)
         if scope not in SCOPES:
@@ -47,6 +55,8 @@ class L2SP:
         self.scope = scope
         self._backbone = backbone
         self._head_weights = [w for w in head_weights if is_kernel(w)]
+        self._adapters = list(adapters)
+        self.adapter_scale = float(adapter_scale)
         self.anchors = {}
         if self.alpha:
             for w in self._candidates():
@@ -56,6 +66,10 @@ class L2SP:
 
     def _candidates(self):
         weights = self._backbone.weights if self.alpha else []
+        if self._adapters:
+            # Under LoRA no kernel trains (an adapted one moves by its adapter's update, pulled below): no anchors.
+            factors = {id(v) for pair in self._adapters for v in pair}
+            weights = [w for w in weights if id(w) not in factors and not is_kernel(w)]
         return [w for w in weights if self.scope == "all" or is_kernel(w)]
 
     def penalized(self):
@@ -63,12 +77,17 @@ class L2SP:
         return [(w, self.anchors[w.path]) for w in self._candidates() if w.trainable]
 
     def __call__(self):
-        """alpha * sum ||w - w0||^2 over the trainable backbone weights, float32."""
+        """alpha * sum ||w - w0||^2 over the trainable backbone weights, plus
+        alpha * ||s * A @ B||^2 for each trainable adapter; float32."""
         # l2_loss (sum of squares / 2) is one kernel forward and one backward,
         # where square + reduce_sum are two of each: over 23 M ResNet50 weights
         # the penalty's passes over memory are its whole cost.
         terms = [tf.nn.l2_loss(tf.cast(w.value, tf.float32) - w0) for w, w0 in self.penalized()]
-        return (2.0 * self.alpha) * tf.add_n(terms) if terms else tf.constant(0.0)
+        pulled = (2.0 * self.alpha) * tf.add_n(terms) if terms else tf.constant(0.0)
+        updates = [_squared_product(a, b) for a, b in self._adapters if self.alpha and a.trainable and b.trainable]
+        if not updates:
+            return pulled
+        return pulled + (self.alpha * self.adapter_scale ** 2) * tf.add_n(updates)
 
     def head(self):
         """beta * ||w_head||^2, float32."""
@@ -77,6 +96,18 @@ class L2SP:
 
     def get_config(self):
         return {"alpha": self.alpha, "scope": self.scope, "beta": self.beta}
+
+
+def _squared_product(a, b):
+    """||A @ B||^2 (Frobenius), exactly, as sum((A^T A) * (B B^T)) = trace(A^T A B B^T).
+
+    A rank-r product costs r x r matrices this way instead of one the size of
+    the kernel. Keras's convolution adapter A has the kernel's shape with its
+    last axis r: its product with B is the kernel, so A is read as a matrix."""
+    rank = b.shape[0]
+    a = tf.reshape(tf.cast(a.value, tf.float32), (-1, rank))
+    b = tf.cast(b.value, tf.float32)
+    return tf.reduce_sum(tf.matmul(a, a, transpose_a=True) * tf.matmul(b, b, transpose_b=True))
 
 
 def _non_negative(name, value):

@@ -5,6 +5,7 @@ A run folder `saved_models/<run>/` holds:
     config.yaml        the resolved config
     checkpoint/        weights + optimizer state after the last epoch (resume)
     best.weights.h5    the weights of the best epoch on --monitor (validation accuracy)
+    adapters.npz       with --lora: the best epoch's adapters and head alone (`tfxfer.lora`)
     history.csv        per-epoch training and validation metrics
     model.keras        the best model, for continued training with tfxfer
     learning_curves.png, confusion_matrix.png
@@ -26,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfxfer import atomic, budget, distributed, feature_cache, owned, preflight, runs, speedups, tracking
+from tfxfer import atomic, budget, distributed, feature_cache, lora, owned, preflight, runs, speedups, tracking
 from tfxfer.averaging import AveragedWeights, WeightAverage
 from tfxfer.callbacks import (
     DataEpoch, EarlyStop, HistoryLogger, LearningRateLog, RunCheckpoint, StopOnNonFinite, ThroughputTimer, random_state,
@@ -170,12 +171,7 @@ def _build(run, info, image_size, train, strategy):
     log(f"model: {config.model.backbone} ({config.model.weights} weights), freeze {model.freeze}: "
         f"{parameters['trainable_params']:,} trainable and {parameters['frozen_params']:,} frozen parameters")
     if model.lora_rank:
-        layers = model.trained_layers
-        log(f"LoRA: rank {model.lora_rank}, alpha {model.lora_alpha or model.lora_rank:g}, on {len(layers)} layers "
-            f"({', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}); the backbone's own weights"
-            f"{' but its norms and biases' if model.lora_train == 'norms' else ''} stay as loaded, BatchNorm "
-            "statistics too, and the exports hold the adapters merged into their kernels; no feature cache: the "
-            "adapters change the backbone's features every step")
+        log(lora.describe(model, config.transfer.l2sp))
     elif any(isinstance(layer, keras.layers.BatchNormalization) for layer in speedups.walk_layers(model.backbone)):
         log(f"BatchNorm: {'trains' if train_bn else 'frozen'} ({why})")
     else:
@@ -214,7 +210,10 @@ def _callbacks(run, model, schedule, train, info, extra):
     config, log = run.config, run.log
     monitor = config.transfer.monitor
     average = WeightAverage(model, config.transfer.ema) if config.transfer.ema is not None else None
-    save_best = average.save_averaged(model.save_weights) if average else model.save_weights
+    # A LoRA run keeps its best adapters apart too: Keras's weights file holds them merged.
+    save = lora.saving_adapters(model, run.path(lora.ADAPTERS_FILE), model.save_weights) if model.lora_rank else (
+        model.save_weights)
+    save_best = average.save_averaged(save) if average else save
     checkpoint = RunCheckpoint(run.dir, lambda: _trackables(model, average), save_best, run.path(BEST_WEIGHTS),
                                monitor=monitor, mode="min" if monitor.endswith("loss") else "max",
                                class_names=info.class_names)
@@ -279,7 +278,10 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
     """The best epoch's weights evaluated, saved and exported; `metrics.json`,
     with `facts` (parameter counts, throughput) beside the reports."""
     config, log = run.config, run.log
-    if os.path.exists(run.path(BEST_WEIGHTS)):
+    if model.lora_rank and os.path.exists(run.path(lora.ADAPTERS_FILE)):
+        # Exact, in float32: Keras loads an adapted kernel merged in its compute dtype, its adapters zeroed.
+        lora.load_adapters(model, run.path(lora.ADAPTERS_FILE))
+    elif os.path.exists(run.path(BEST_WEIGHTS)):
         with warnings.catch_warnings():
             # Keras's weights file carries the optimizers too; a best epoch from an
             # earlier phase had fewer slots, and only the model's weights matter here.
@@ -325,9 +327,10 @@ def _finish(run, model, checkpoint, val, test, info, image_size, histories, fact
     spec_metrics = {"val_accuracy": metrics["val"]["accuracy"], "best_epoch": checkpoint.best_epoch}
     if test is not None:
         spec_metrics["test_accuracy"] = metrics["test"]["accuracy"]
-    save_backbone(run.dir, model.backbone,
-                  runs.backbone_spec(config, info, image_size, settings, spec_metrics, model.normalization))
     exported = at_precision(model, "float32")  # the export computes in float32 whatever precision trained it
+    # From the float32 copy: a LoRA backbone would write its merged kernels in its compute dtype.
+    save_backbone(run.dir, exported.backbone,
+                  runs.backbone_spec(config, info, image_size, settings, spec_metrics, model.normalization))
     if not os.path.exists(run.path("metrics.json")):  # a finished run's export is served: never replaced
         _remove_unfinished_export(run.path("export"))
     export_dir = write_saved_model(exported, next_version_dir(run.path("export")), info.class_names, origin="finetune")

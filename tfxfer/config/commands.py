@@ -41,7 +41,8 @@ class FinetuneConfig(CommandConfig):
                               f"{self.transfer.freeze}.")
         if self.transfer.probe and self.run.distribute != "none":
             raise TfxferError(f"--probe {self.transfer.probe} runs in one process; drop --distribute.")
-        if self.transfer.lora is not None and "freeze" in self.explicit_options() and self.transfer.freeze != "head":
+        if (self.transfer.lora is not None and "freeze" in self.explicit_options()
+                and self.transfer.freeze not in ("head", "lora")):
             raise TfxferError(f"--lora decides what trains (the adapters and the head); drop --freeze "
                               f"{self.transfer.freeze}.")
         return self
@@ -52,7 +53,9 @@ class FinetuneConfig(CommandConfig):
 
         if self.transfer.unfreeze:
             return parse_unfreeze(self.transfer.unfreeze)[0].policy
-        if self.transfer.lora is not None or self.transfer.probe:  # the backbone's own weights stay frozen
+        if self.transfer.lora is not None:  # the adapters train from the start; the backbone's own weights stay
+            return parse_freeze("lora")
+        if self.transfer.probe:  # the backbone's own weights stay frozen
             return parse_freeze("head")
         return parse_freeze(self.transfer.freeze)
 

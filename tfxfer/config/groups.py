@@ -133,9 +133,13 @@ class TransferConfig:
         None, "Named strategy: scratch, head, full, stages:N, lp-ft, l2sp@ALPHA or lora:RANK, each with an optional +bn; "
         "it sets freeze, unfreeze, l2sp, lora and train_bn (scratch also weights: none)."
     )
-    freeze: str = option("full", "head, full, stages:N or from:LAYER.")
+    freeze: str = option(
+        "full", "head, full, stages:N or from:LAYER; with --lora the adapters train (to start them later: --unfreeze "
+        "head@0,lora@25%)."
+    )
     unfreeze: Optional[str] = option(
-        None, "Freeze schedule by epoch, e.g. head@0,full@5 or head@0,full@25% (LP-FT); its first policy replaces --freeze."
+        None, "Freeze schedule by epoch, e.g. head@0,full@5 or head@0,full@25% (LP-FT), or with --lora head@0,lora@25% "
+        "(the adapters join later); its first policy replaces --freeze."
     )
     train_bn: str = option(
         "auto", "BatchNorm of the training part: auto (trains from random weights, frozen from pretrained ones), on "
@@ -147,7 +151,10 @@ class TransferConfig:
         False, "Temperature scaling: fit a temperature on the validation split after training and fold it into the "
         "head, so the exports serve calibrated probabilities (accuracy is unchanged)."
     )
-    l2sp: float = option(0.0, "L2-SP alpha: pull the backbone toward its starting weights (Li et al. 2018).")
+    l2sp: float = option(
+        0.0, "L2-SP alpha: pull the backbone toward its starting weights (Li et al. 2018); with --lora, "
+        "alpha * ||(lora_alpha / rank) * A @ B||^2 per adapter: the merged kernel's distance from its start."
+    )
     l2sp_scope: str = option("kernels", "Weights L2-SP pulls: kernels (as the paper) or all.", SCOPES)
     head_l2: float = option(0.0, "Plain L2 beta on the new head's kernel.")
     backbone_lr_mult: float = option(1.0, "Backbone learning rate = lr * this, through its own optimizer.")
@@ -214,20 +221,22 @@ class TransferConfig:
         if self.top_k < 1:
             raise TfxferError(f"top_k must be at least 1, got {self.top_k}.")
         self._validate_probe()
+        policies = [parse_freeze(self.freeze)] + [p.policy for p in parse_unfreeze(self.unfreeze or "head@0")]
         if self.lora is None:
             given = [f"--{k.replace('_', '-')}" for k in ("lora_alpha", "lora_targets") if getattr(self, k) is not None]
             if given or self.lora_train != "none":
                 raise TfxferError(f"{', '.join(given) or '--lora-train'} needs --lora RANK.")
+            if any(p.kind == "lora" for p in policies):
+                raise TfxferError("The freeze policy lora trains LoRA adapters; give --lora RANK, or another policy.")
             return
         if self.lora < 1:
             raise TfxferError(f"--lora takes a rank of at least 1, got {self.lora}.")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise TfxferError(f"--lora-alpha must be > 0, got {self.lora_alpha}.")
-        if self.l2sp:
-            raise TfxferError("LoRA leaves the backbone's weights where they were, so L2-SP has nothing to pull; "
-                              "drop --l2sp or --lora.")
-        if self.unfreeze:
-            raise TfxferError("--lora decides what trains (the adapters and the head); drop --unfreeze.")
+        others = [str(p) for p in policies[1:] if p.kind not in ("head", "lora")]
+        if others:
+            raise TfxferError(f"With --lora, --unfreeze takes the phases head and lora only, e.g. head@0,lora@25%; "
+                              f"drop {others[0]}.")
 
 
     def _validate_probe(self):

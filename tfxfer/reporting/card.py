@@ -18,6 +18,11 @@ from tfxfer.errors import TfxferError
 __all__ = ["CARD_FILE", "model_card", "write_model_card"]
 
 CARD_FILE = "MODEL_CARD.md"
+# What a reader must know about a licence beyond its name.
+_LICENCE_NOTES = {
+    "DINOv3 License": "Meta's own licence for the DINOv3 weights, not Apache-2.0: its terms bind this export, "
+                      "which is derived from them; read them before you share or ship it",
+}
 
 
 def write_model_card(run_dir, export_dir, format="saved_model", precision="float32", metrics=None, quantized=None):
@@ -49,6 +54,7 @@ def model_card(run_dir, format="saved_model", precision="float32", metrics=None,
         "## Model", "",
         f"- Backbone: `{model.get('backbone')}`, weights from `{_weights(model.get('weights'))}`"
         + (f" ({origin})" if origin else "") + ".",
+        *_licence(model.get("backbone"), model.get("weights")),
         f"- New head: one dense softmax layer over the {len(classes)} classes; {_count(metrics.get('trainable_params'))} "
         f"parameters trained, {_count(metrics.get('frozen_params'))} frozen.",
         f"- This export: {format}, computing in {precision}.",
@@ -178,6 +184,20 @@ def _pretrained_on(backbone, weights):
     if weights == "none":
         return "random initialization"
     return ""
+
+
+def _licence(backbone, weights):
+    """The card's line on the licence of the pretrained weights it starts from; none from random initialization."""
+    if weights in (None, "none") or not backbone:
+        return []
+    try:
+        licence = get_backbone(backbone).licence
+    except TfxferError:  # a name registered in another process
+        return []
+    if not licence:
+        return []
+    note = _LICENCE_NOTES.get(licence)
+    return [f"- Licence of the pretrained backbone weights: {licence}" + (f" ({note})." if note else ".")]
 
 
 def _data_name(data):
