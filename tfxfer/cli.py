@@ -355,8 +355,9 @@ def predict(images, model_path, version, backbone, weights, top, as_json):
 @_friendly(fix=OUTPUT_FIX)
 def explain(run, images, class_name, output_dir):
     """Grad-CAM heat-maps of the finetune RUN over IMAGES (files, folders or
-    quoted globs): where its backbone's last convolutional stage found the
-    evidence for the predicted class (or --class), one PNG per image."""
+    quoted globs): where its backbone's last convolutional stage (or a
+    transformer's patch tokens, on their grid) found the evidence for the
+    predicted class (or --class), one PNG per image."""
     from tfxfer.explain import explain_files
 
     output_dir = output_dir or os.path.join(run, "explain")
