@@ -98,6 +98,12 @@ def test_finetune_with_lora_from_the_command_line_exports_the_merged_model(tmp_p
     names = [name for name, _ in tf.train.list_variables(str(run / "export" / "1" / "variables" / "variables"))]
     plain = tfxfer.build_model("resnet9", num_classes=2, weights=None, image_size=32)
     assert sum(name.startswith("weights/") for name in names) == len(plain.weights)  # no adapter weights
+    # A plain LoRA run starts in `lora` whether its command says --freeze head (as a study's did) or lora: it resumes.
+    resumed = run_cli("finetune", "--data-dir", data, "--backbone", "resnet9", "--weights", "none", "--image-size", "32",
+                      "--epochs", "2", "--batch-size", "4", "--lora", "2", "--lora-targets", "stages:2", "--freeze", "head",
+                      "--output-dir", tmp_path / "runs", "--run-name", "adapted", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming adapted after epoch 1, freeze lora" in resumed.output
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -117,7 +123,7 @@ def test_lora_options_that_conflict_get_one_sentence(argv, message):
 def test_the_lora_strategy_expands_to_adapters_on_a_frozen_backbone():
     from tfxfer.strategies import expand, parse_strategies
 
-    assert expand("lora:8+lora_alpha=16") == {**expand("full"), "freeze": "head", "lora": 8, "lora_alpha": 16.0}
+    assert expand("lora:8+lora_alpha=16") == {**expand("full"), "freeze": "lora", "lora": 8, "lora_alpha": 16.0}
     assert parse_strategies("head,lora:4,full") == ["head", "lora:4", "full"]
     with pytest.raises(tfxfer.TfxferError, match="whole rank of at least 1 after lora:"):
         expand("lora:x")

@@ -58,17 +58,20 @@ def test_the_linear_probe_is_scikit_learns_logistic_regression_with_the_best_c_o
     test, _ = _clusters(50, classes, seed=2, spread=3.0)
     kernel, bias, c, accuracy = probes.fit_linear(train, train_labels, val, val_labels, classes, log=lambda _: None)
 
+    from sklearn.metrics import log_loss
+
     scores = {}
     for candidate in probes.L2_GRID:
         pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=candidate, max_iter=2000))
-        scores[candidate] = (pipeline.fit(train, train_labels).score(val, val_labels), pipeline)
-    best = max(scores.values(), key=lambda s: s[0])[0]
-    chosen = min(candidate for candidate, (score, _) in scores.items() if score == best)
-    assert c == chosen and accuracy == pytest.approx(best)
+        pipeline.fit(train, train_labels)
+        scores[candidate] = (pipeline.score(val, val_labels), -log_loss(val_labels, pipeline.predict_proba(val)), pipeline)
+    # The best validation accuracy; a tie goes to the lower validation log-loss.
+    chosen = max(scores, key=lambda candidate: scores[candidate][:2])
+    assert c == chosen and accuracy == pytest.approx(scores[chosen][0])
     logits = test @ kernel + bias
     softmax = np.exp(logits - logits.max(1, keepdims=True))
     # StandardScaler divides by the standard deviation alone; the probe adds 1e-6 to it.
-    np.testing.assert_allclose(softmax / softmax.sum(1, keepdims=True), scores[chosen][1].predict_proba(test), atol=1e-4)
+    np.testing.assert_allclose(softmax / softmax.sum(1, keepdims=True), scores[chosen][2].predict_proba(test), atol=1e-4)
 
 
 def test_the_bank_keeps_each_class_in_proportion_and_is_seeded():
@@ -79,6 +82,10 @@ def test_the_bank_keeps_each_class_in_proportion_and_is_seeded():
     assert (keep == probes.bank_sample(labels, 100, seed=3)).all()
     assert not (keep == probes.bank_sample(labels, 100, seed=4)).all()
     assert (probes.bank_sample(labels, 5000, seed=0) == np.arange(1000)).all()
+    # Shares that round down still fill the bank, and more classes than room keep one image each of a few.
+    assert len(probes.bank_sample(np.repeat([0, 1, 2], [333, 333, 334]), 100, seed=0)) == 100
+    few = probes.bank_sample(np.repeat(np.arange(10), 3), 5, seed=0)
+    assert len(few) == 5 and len(set(np.repeat(np.arange(10), 3)[few])) == 5
 
 
 @pytest.mark.parametrize("probe", ["knn", "linear"])
@@ -125,6 +132,34 @@ def test_a_probe_refuses_what_it_cannot_do_in_one_sentence(options, says, shared
                      *options, "--output-dir", tmp_path)
     assert result.exit_code != 0 and says in result.output and "Traceback" not in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_a_probe_needs_no_learning_rate_or_budget(shared_data, tmp_path):
+    result = run_cli("finetune", "--data-dir", shared_data, "--backbone", "tiny", "--weights", "none", "--image-size", "32",
+                     "--probe", "linear", "--lr", "auto", "--time-budget", "1m", "--output-dir", tmp_path, "--run-name", "p")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "p" / "metrics.json").read_text())["epochs"] == 1
+    assert "New head: one dense softmax layer over the 3 classes, fitted by logistic regression" in (
+        tmp_path / "p" / "export" / "1" / "MODEL_CARD.md").read_text()
+    refused = run_cli("lr-find", "--data-dir", shared_data, "--backbone", "tiny", "--weights", "none", "--probe", "knn")
+    assert refused.exit_code == 1 and "there is nothing for a range test to find; drop --probe." in refused.output
+
+
+def test_grad_cam_refuses_a_knn_head_in_one_sentence():
+    import tfxfer
+    from tfxfer.errors import TfxferError
+    from tfxfer.explain import grad_cam
+
+    model = tfxfer.build_model("tiny", num_classes=3, weights=None, image_size=32, probe="knn", knn_bank=4)
+    with pytest.raises(TfxferError, match="a knn probe votes by its nearest training images instead"):
+        grad_cam(model, np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_a_study_checks_every_run_before_the_first(shared_data, tmp_path):
+    result = run_cli("study", "--data-dir", shared_data, "--backbone", "tiny", "--weights", "none", "--strategies",
+                     "head,knn", "--calibrate", "--output-dir", tmp_path, "--name", "s")
+    assert result.exit_code == 1 and "--probe knn trains no backbone" in result.output
+    assert not (tmp_path / "s" / "runs").exists() or not any((tmp_path / "s" / "runs").iterdir())
 
 
 def test_a_study_runs_the_probes_beside_a_fine_tuning(shared_data, tmp_path):

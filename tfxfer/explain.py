@@ -36,6 +36,10 @@ def grad_cam(model, images, class_ids=None):
     """`(heat-maps [N, S, S] in [0, 1], probabilities [N, C])` of uint8
     `images` [N, S, S, 3] at the model's size, for `class_ids` [N] (default:
     each image's predicted class)."""
+    if getattr(model, "probe", None) == "knn":
+        # Grad-CAM weighs a feature map by a class logit's gradient; a k-NN head's votes have no logit.
+        raise TfxferError("Grad-CAM follows the gradient of a class logit, and a knn probe votes by its nearest "
+                          "training images instead; explain a run with a dense head (linear, head or any fine-tuning).")
     to_features, after, to_grid = _split_at_last_feature_map(model)
     images = tf.convert_to_tensor(images)
     features = to_features(model.preprocess(images))

@@ -94,6 +94,9 @@ def lr_find(config, steps=100, start_lr=1e-7, end_lr=10.0, data=None, log=print)
         raise TfxferError(f"--start-lr must be above 0 and below --end-lr, got {start_lr:g} and {end_lr:g}.")
     if steps < 10:
         raise TfxferError(f"A range test needs at least 10 steps, got {steps}.")
+    if config.transfer.probe:
+        raise TfxferError(f"--probe {config.transfer.probe} fits without a learning rate: there is nothing for a range "
+                          "test to find; drop --probe.")
     if config.optim.lr == "auto":
         # The optimizers' ratios to the head's rate are all the test needs; a copy, so the caller's stays auto.
         config = config.with_options(lr=1.0)

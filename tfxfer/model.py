@@ -220,7 +220,8 @@ class TransferModel(PenalizedLoss, keras.Model):
         self.lora_alpha = None if lora_alpha is None else float(lora_alpha)
         self.lora_targets, self.lora_train = lora_targets, lora_train
         if self.lora_rank:
-            # The default policy (full) or any but head: the adapters train.
+            # `lora=R` alone comes with the default policy, full: it means train the adapters, as any policy
+            # but head (the head alone, for the first phase of head@0,lora@N) does.
             self.freeze = "head" if self.freeze == "head" else "lora"
             apply_freeze(self.backbone, spec, "head", False)
             self.trained_layers = adapters.enable(self.backbone, spec, self.lora_rank, self.lora_alpha,

@@ -96,18 +96,30 @@ def bank_sample(labels, size, seed):
     if len(labels) <= size:
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
-    chosen = []
     classes, counts = np.unique(labels, return_counts=True)
-    for cls, count in zip(classes, counts):
-        members = np.flatnonzero(labels == cls)
-        chosen.append(rng.choice(members, max(1, round(size * count / len(labels))), replace=False))
-    return np.sort(np.concatenate(chosen))[:size]
+    # Largest remainder: the shares sum to `size` exactly; every class keeps one image while the bank has room.
+    share = size * counts / len(labels)
+    take = np.floor(share).astype(int)
+    if len(classes) <= size:
+        take = np.maximum(take, 1)
+    for i in np.argsort(-(share - np.floor(share)), kind="stable"):
+        if take.sum() >= size:
+            break
+        if take[i] < counts[i]:
+            take[i] += 1
+    while take.sum() > size:  # the one-per-class floor overshot: trim the largest
+        take[np.argmax(take)] -= 1
+    chosen = [rng.choice(np.flatnonzero(labels == cls), n, replace=False) for cls, n in zip(classes, take) if n]
+    return np.sort(np.concatenate(chosen))
 
 
 def fit_linear(train_features, train_labels, val_features, val_labels, num_classes, log=print):
     """`(kernel [D, classes], bias [classes], C, validation accuracy)` of the
     logistic regression whose inverse L2 strength `C` (from `L2_GRID`) scores
-    best on the validation features; ties go to the stronger regulariser."""
+    best on the validation features; a tie goes to the lower validation
+    log-loss, the run's own rule for a tie between epochs (on a few
+    validation images accuracy ties often, and the strongest regulariser
+    would win with flat, uncalibrated probabilities)."""
     from sklearn.linear_model import LogisticRegression
 
     train_labels = np.asarray(train_labels)
@@ -117,13 +129,16 @@ def fit_linear(train_features, train_labels, val_features, val_labels, num_class
     mean = train_features.mean(axis=0)
     std = train_features.std(axis=0) + 1e-6
     scaled_train, scaled_val = (train_features - mean) / std, (val_features - mean) / std
+    val_labels = np.asarray(val_labels)
     best = None
     for c in L2_GRID:
         fitted = LogisticRegression(C=c, max_iter=2000).fit(scaled_train, train_labels)
-        accuracy = float((fitted.predict(scaled_val) == np.asarray(val_labels)).mean())
-        if best is None or accuracy > best[1]:
-            best = (fitted, accuracy, c)
-    fitted, accuracy, c = best
+        probabilities = fitted.predict_proba(scaled_val)
+        accuracy = float((probabilities.argmax(axis=1) == val_labels).mean())
+        loss = float(-np.log(np.maximum(probabilities[np.arange(len(val_labels)), val_labels], 1e-12)).mean())
+        if best is None or (accuracy, -loss) > (best[1], -best[3]):
+            best = (fitted, accuracy, c, loss)
+    fitted, accuracy, c, _ = best
     log(f"linear probe: C {c:g} (inverse L2 strength, of {', '.join(f'{v:g}' for v in L2_GRID)}), "
         f"validation accuracy {accuracy:.4f}")
     coef, intercept = fitted.coef_, fitted.intercept_

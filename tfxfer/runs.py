@@ -259,7 +259,8 @@ def _resumed_config(config, run_dir):
     saved = {k: v for group in saved_groups.values() for k, v in group.items()}
     given = config.flat()
     explicit = config.explicit_options()
-    conflicts = [k for k in sorted(explicit) if k not in config.RESUMABLE and given[k] != saved.get(k)]
+    conflicts = [k for k in sorted(explicit) if k not in config.RESUMABLE and given[k] != saved.get(k)
+                 and not _same_lora_start(k, given, saved)]
     if conflicts:
         described = ", ".join(f"--{k.replace('_', '-')} {given[k]} (saved: {saved.get(k)})" for k in conflicts)
         raise TfxferError(
@@ -268,6 +269,13 @@ def _resumed_config(config, run_dir):
         )
     merged = {**saved, **{k: given[k] for k in explicit if k in config.RESUMABLE}}
     return config_from_flat(merged, type(config))
+
+
+def _same_lora_start(key, given, saved):
+    """A plain LoRA run starts training its adapters whether `--freeze` says
+    head (as it did before `lora` was a policy) or lora: the same run."""
+    return (key == "freeze" and given.get("lora") is not None and not given.get("unfreeze")
+            and {str(given[key]), str(saved.get(key))} <= {"head", "lora"})
 
 
 def trained_classes(run_dir):

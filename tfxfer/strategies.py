@@ -82,7 +82,7 @@ def expand(strategy):
     elif base.startswith("lora:"):
         if not base[5:].isdigit() or int(base[5:]) < 1:
             raise TfxferError(f"Strategy {name!r} needs a whole rank of at least 1 after lora:, e.g. lora:8.")
-        options.update(lora=int(base[5:]), freeze="head")
+        options.update(lora=int(base[5:]), freeze="lora")
     else:
         raise did_you_mean(base, ("scratch", "head", "full", "stages:2", "lp-ft", "l2sp@0.01", "lora:8", "knn",
                                  "linear"), "strategy")

@@ -110,8 +110,9 @@ def _run_study(config, name, study_dir, shared, strategies, seeds, folds, log, v
 def _run_all(planned, shared, study_dir, log, verbose, tracker):
     """Every planned run (nested under `tracker`'s MLflow run when tracking): `(rows, commands)`."""
     rows, commands = [], []
-    for i, (strategy, seed, fold) in enumerate(planned, 1):
-        run_config = _run_config(shared, strategy, seed, fold)
+    # Every run's options checked before the first trains: a probe refuses a shared --calibrate or --ema.
+    configs = [_run_config(shared, *plan).validate() for plan in planned]
+    for i, ((strategy, seed, fold), run_config) in enumerate(zip(planned, configs), 1):
         command = command_line({k: v for k, v in run_config.flat().items() if k != "strategy"}, FinetuneConfig.defaults())
         commands.append(command)
         log(f"[{i}/{len(planned)}] {run_config.run.run_name}: {command}")

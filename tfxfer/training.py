@@ -124,7 +124,7 @@ def _tags(config):
     """What a tracker can filter runs by: the backbone, where its weights came from, and the strategy."""
     transfer = config.transfer
     return {"backbone": config.model.backbone, "weights": config.model.weights,
-            "strategy": transfer.strategy or transfer.unfreeze or transfer.freeze}
+            "strategy": transfer.strategy or transfer.probe or transfer.unfreeze or transfer.freeze}
 
 
 def _check_data(config, info, log):
@@ -147,15 +147,15 @@ def _build(run, info, image_size, train, strategy):
     with. `run.config` gets the epochs a time budget fits and the policy the
     run starts with."""
     config, log = run.config, run.log
+    if config.transfer.probe:  # fitted in one pass: one epoch whatever --epochs or --time-budget say, no rate to find
+        run.config = config = config.with_options(epochs=1, lr=0.01 if config.optim.lr == "auto" else config.optim.lr)
     train_bn, why = resolve_train_bn(config.transfer.train_bn, config.model.weights)
     steps = runs.steps_per_epoch(config, info)
     with strategy.scope():
         model = compiled_model(config, info, image_size, train_bn)
         plain = model.training_speedups(log)
         phases = parse_unfreeze(config.transfer.unfreeze) if config.transfer.unfreeze else None
-        if config.transfer.probe:  # fitted in one pass: a run of one epoch, whatever --epochs or --time-budget say
-            run.config = config = config.with_options(epochs=1)
-        elif config.optim.time_budget and not run.resume:
+        if config.optim.time_budget and not run.resume and not config.transfer.probe:
             if phases:  # plan with the slowest step: the last phase's
                 model.set_freeze(phases[-1].policy)
             epochs = budget.time_budget_epochs(config, model, train, steps, runs.steps_per_epoch(config, info, "val"),
@@ -420,7 +420,7 @@ def _fit_probe(model, config, train, val, initial_epoch, callbacks, log):
         train = runs.load_data(config, log=lambda message: None, augment="none")[0]
     logs = feature_cache.fit_probe(model, train, val, config.transfer.feature_cache, config.transfer.monitor,
                                    config.run.seed, log)
-    hooks = keras.callbacks.CallbackList([*callbacks, history], model=model)
+    hooks = keras.callbacks.CallbackList([*callbacks, history], model=model, epochs=1, steps=1, verbose=0)
     hooks.on_train_begin()
     hooks.on_epoch_begin(0)
     hooks.on_epoch_end(0, logs)

@@ -33,6 +33,16 @@ def write_model_card(run_dir, export_dir, format="saved_model", precision="float
     return path
 
 
+def _head(transfer, classes, metrics):
+    if transfer.get("probe") == "knn":
+        return (f"- New head: a k-NN vote over the {classes} classes (no backbone weight trained): the {transfer.get('knn_k')} "
+                "training images whose features are most cosine-similar vote with weight exp(similarity / "
+                f"{transfer.get('knn_temperature')}); the training features it compares with are inside the model.")
+    how = "fitted by logistic regression on the backbone's features" if transfer.get("probe") == "linear" else ""
+    return (f"- New head: one dense softmax layer over the {classes} classes{', ' + how if how else ''}; "
+            f"{_count(metrics.get('trainable_params'))} parameters trained, {_count(metrics.get('frozen_params'))} frozen.")
+
+
 def model_card(run_dir, format="saved_model", precision="float32", metrics=None, quantized=None):
     """The Markdown text of the model card of the finetune run `run_dir`; `quantized`, for a
     quantized export, is how it scored: `{"quantize", "split", "images", "accuracy", "float_accuracy"}`."""
@@ -55,8 +65,7 @@ def model_card(run_dir, format="saved_model", precision="float32", metrics=None,
         f"- Backbone: `{model.get('backbone')}`, weights from `{_weights(model.get('weights'))}`"
         + (f" ({origin})" if origin else "") + ".",
         *_licence(model.get("backbone"), model.get("weights")),
-        f"- New head: one dense softmax layer over the {len(classes)} classes; {_count(metrics.get('trainable_params'))} "
-        f"parameters trained, {_count(metrics.get('frozen_params'))} frozen.",
+        _head(transfer, len(classes), metrics),
         f"- This export: {format}, computing in {precision}.",
         "",
         "## Intended input and output", "",
