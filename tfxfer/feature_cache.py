@@ -163,12 +163,12 @@ def fit_probe(model, train, val, setting="memory", monitor="val_accuracy", seed=
     logs = {}
     for prefix, features, labels in (("", train_features, train_labels), ("val_", val_features, val_labels)):
         probabilities = keras.ops.convert_to_numpy(model.head(features))
-        logs[prefix + "accuracy"] = float((probabilities.argmax(axis=1) == labels).mean())
+        predicted = probabilities.argmax(axis=1)
+        logs[prefix + "accuracy"] = float((predicted == labels).mean())
         logs[prefix + "loss"] = float(-np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-12)).mean())
-    if monitor == "val_macro_f1":
+    if monitor == "val_macro_f1":  # `predicted` is the validation split's, the loop's last
         from sklearn.metrics import f1_score
 
-        predicted = keras.ops.convert_to_numpy(model.head(val_features)).argmax(axis=1)
         logs["val_macro_f1"] = float(f1_score(val_labels, predicted, average="macro",
                                               labels=list(range(model.num_classes)), zero_division=0))
     log(f"{model.probe} probe: {len(train_labels):,} train and {len(val_labels):,} validation features in "

@@ -84,8 +84,10 @@ def finetune(config, resume=False, overwrite=False, callbacks=(), verbose=1, log
             log(f"distribute: {run.config.run.distribute}, {distributed.worker_description(strategy)}")
         train, val, test, info, image_size = run.load_data()
         _check_data(run.config, info, log)
-        # A probe takes no gradient step: its lr is never used.
-        finding = _auto_lr(run, train, info, image_size) if run.config.optim.lr == "auto" and not run.config.transfer.probe else None
+        if run.config.transfer.probe:  # fitted in one pass: one epoch, and no rate to find (the lr is never used)
+            optim = run.config.optim
+            run.config = run.config.with_options(epochs=1, lr=0.01 if optim.lr == "auto" else optim.lr)
+        finding = _auto_lr(run, train, info, image_size) if run.config.optim.lr == "auto" else None
         model, schedule, plain, parameters = _build(run, info, image_size, train, strategy)
         run.create()
         if finding:
@@ -147,15 +149,13 @@ def _build(run, info, image_size, train, strategy):
     with. `run.config` gets the epochs a time budget fits and the policy the
     run starts with."""
     config, log = run.config, run.log
-    if config.transfer.probe:  # fitted in one pass: one epoch whatever --epochs or --time-budget say, no rate to find
-        run.config = config = config.with_options(epochs=1, lr=0.01 if config.optim.lr == "auto" else config.optim.lr)
     train_bn, why = resolve_train_bn(config.transfer.train_bn, config.model.weights)
     steps = runs.steps_per_epoch(config, info)
     with strategy.scope():
         model = compiled_model(config, info, image_size, train_bn)
         plain = model.training_speedups(log)
         phases = parse_unfreeze(config.transfer.unfreeze) if config.transfer.unfreeze else None
-        if config.optim.time_budget and not run.resume and not config.transfer.probe:
+        if config.optim.time_budget and not run.resume and not config.transfer.probe:  # a probe's one epoch is set
             if phases:  # plan with the slowest step: the last phase's
                 model.set_freeze(phases[-1].policy)
             epochs = budget.time_budget_epochs(config, model, train, steps, runs.steps_per_epoch(config, info, "val"),
