@@ -98,10 +98,18 @@ def test_finetune_with_lora_from_the_command_line_exports_the_merged_model(tmp_p
     names = [name for name, _ in tf.train.list_variables(str(run / "export" / "1" / "variables" / "variables"))]
     plain = tfxfer.build_model("resnet9", num_classes=2, weights=None, image_size=32)
     assert sum(name.startswith("weights/") for name in names) == len(plain.weights)  # no adapter weights
-    # A plain LoRA run starts in `lora` whether its command says --freeze head (as a study's did) or lora: it resumes.
-    resumed = run_cli("finetune", "--data-dir", data, "--backbone", "resnet9", "--weights", "none", "--image-size", "32",
-                      "--epochs", "2", "--batch-size", "4", "--lora", "2", "--lora-targets", "stages:2", "--freeze", "head",
-                      "--output-dir", tmp_path / "runs", "--run-name", "adapted", "--resume")
+
+
+@pytest.mark.slow
+def test_a_lora_run_given_freeze_head_as_a_study_gives_it_resumes(shared_data, tmp_path):
+    from tests.conftest import run_cli
+
+    # A plain LoRA run starts in `lora` whether its command says --freeze head (as a study's did) or lora.
+    common = ["--data-dir", shared_data, "--backbone", "resnet9", "--weights", "none", "--image-size", "32",
+              "--batch-size", "8", "--lora", "2", "--freeze", "head", "--output-dir", tmp_path, "--run-name", "adapted"]
+    first = run_cli("finetune", *common, "--epochs", "1")
+    assert first.exit_code == 0, first.output
+    resumed = run_cli("finetune", *common, "--epochs", "2", "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "resuming adapted after epoch 1, freeze lora" in resumed.output
 

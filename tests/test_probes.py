@@ -162,6 +162,7 @@ def test_a_study_checks_every_run_before_the_first(shared_data, tmp_path):
     assert not (tmp_path / "s" / "runs").exists() or not any((tmp_path / "s" / "runs").iterdir())
 
 
+@pytest.mark.slow
 def test_a_study_runs_the_probes_beside_a_fine_tuning(shared_data, tmp_path):
     result = run_cli("study", "--data-dir", shared_data, "--backbone", "tiny", "--weights", "none", "--image-size", "32",
                      "--epochs", "1", "--batch-size", "8", "--strategies", "knn+knn_k=5,linear", "--seeds", "0",
